@@ -1,0 +1,33 @@
+"""`dem-hf extract`: a distribution vector from a fine-tuned model or a PEFT adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..vectors import DistributionVector
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("extract", help="Compute a distribution vector (full θ_ft − θ, or LoRA factors).")
+    parser.add_argument("--base", required=True, help="Base model folder or Hub id.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--finetuned", help="Fully fine-tuned model folder or Hub id.")
+    source.add_argument("--adapter", help="PEFT LoRA adapter folder or Hub id (kept low-rank).")
+    parser.add_argument("--name", required=True, help="Vector name, usually the dataset's.")
+    parser.add_argument("--output", required=True, help="Folder for the vector.")
+    parser.add_argument("--max-shard-size", default="2GB", help="Largest shard, e.g. 2GB.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.finetuned:
+        vector = DistributionVector.from_models(
+            args.base, args.finetuned, name=args.name, save_directory=args.output,
+            overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        )
+    else:
+        vector = DistributionVector.from_peft(args.adapter, name=args.name, base=args.base)
+        vector.save_pretrained(args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"Saved {vector.vector_type} vector {vector.name!r} ({len(vector.target_names)} tensors) to {Path(args.output)}")
+    return 0

@@ -1,0 +1,308 @@
+"""Reading and writing checkpoints one tensor at a time, and atomic output folders.
+
+Everything heavy in dem_hf goes through three pieces:
+
+- [`CheckpointReader`]: lazy access to a folder of safetensors files (single file or sharded with an
+  index), reading one tensor at a time, so memory never holds a whole model.
+- [`ShardedWriter`]: the mirror image, writing tensors into size-capped shards plus the Transformers
+  index file.
+- [`atomic_directory`]: every output folder is built under a temporary name beside its target and
+  renamed into place only when complete, so a crash, a full disk or Ctrl-C never leaves half a result
+  and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+
+
+class CheckpointReader:
+    """Lazy, tensor-at-a-time view of a safetensors checkpoint folder.
+
+    Works with `<stem>.safetensors` or with shards listed in `<stem>.safetensors.index.json`, the layout
+    Transformers writes. Only headers are read up front; `get` reads one tensor, and file handles are
+    opened per call so no memory map outlives the tensor it served.
+
+    Args:
+        folder: the checkpoint folder.
+        stem: file stem, `"model"` for Transformers checkpoints, `"vector"` for distribution vectors.
+
+    Example:
+        ```python
+        >>> reader = CheckpointReader("path/to/model")
+        >>> for name in reader.keys():
+        ...     tensor = reader.get(name)
+        ```
+    """
+
+    def __init__(self, folder: str | os.PathLike, stem: str = "model") -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"Checkpoint folder {str(self.folder)!r} does not exist.")
+        self._file_of: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        for file in self._files(stem):
+            self._read_header(file)
+
+    def _files(self, stem: str) -> list[Path]:
+        single = self.folder / f"{stem}.safetensors"
+        index = self.folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise ValueError(f"Index file {str(index)!r} is not a valid safetensors index: {error}") from error
+            files = [self.folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"Shards listed in {str(index)!r} are missing: {missing[:5]}")
+            return files
+        if single.is_file():
+            return [single]
+        found = sorted(p.name for p in self.folder.iterdir())[:10]
+        raise FileNotFoundError(
+            f"No {stem}.safetensors or {stem}.safetensors.index.json in {str(self.folder)!r} (found {found}). "
+            "dem_hf reads safetensors checkpoints only; re-save the model with `save_pretrained`."
+        )
+
+    def _read_header(self, file: Path) -> None:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    dtype = view.get_dtype()
+                    if dtype not in SAFETENSORS_DTYPES:
+                        raise ValueError(f"Tensor {name!r} in {str(file)!r} has unsupported dtype {dtype}.")
+                    self._file_of[name] = file
+                    self._shape[name] = tuple(view.get_shape())
+                    self._dtype[name] = SAFETENSORS_DTYPES[dtype]
+        except SafetensorError as error:
+            raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+
+    def keys(self) -> list[str]:
+        """Tensor names in checkpoint order."""
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtype[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh copy, safe to modify in place)."""
+        if name not in self._file_of:
+            raise KeyError(f"Tensor {name!r} is not in checkpoint {str(self.folder)!r}.")
+        with safe_open(self._file_of[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def head(self, name: str, count: int) -> torch.Tensor:
+        """The first `count` values of a tensor (flattened), reading only the rows that hold them."""
+        with safe_open(self._file_of[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            shape = self._shape[name]
+            if len(shape) < 2:
+                return view[:count].reshape(-1) if shape else view[...].reshape(-1)
+            row_size = max(1, _numel(shape[1:]))
+            return view[: -(-count // row_size)].reshape(-1)[:count]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def parse_size(size: int | str) -> int:
+    """Parse `"2GB"`, `"500MB"`, `"1GiB"` or an int into bytes."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"Expected a positive shard size, got {size}.")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if match is None:
+        raise ValueError(f"Expected a size such as '2GB', '500MB' or a number of bytes, got {size!r}.")
+    number, unit = float(match.group(1)), match.group(2)
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(number * base**power)
+
+
+class ShardedWriter:
+    """Write tensors one at a time into size-capped safetensors shards plus an index.
+
+    Memory holds at most one shard's worth of tensors. With a single shard the file is `<stem>.safetensors`;
+    otherwise `<stem>-0000i-of-0000N.safetensors` and `<stem>.safetensors.index.json`, as Transformers
+    writes them.
+
+    Args:
+        folder: where to write (normally the temporary folder of [`atomic_directory`]).
+        stem: file stem (`"model"` or `"vector"`).
+        max_shard_size: cap per shard, e.g. `"2GB"`.
+        metadata: string metadata stored in every shard's header.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        stem: str = "model",
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.stem = stem
+        self.max_bytes = parse_size(max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; a full shard is written to disk before the queue grows past the cap."""
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_size += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"{self.stem}-{len(self._shards) + 1:05d}.safetensors.part"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, give shards their final names and write the index. Returns the files."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            final = self.folder / f"{self.stem}.safetensors"
+            os.replace(self._shards[0][0], final)
+            return [final]
+        weight_map, files = {}, []
+        for number, (path, names) in enumerate(self._shards, start=1):
+            final = self.folder / f"{self.stem}-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(path, final)
+            files.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        index_path = self.folder / f"{self.stem}.safetensors.index.json"
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return files + [index_path]
+
+
+WEIGHT_FILE_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack)(\.index\.json)?$")
+
+
+def is_weight_file(name: str) -> bool:
+    """True for checkpoint weight files and their indexes (which a merge writes anew)."""
+    return bool(WEIGHT_FILE_PATTERN.fullmatch(name))
+
+
+def check_output_directory(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that exists and is not empty, unless `overwrite=True`. Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Output path {str(path)!r} exists and is a file; expected a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"Output folder {str(path)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
+        )
+    return path
+
+
+def check_not_inside(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the input folders."""
+    out = Path(output).resolve()
+    for label, folder in inputs.items():
+        if folder is None:
+            continue
+        folder = Path(folder).resolve()
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise ValueError(
+                f"Output folder {str(out)!r} overlaps the input {label} at {str(folder)!r}; "
+                "writing there could destroy the input. Choose another output folder."
+            )
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(Path(root))
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name beside `target`; move it into place only on success.
+
+    On any exception (including `KeyboardInterrupt`) the temporary folder is removed and an existing
+    `target` is left untouched. With `overwrite=True` the previous `target` is replaced only once the new
+    one is complete and synced to disk.
+
+    Example:
+        ```python
+        >>> with atomic_directory("out", overwrite=True) as tmp:
+        ...     (tmp / "file.txt").write_text("complete or absent")
+        ```
+    """
+    target = check_output_directory(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _fsync_directory(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,259 @@
+"""`DEMMerger`: the object users hold. A base model, named distribution vectors, and coefficients.
+
+The merger keeps the base on disk and validates every vector against it when added (fingerprint, names,
+shapes), so mistakes surface before any heavy work. Two ways to merge:
+
+- [`~DEMMerger.merge`] returns an in-memory `PreTrainedModel` (θ + Σ ω_i Δ_i, applied parameter by
+  parameter to the loaded base);
+- [`~DEMMerger.save_pretrained`] streams: one base tensor and the matching slices of each vector at a time
+  are read, summed in float32 and written to size-capped shards, so peak memory does not grow with the
+  model or the number of vectors. The folder is a plain Transformers checkpoint plus `dem_config.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from .config import DEMConfig, check_coefficients
+from .hub import resolve_pretrained
+from .io import (
+    CheckpointReader,
+    ShardedWriter,
+    atomic_directory,
+    check_not_inside,
+    check_output_directory,
+    is_weight_file,
+)
+from .merge_utils import effective_weights, merge_tensor, terms_for
+from .tensors import fingerprint, untied_state_dict
+from .vectors import DistributionVector
+
+logger = logging.get_logger(__name__)
+
+VECTORS_FOLDER = "vectors"
+NOT_COPIED_FROM_BASE = {"README.md", DEMConfig.config_name}
+
+VectorLike = DistributionVector | str | os.PathLike
+
+
+class DEMMerger:
+    """Merge distribution vectors into a base model: θ_DEM = θ + Σ ω_i Δ_i.
+
+    Args:
+        base_model_name_or_path: Hub id or folder of the base model θ (a safetensors checkpoint).
+        config: a [`DEMConfig`]; a default one (`weighting="sum"`) if omitted.
+        hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for resolving a Hub id.
+
+    Example:
+        ```python
+        >>> from dem_hf import DEMMerger, DistributionVector
+        >>> merger = DEMMerger.from_pretrained("HuggingFaceTB/SmolLM2-135M", vectors=["vectors/math", "vectors/chat"])
+        >>> merger.add_vector(DistributionVector.from_peft("adapters/code", name="code"))  # incremental
+        >>> model = merger.merge(coefficients={"math": 0.7, "chat": 0.5, "code": 0.3})
+        >>> merger.save_pretrained("dem-model")  # streams; loads with AutoModelForCausalLM.from_pretrained
+        ```
+    """
+
+    config_class = DEMConfig
+
+    def __init__(self, base_model_name_or_path: str | os.PathLike, config: DEMConfig | None = None, **hub_kwargs) -> None:
+        self.config = config or DEMConfig()
+        self.config.base_model_name_or_path = str(base_model_name_or_path)
+        self.base_folder = Path(resolve_pretrained(base_model_name_or_path, **hub_kwargs))
+        self.base = CheckpointReader(self.base_folder)
+        self.base_fingerprint = fingerprint(self.base)
+        self.vectors: dict[str, DistributionVector] = {}
+
+    # ----------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        vectors: Iterable[VectorLike] | None = None,
+        *,
+        config: DEMConfig | None = None,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        **hub_kwargs,
+    ) -> "DEMMerger":
+        """A merger over a base model, or restored from a folder saved by [`~DEMMerger.save_pretrained`].
+
+        Given a plain model (folder or Hub id), it becomes the base. Given a saved DEM folder (it has a
+        `dem_config.json`), the base, the vectors (from the folder's `vectors/` or their recorded source
+        paths) and the coefficients are restored; `base_model_name_or_path` overrides a base that moved.
+
+        Args:
+            pretrained_model_name_or_path: base model, or saved DEM model, as a folder or Hub id.
+            vectors: distribution vectors to add, as objects or saved-vector folders.
+            config: config for a new merger (not allowed when restoring; edit `merger.config` instead).
+            base_model_name_or_path: the base's new location when restoring.
+            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `subfolder`.
+        """
+        folder = Path(resolve_pretrained(pretrained_model_name_or_path, **hub_kwargs))
+        if not (folder / DEMConfig.config_name).is_file():
+            merger = cls(pretrained_model_name_or_path, config=config, **hub_kwargs)
+        else:
+            if config is not None:
+                raise ValueError(f"{str(pretrained_model_name_or_path)!r} is a saved DEM model with its own config; do not pass config=.")
+            merger = cls._restore(folder, base_model_name_or_path, **hub_kwargs)
+        for vector in vectors or []:
+            merger.add_vector(vector)
+        return merger
+
+    @classmethod
+    def _restore(cls, folder: Path, base_override, **hub_kwargs) -> "DEMMerger":
+        config = DEMConfig.from_pretrained(folder)
+        base = base_override or config.base_model_name_or_path
+        if base is None:
+            raise ValueError(f"{str(folder / DEMConfig.config_name)!r} names no base model; pass base_model_name_or_path=.")
+        merger = cls(base, config=config, **{k: v for k, v in hub_kwargs.items() if k != "subfolder"})
+        for name, info in config.vectors.items():
+            places = [folder / VECTORS_FOLDER / name, info.get("source")]
+            found = next((Path(p) for p in places if p and (Path(p) / "vector_config.json").is_file()), None)
+            if found is None:
+                logger.warning(
+                    f"Vector {name!r} is not available (looked in {[str(p) for p in places if p]}); its name and "
+                    "coefficient are kept, add it again with add_vector(...) before merging."
+                )
+                continue
+            merger.add_vector(DistributionVector.from_pretrained(found, name=name))
+        return merger
+
+    def add_vector(self, vector: VectorLike, *, coefficient: float | None = None) -> DistributionVector:
+        """Add one distribution vector (incremental DEM: nothing else is retrained or recomputed).
+
+        The vector is checked against the base now (fingerprint, tensor names, shapes). Its coefficient is
+        `coefficient`, else the one already recorded for its name, else 1.0.
+        """
+        if isinstance(vector, (str, os.PathLike)):
+            vector = DistributionVector.from_pretrained(vector)
+        if not isinstance(vector, DistributionVector):
+            raise ValueError(f"Expected a DistributionVector or a saved vector folder, got {type(vector).__name__}.")
+        if vector.name in self.vectors:
+            raise ValueError(f"A vector named {vector.name!r} is already in the merger; vectors are {self.vector_names}.")
+        vector.check_base(self.base, self.base_fingerprint)
+        self.vectors[vector.name] = vector
+        if coefficient is not None:
+            self.config.coefficients[vector.name] = check_coefficients({vector.name: coefficient})[vector.name]
+        self.config.coefficients.setdefault(vector.name, 1.0)
+        self.config.vectors[vector.name] = {
+            "vector_type": vector.vector_type,
+            "source": str(vector.path) if vector.path is not None else None,
+            "base_model_name_or_path": vector.base_model_name_or_path,
+            "metadata": vector.metadata,
+        }
+        return vector
+
+    @property
+    def vector_names(self) -> list[str]:
+        """Names of the vectors the merger knows (including recorded ones not yet re-added)."""
+        return list(self.config.vectors)
+
+    # ----------------------------------------------------------------------------------------- merging
+
+    def resolve_coefficients(self, coefficients: dict[str, float] | None = None) -> dict[str, float]:
+        """Validated coefficients for every vector: `coefficients` over the recorded ones."""
+        if not self.config.vectors:
+            raise ValueError("The merger has no distribution vectors; add some with add_vector(...).")
+        chosen = dict(self.config.coefficients)
+        if coefficients is not None:
+            chosen.update(check_coefficients(coefficients, known=self.vector_names))
+        missing = [name for name in self.vector_names if name not in self.vectors]
+        if missing:
+            raise ValueError(f"Vectors {missing} are recorded but not loaded; add them with add_vector(...) first.")
+        return {name: chosen.get(name, 1.0) for name in self.vector_names}
+
+    def _terms(self, coefficients: dict[str, float] | None) -> list[tuple[DistributionVector, float]]:
+        resolved = self.resolve_coefficients(coefficients)
+        weights = effective_weights(resolved, self.config.weighting)
+        self.config.coefficients = resolved
+        return [(self.vectors[name], weight) for name, weight in weights.items()]
+
+    def merge(self, coefficients: dict[str, float] | None = None, **model_kwargs):
+        """Load the base and return θ + Σ ω_i Δ_i as an in-memory `PreTrainedModel`.
+
+        Args:
+            coefficients: `{vector name: ω}`; unnamed vectors keep their recorded coefficient.
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`).
+        """
+        from transformers import AutoModelForCausalLM
+
+        terms = self._terms(coefficients)
+        model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{"dtype": "auto", **model_kwargs})
+        apply_vectors_(model, terms)
+        return model
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        coefficients: dict[str, float] | None = None,
+        *,
+        overwrite: bool = False,
+        max_shard_size: int | str | None = None,
+        save_vectors: bool | None = None,
+    ) -> Path:
+        """Stream the merge into a standard Transformers folder, plus `dem_config.json`.
+
+        The folder holds the base's config, generation config and tokenizer files, the merged weights as
+        size-capped safetensors shards with an index, and `dem_config.json`. It is built under a temporary
+        name and moved into place only when complete.
+
+        Args:
+            save_directory: output folder; must be empty or absent unless `overwrite=True`.
+            coefficients: `{vector name: ω}` (default: the recorded ones).
+            overwrite: replace an existing, non-empty folder (only once the new one is complete).
+            max_shard_size: cap per shard (default `config.max_shard_size`).
+            save_vectors: also save the vectors under `vectors/<name>` so the folder restores on its own;
+                by default only vectors that exist nowhere on disk are saved.
+        """
+        terms = self._terms(coefficients)
+        check_output_directory(save_directory, overwrite)
+        check_not_inside(
+            save_directory,
+            {"base model": self.base_folder, **{f"vector {v.name!r}": v.path for v, _ in terms}},
+        )
+        with atomic_directory(save_directory, overwrite=overwrite) as staging:
+            self._copy_base_files(staging)
+            writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size)
+            for name in self.base.keys():
+                writer.add(name, merge_tensor(self.base.get(name), name, terms_for(name, terms)))
+            writer.close()
+            self._save_vectors(staging, save_vectors)
+            self.config.save_pretrained(staging)
+        return Path(save_directory)
+
+    def _copy_base_files(self, staging: Path) -> None:
+        for item in self.base_folder.iterdir():
+            if item.is_file() and not is_weight_file(item.name) and item.name not in NOT_COPIED_FROM_BASE:
+                shutil.copy2(item, staging / item.name)
+
+    def _save_vectors(self, staging: Path, save_vectors: bool | None) -> None:
+        for name, vector in self.vectors.items():
+            if save_vectors or (save_vectors is None and vector.path is None):
+                vector.save_pretrained(staging / VECTORS_FOLDER / name)
+
+    def __repr__(self) -> str:
+        return (
+            f"DEMMerger(base={self.config.base_model_name_or_path!r}, weighting={self.config.weighting!r}, "
+            f"coefficients={self.config.coefficients})"
+        )
+
+
+def apply_vectors_(model: torch.nn.Module, terms: list[tuple[DistributionVector, float]]) -> torch.nn.Module:
+    """Add Σ w·Δ to an in-memory model's parameters, in place (float32 accumulation, one rounding).
+
+    Tied parameters are updated once. Tensors whose names no vector changes are left untouched.
+    """
+    state = untied_state_dict(model)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            relevant = terms_for(name, terms)
+            if relevant:
+                tensor.copy_(merge_tensor(tensor, name, relevant))
+    return model

@@ -1,0 +1,148 @@
+"""Uniform, tensor-at-a-time views of weights, whether in a folder or in memory, and base fingerprints.
+
+A *tensor source* answers `keys()`, `shape(name)`, `dtype(name)`, `get(name)` and `head(name, count)`.
+[`CheckpointReader`] is the on-disk source; [`TensorDict`] wraps tensors already in memory, and
+[`model_tensors`] turns a `PreTrainedModel` into one, dropping tied duplicates exactly as
+`save_pretrained` does so that the names match the model's checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .io import CheckpointReader
+
+FINGERPRINT_SAMPLED_TENSORS = 4
+FINGERPRINT_SAMPLED_VALUES = 64
+
+
+class TensorSource(Protocol):
+    def keys(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def head(self, name: str, count: int) -> torch.Tensor: ...
+
+
+class TensorDict:
+    """A tensor source over a `{name: tensor}` dict held in memory. `get` returns the stored tensor itself."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def head(self, name: str, count: int) -> torch.Tensor:
+        return self.tensors[name].reshape(-1)[:count]
+
+
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without tied duplicates (first name wins), detached, as `save_pretrained` keeps it."""
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        kept[name] = tensor.detach()
+    return kept
+
+
+def model_tensors(model: torch.nn.Module) -> TensorDict:
+    """A tensor source over an in-memory model's own parameters and buffers (no copies)."""
+    return TensorDict(untied_state_dict(model))
+
+
+def open_weights(model_or_path, **hub_kwargs) -> tuple[TensorSource, str | None, dict]:
+    """Open a model given as a folder, a Hub id or a `PreTrainedModel`.
+
+    Returns the tensor source, the name or path it came from (or None for an anonymous in-memory model)
+    and the model's config as a dict (empty if unknown).
+    """
+    if isinstance(model_or_path, torch.nn.Module):
+        config = getattr(model_or_path, "config", None)
+        name = getattr(config, "_name_or_path", None) or None
+        return model_tensors(model_or_path), name, (config.to_dict() if config is not None else {})
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise ValueError(
+            f"Expected a model folder, a Hub id or a PreTrainedModel, got {type(model_or_path).__name__}."
+        )
+    from .hub import resolve_pretrained
+
+    folder = resolve_pretrained(model_or_path, **hub_kwargs)
+    config_file = Path(folder) / "config.json"
+    config = {}
+    if config_file.is_file():
+        import json
+
+        config = json.loads(config_file.read_text())
+    return CheckpointReader(folder), str(model_or_path), config
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _digest(parts: list[bytes]) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(part)
+        hasher.update(b"\0")
+    return hasher.hexdigest()[:16]
+
+
+def fingerprint(source: TensorSource) -> dict[str, str | int]:
+    """Identify a base model cheaply: names and shapes, dtypes, and a hash of a sample of values.
+
+    Only a few values of a few tensors are read, so this costs milliseconds even for a 7B checkpoint.
+    Values are hashed as float32, so the `values` part does not depend on the storage dtype (the `dtypes`
+    part tells dtypes apart).
+    """
+    names = sorted(source.keys())
+    float_names = [n for n in names if is_float(source.dtype(n)) and source.shape(n)]
+    step = max(1, len(float_names) // FINGERPRINT_SAMPLED_TENSORS)
+    sampled = float_names[::step][:FINGERPRINT_SAMPLED_TENSORS]
+    values = [
+        source.head(name, FINGERPRINT_SAMPLED_VALUES).to(torch.float32).contiguous().numpy().tobytes()
+        for name in sampled
+    ]
+    return {
+        "num_tensors": len(names),
+        "structure": _digest([f"{n}:{list(source.shape(n))}".encode() for n in names]),
+        "dtypes": _digest([f"{n}:{source.dtype(n)}".encode() for n in names]),
+        "values": _digest([n.encode() for n in sampled] + values),
+    }
+
+
+def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
+    """Say how two fingerprints differ, in words, or return None when they match."""
+    if expected == actual:
+        return None
+    if expected.get("structure") != actual.get("structure"):
+        return (
+            f"tensor names or shapes differ ({expected.get('num_tensors')} tensors expected, "
+            f"{actual.get('num_tensors')} found)"
+        )
+    if expected.get("dtypes") != actual.get("dtypes"):
+        return "tensor dtypes differ (load the base in the dtype the vector was computed against)"
+    return "weight values differ (same architecture, different weights)"

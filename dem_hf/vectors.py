@@ -1,0 +1,381 @@
+"""Distribution vectors: what fine-tuning on one dataset did to the base model.
+
+A [`DistributionVector`] holds, per base tensor it changes, either a dense delta (θ_ft − θ) or LoRA
+factors (A, B, scaling) kept low-rank: the delta B·A·scaling is formed one module at a time, only when a
+merge needs it. A vector remembers a fingerprint of the base it was computed against, so it is never
+silently applied to another model.
+
+On disk a vector is a folder with `vector.safetensors` (sharded when large) and `vector_config.json`.
+Dense deltas are stored under the base tensor's own name, LoRA factors under `<name>.lora_A` and
+`<name>.lora_B`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from . import __version__
+from .io import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter, atomic_directory, check_output_directory
+from .tensors import (
+    TensorDict,
+    TensorSource,
+    fingerprint,
+    fingerprint_mismatch,
+    is_float,
+    open_weights,
+)
+
+logger = logging.get_logger(__name__)
+
+VECTOR_CONFIG_NAME = "vector_config.json"
+VECTOR_STEM = "vector"
+VECTOR_TYPES = ("full", "lora")
+LORA_A, LORA_B = ".lora_A", ".lora_B"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
+
+
+def check_vector_name(name: Any) -> str:
+    """A vector or dataset name must be usable as a folder name and a CLI token."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in {".", ".."}:
+        raise ValueError(
+            f"Invalid name {name!r}: expected 1-96 characters from letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (it becomes a folder name)."
+        )
+    return name
+
+
+@dataclass
+class LoraModule:
+    """How to rebuild one module's delta from its factors: `(B @ A) * scaling`, transposed if `transpose`."""
+
+    scaling: float
+    transpose: bool = False
+
+
+class DistributionVector:
+    """The change fine-tuning on one distribution made to a base model: θ_i − θ, dense or low-rank.
+
+    Build one with [`~DistributionVector.from_models`] (full fine-tunes) or
+    [`~DistributionVector.from_peft`] (LoRA adapters, kept as factors), save it with
+    [`~DistributionVector.save_pretrained`] and load it with [`~DistributionVector.from_pretrained`].
+
+    Example:
+        ```python
+        >>> from dem_hf import DistributionVector
+        >>> math = DistributionVector.from_models("base", "base-sft-math", name="math")
+        >>> chat = DistributionVector.from_peft("adapters/chat", name="chat")
+        >>> math.save_pretrained("vectors/math")
+        >>> DistributionVector.from_pretrained("vectors/math").vector_type
+        'full'
+        ```
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tensors: TensorSource,
+        *,
+        lora_modules: dict[str, LoraModule] | None = None,
+        base_fingerprint: dict | None = None,
+        base_model_name_or_path: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        path: str | os.PathLike | None = None,
+    ) -> None:
+        self.name = check_vector_name(name)
+        self.tensors = tensors
+        self.lora_modules = dict(lora_modules or {})
+        self.base_fingerprint = base_fingerprint
+        self.base_model_name_or_path = base_model_name_or_path
+        self.metadata = dict(metadata or {})
+        self.path = Path(path) if path is not None else None
+        factor_names = {m + suffix for m in self.lora_modules for suffix in (LORA_A, LORA_B)}
+        missing = sorted(factor_names - set(tensors.keys()))
+        if missing:
+            raise ValueError(f"Vector {name!r} lacks LoRA factors {missing[:5]}.")
+        self.dense_names = [n for n in tensors.keys() if n not in factor_names]
+        self._dense = frozenset(self.dense_names)
+        self._targets = self._dense | frozenset(self.lora_modules)
+
+    # ----------------------------------------------------------------------------------------- inspection
+
+    @property
+    def vector_type(self) -> str:
+        """`"lora"` when the vector carries low-rank factors, else `"full"`."""
+        return "lora" if self.lora_modules else "full"
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the base tensors this vector changes."""
+        return self.dense_names + [n for n in self.lora_modules if n not in self._dense]
+
+    def changes(self, name: str) -> bool:
+        """Whether this vector has a delta for base tensor `name`."""
+        return name in self._targets
+
+    def delta_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.lora_modules:
+            rows, cols = self.tensors.shape(name + LORA_B)[0], self.tensors.shape(name + LORA_A)[1]
+            return (cols, rows) if self.lora_modules[name].transpose else (rows, cols)
+        return self.tensors.shape(name)
+
+    def __repr__(self) -> str:
+        return f"DistributionVector(name={self.name!r}, vector_type={self.vector_type!r}, tensors={len(self.target_names)})"
+
+    # ----------------------------------------------------------------------------------------- arithmetic
+
+    def add_to_(self, target: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
+        """Add `weight` times this vector's delta for base tensor `name` to `target`, in place.
+
+        LoRA deltas are formed by one `addmm_`, never stored dense. `target` should be float32 for exact
+        accumulation. Raises `ValueError` on a non-finite delta.
+        """
+        if name in self._dense:
+            delta = self.tensors.get(name).to(device=target.device, dtype=target.dtype)
+            self._check_finite(delta, name)
+            target.add_(delta, alpha=weight)
+        module = self.lora_modules.get(name)
+        if module is not None:
+            a = self.tensors.get(name + LORA_A).to(device=target.device, dtype=target.dtype)
+            b = self.tensors.get(name + LORA_B).to(device=target.device, dtype=target.dtype)
+            self._check_finite(a, name + LORA_A)
+            self._check_finite(b, name + LORA_B)
+            if module.transpose:
+                target.addmm_(a.T, b.T, alpha=weight * module.scaling)
+            else:
+                target.addmm_(b, a, alpha=weight * module.scaling)
+        return target
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The dense float32 delta for one base tensor (formed from factors for LoRA modules)."""
+        return self.add_to_(torch.zeros(self.delta_shape(name), dtype=torch.float32), name)
+
+    def _check_finite(self, tensor: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"Vector {self.name!r} has NaN or infinite values in {name!r}; refusing to merge it.")
+
+    def check_finite(self) -> None:
+        """Read every tensor and raise `ValueError` naming the first one with NaN or inf."""
+        for name in self.tensors.keys():
+            self._check_finite(self.tensors.get(name), name)
+
+    # ----------------------------------------------------------------------------------------- validation
+
+    def check_base(self, base: TensorSource, base_fingerprint: dict | None = None) -> None:
+        """Raise `ValueError` unless this vector fits `base`: same fingerprint, names present, shapes equal."""
+        if self.base_fingerprint is not None:
+            actual = base_fingerprint or fingerprint(base)
+            problem = fingerprint_mismatch(self.base_fingerprint, actual)
+            if problem:
+                raise ValueError(
+                    f"Vector {self.name!r} was computed against another base model ({problem}); it was made "
+                    f"from {self.base_model_name_or_path or 'an unnamed model'!r}."
+                )
+        absent = [n for n in self.target_names if n not in base]
+        if absent:
+            kind = "LoRA target modules" if any(n in self.lora_modules for n in absent) else "tensors"
+            raise ValueError(
+                f"Vector {self.name!r} changes {kind} that do not exist in the base model: {absent[:5]}"
+                f"{' ...' if len(absent) > 5 else ''} (tied to the input embeddings, or another architecture?)."
+            )
+        for name in self.target_names:
+            if tuple(base.shape(name)) != tuple(self.delta_shape(name)):
+                raise ValueError(
+                    f"Vector {self.name!r} has shape {list(self.delta_shape(name))} for {name!r}, "
+                    f"the base has {list(base.shape(name))}."
+                )
+            if not is_float(base.dtype(name)):
+                raise ValueError(f"Vector {self.name!r} changes {name!r}, a {base.dtype(name)} tensor; only float tensors can be merged.")
+
+    # ----------------------------------------------------------------------------------------- persistence
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vector_type": self.vector_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "base_fingerprint": self.base_fingerprint,
+            "lora_modules": {n: asdict(m) for n, m in self.lora_modules.items()},
+            "metadata": self.metadata,
+            "dem_hf_version": __version__,
+        }
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    ) -> Path:
+        """Save as `vector.safetensors` (+ shards) and `vector_config.json`, atomically. Returns the folder."""
+        items = ((name, self.tensors.get(name)) for name in self.tensors.keys())
+        return write_vector_folder(save_directory, items, self.config_dict(), overwrite=overwrite, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, name: str | None = None, **hub_kwargs) -> "DistributionVector":
+        """Load a saved vector from a folder or a Hub repo (`subfolder=`, `revision=`, `token=`, ...).
+
+        Tensors stay on disk and are read one at a time when a merge needs them.
+        """
+        from .hub import resolve_pretrained
+
+        folder = Path(resolve_pretrained(path_or_repo_id, **hub_kwargs))
+        config_file = folder / VECTOR_CONFIG_NAME
+        if not config_file.is_file():
+            hint = " It looks like a PEFT adapter: use DistributionVector.from_peft." if (folder / "adapter_config.json").is_file() else ""
+            raise FileNotFoundError(f"{str(folder)!r} has no {VECTOR_CONFIG_NAME}; it is not a saved distribution vector.{hint}")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(config_file)!r} is not valid JSON: {error}") from error
+        return cls(
+            name or config["name"],
+            CheckpointReader(folder, stem=VECTOR_STEM),
+            lora_modules={n: LoraModule(**m) for n, m in config.get("lora_modules", {}).items()},
+            base_fingerprint=config.get("base_fingerprint"),
+            base_model_name_or_path=config.get("base_model_name_or_path"),
+            metadata=config.get("metadata"),
+            path=folder,
+        )
+
+    # ----------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_models(
+        cls,
+        base,
+        finetuned,
+        *,
+        name: str,
+        save_directory: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        metadata: dict[str, Any] | None = None,
+    ) -> "DistributionVector":
+        """The full vector θ_ft − θ of a fine-tuned model.
+
+        `base` and `finetuned` are folders, Hub ids or in-memory `PreTrainedModel`s. Folders are streamed
+        one tensor at a time, so two whole models are never in memory. Deltas are computed in float32 and
+        stored in the fine-tuned model's dtype; tensors fine-tuning left unchanged are not stored.
+
+        Args:
+            base: the base model θ.
+            finetuned: the model fine-tuned from it on one distribution.
+            name: the vector's name (usually the dataset's).
+            save_directory: if given, the vector is streamed to this folder (bounded memory) and the
+                returned vector reads from it; otherwise it is kept in memory.
+            overwrite: replace an existing, non-empty `save_directory`.
+            max_shard_size: cap per shard when saving.
+            metadata: free-form JSON-able information (datasets, training compute, ...).
+        """
+        check_vector_name(name)
+        if save_directory is not None:
+            check_output_directory(save_directory, overwrite)
+        base_source, base_id, base_config = open_weights(base)
+        tuned_source, _, tuned_config = open_weights(finetuned)
+        check_same_architecture(base_config, tuned_config)
+        check_same_tensors(base_source, tuned_source)
+        vector_fingerprint = fingerprint(base_source)
+
+        def deltas():
+            for tensor_name in base_source.keys():
+                if not is_float(base_source.dtype(tensor_name)):
+                    if not torch.equal(base_source.get(tensor_name), tuned_source.get(tensor_name)):
+                        raise ValueError(f"Non-float tensor {tensor_name!r} differs between base and fine-tuned model.")
+                    continue
+                tuned = tuned_source.get(tensor_name)
+                delta = tuned.to(torch.float32) - base_source.get(tensor_name).to(torch.float32)
+                if not torch.isfinite(delta).all():
+                    raise ValueError(f"Fine-tuned tensor {tensor_name!r} has NaN or infinite values.")
+                if delta.any():
+                    yield tensor_name, delta.to(tuned.dtype)
+
+        kwargs = dict(base_fingerprint=vector_fingerprint, base_model_name_or_path=base_id, metadata=metadata)
+        if save_directory is None:
+            return cls(name, TensorDict(dict(deltas())), **kwargs)
+        config = cls(name, TensorDict({}), **kwargs).config_dict()
+        write_vector_folder(save_directory, deltas(), config, overwrite=overwrite, max_shard_size=max_shard_size)
+        return cls.from_pretrained(save_directory)
+
+    @classmethod
+    def from_peft(
+        cls,
+        adapter,
+        *,
+        name: str | None = None,
+        base=None,
+        adapter_name: str = "default",
+        metadata: dict[str, Any] | None = None,
+        **hub_kwargs,
+    ) -> "DistributionVector":
+        """A LoRA vector from a PEFT adapter folder, Hub repo or in-memory `PeftModel`, kept low-rank.
+
+        Scalings honour `lora_alpha`, `alpha_pattern`, `rank_pattern` and rsLoRA; `modules_to_save` become
+        dense deltas against the base. The base is `base` if given, else the `PeftModel`'s own base
+        weights, else the adapter config's `base_model_name_or_path` when it can be found locally.
+        See [`dem_hf.lora`] for the details.
+        """
+        from .lora import vector_parts_from_peft
+
+        parts = vector_parts_from_peft(adapter, base=base, adapter_name=adapter_name, **hub_kwargs)
+        vector_name = name or parts.default_name
+        if vector_name is None:
+            raise ValueError("Pass name=... for a vector made from an in-memory PEFT model.")
+        return cls(
+            vector_name,
+            TensorDict(parts.tensors),
+            lora_modules=parts.lora_modules,
+            base_fingerprint=parts.base_fingerprint,
+            base_model_name_or_path=parts.base_model_name_or_path,
+            metadata=metadata,
+        )
+
+
+def write_vector_folder(
+    save_directory: str | os.PathLike,
+    items,
+    config: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write `(name, tensor)` pairs, one at a time, and the vector config into a folder, atomically."""
+    with atomic_directory(save_directory, overwrite=overwrite) as staging:
+        writer = ShardedWriter(staging, stem=VECTOR_STEM, max_shard_size=max_shard_size)
+        for name, tensor in items:
+            writer.add(name, tensor)
+        writer.close()
+        (staging / VECTOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(save_directory)
+
+
+def check_same_architecture(base_config: dict, tuned_config: dict) -> None:
+    """Compare the config keys that decide whether two checkpoints can be subtracted."""
+    for key in ARCHITECTURE_KEYS:
+        if key in base_config and key in tuned_config and base_config[key] != tuned_config[key]:
+            what = "vocab-size mismatch" if key == "vocab_size" else f"{key} differs"
+            raise ValueError(
+                f"Base and fine-tuned model are not the same architecture ({what}): "
+                f"base {key}={base_config[key]!r}, fine-tuned {key}={tuned_config[key]!r}."
+            )
+
+
+def check_same_tensors(base: TensorSource, tuned: TensorSource) -> None:
+    """Same tensor names, shapes and dtypes on both sides, or a `ValueError` naming the first differences."""
+    base_names, tuned_names = set(base.keys()), set(tuned.keys())
+    if missing := sorted(base_names - tuned_names):
+        raise ValueError(f"The fine-tuned model lacks tensors of the base: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+    if extra := sorted(tuned_names - base_names):
+        raise ValueError(f"The fine-tuned model has tensors the base lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}.")
+    for name in base.keys():
+        if base.shape(name) != tuned.shape(name):
+            raise ValueError(f"Shape of {name!r} differs: base {list(base.shape(name))}, fine-tuned {list(tuned.shape(name))}.")
+        if base.dtype(name) != tuned.dtype(name):
+            raise ValueError(
+                f"Dtype of {name!r} differs: base {base.dtype(name)}, fine-tuned {tuned.dtype(name)}; "
+                "load or save both in the same dtype."
+            )

@@ -1,0 +1,163 @@
+"""DEMMerger: exact merges (full and LoRA), both weighting conventions, streaming save, round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from dem_hf import DEMConfig, DEMMerger, DistributionVector
+from dem_hf.tensors import untied_state_dict
+
+from .conftest import make_llama
+
+INPUT_IDS = torch.tensor([[2, 5, 9, 17, 33, 8, 41, 3]])
+
+
+@pytest.fixture
+def vector_dirs(tmp_path, base_dir, finetuned_dirs):
+    return {
+        name: DistributionVector.from_models(base_dir, folder, name=name, save_directory=tmp_path / "vectors" / name).path
+        for name, folder in finetuned_dirs.items()
+    }
+
+
+def lora_vector(seed: int, name: str) -> DistributionVector:
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    return DistributionVector.from_peft(get_peft_model(make_llama(), config), name=name)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def test_merge_with_weight_one_reproduces_the_finetuned_model(base_dir, finetuned_dirs, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"]])
+    merged = untied_state_dict(merger.merge({"math": 1.0}))
+    tuned = untied_state_dict(AutoModelForCausalLM.from_pretrained(finetuned_dirs["math"]))
+    for name, tensor in tuned.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_sum_weighting_is_base_plus_weighted_deltas(base_dir, vector_dirs, base_model):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
+    weights = {"math": 0.5, "chat": -0.25, "code": 1.5}
+    merged = untied_state_dict(merger.merge(weights))
+    for name, tensor in untied_state_dict(base_model).items():
+        expected = tensor + sum(w * merger.vectors[v].delta(name) for v, w in weights.items())
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+
+
+def test_average_weighting_is_the_parameter_average(base_dir, finetuned_dirs, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values(), config=DEMConfig(weighting="average"))
+    weights = {"math": 1.0, "chat": 2.0, "code": 1.0}
+    merged = untied_state_dict(merger.merge(weights))
+    tuned = {n: untied_state_dict(AutoModelForCausalLM.from_pretrained(f)) for n, f in finetuned_dirs.items()}
+    for name, tensor in merged.items():
+        average = sum(weights[n] * tuned[n][name] for n in tuned) / sum(weights.values())
+        torch.testing.assert_close(tensor, average, rtol=0, atol=1e-6)
+
+
+def test_two_lora_vectors_merge_to_the_exact_dense_sum(base_dir, base_model):
+    math, chat = lora_vector(1, "math"), lora_vector(2, "chat")
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[math, chat])
+    merged = untied_state_dict(merger.merge({"math": 0.7, "chat": -0.3}))
+    for name, tensor in untied_state_dict(base_model).items():
+        expected = tensor.clone()
+        for vector, weight in ((math, 0.7), (chat, -0.3)):
+            module = vector.lora_modules.get(name)
+            if module is not None:
+                a, b = vector.tensors.get(name + ".lora_A"), vector.tensors.get(name + ".lora_B")
+                expected += weight * (b @ a) * module.scaling
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+
+
+def test_peft_linear_combination_is_not_the_weighted_sum():
+    """Documents the peer trap: PEFT's `linear` combination gives (Σ√w B)(Σ√w A), with cross terms."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(make_llama(), config, adapter_name="math")
+    model.add_adapter("chat", config)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    math = DistributionVector.from_peft(model, name="math", adapter_name="math")
+    chat = DistributionVector.from_peft(model, name="chat", adapter_name="chat")
+    model.add_weighted_adapter(["math", "chat"], [0.7, 0.3], adapter_name="mix", combination_type="linear")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    peft_delta = layer.get_delta_weight("mix")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    exact = 0.7 * math.delta(name) + 0.3 * chat.delta(name)
+    assert not torch.allclose(peft_delta, exact, atol=1e-3)
+
+
+def test_saved_folder_loads_with_transformers_and_matches_in_memory_merge(tmp_path, base_dir, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
+    weights = {"math": 0.6, "chat": 0.3, "code": 0.9}
+    out = merger.save_pretrained(tmp_path / "dem", weights, max_shard_size=20_000)
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in files and "config.json" in files and "generation_config.json" in files
+    assert "tokenizer.json" in files and "dem_config.json" in files
+    assert len([f for f in files if f.startswith("model-")]) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(loaded), logits(merger.merge(weights)), rtol=0, atol=0)
+
+
+def test_merger_round_trips_through_save_pretrained(tmp_path, base_dir, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values(), config=DEMConfig(weighting="average"))
+    weights = {"math": 0.2, "chat": 0.3, "code": 0.5}
+    out = merger.save_pretrained(tmp_path / "dem", weights)
+    restored = DEMMerger.from_pretrained(out)
+    assert restored.config.base_model_name_or_path == str(base_dir)
+    assert restored.vector_names == ["math", "chat", "code"]
+    assert restored.config.coefficients == weights and restored.config.weighting == "average"
+    torch.testing.assert_close(logits(restored.merge()), logits(AutoModelForCausalLM.from_pretrained(out)), rtol=0, atol=0)
+
+
+def test_in_memory_vectors_are_saved_with_the_model(tmp_path, base_dir):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[lora_vector(1, "math")])
+    out = merger.save_pretrained(tmp_path / "dem", {"math": 0.5})
+    assert (out / "vectors" / "math" / "vector_config.json").is_file()
+    restored = DEMMerger.from_pretrained(out)
+    assert restored.vectors["math"].vector_type == "lora"
+    torch.testing.assert_close(logits(restored.merge()), logits(merger.merge()), rtol=0, atol=0)
+
+
+def test_incremental_add_vector(base_dir, vector_dirs, base_model):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"]])
+    merger.add_vector(vector_dirs["chat"], coefficient=0.5)
+    assert merger.config.coefficients == {"math": 1.0, "chat": 0.5}
+    merged = untied_state_dict(merger.merge())
+    name = "model.layers.1.mlp.up_proj.weight"
+    expected = untied_state_dict(base_model)[name] + merger.vectors["math"].delta(name) + 0.5 * merger.vectors["chat"].delta(name)
+    torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+
+
+def test_tied_embeddings_stay_tied_and_are_merged_once(tmp_path, base_dir, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
+    model = merger.merge()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    out = merger.save_pretrained(tmp_path / "dem")
+    index = json.loads((out / "model.safetensors.index.json").read_text()) if (out / "model.safetensors.index.json").exists() else None
+    names = set(index["weight_map"]) if index else set(__import__("safetensors").safe_open(out / "model.safetensors", "pt").keys())
+    assert "lm_head.weight" not in names
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_bf16_merge_is_within_one_rounding_of_fp32(tmp_path):
+    base = make_llama().to(torch.bfloat16)
+    tuned = make_llama(seed=3).to(torch.bfloat16)
+    tuned.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    vector = DistributionVector.from_models(base, tuned, name="x")
+    merged = untied_state_dict(DEMMerger.from_pretrained(base_dir, vectors=[vector]).merge({"x": 0.37}))
+    for name, tensor in untied_state_dict(base).items():
+        exact = tensor.float() + 0.37 * vector.delta(name)
+        assert merged[name].dtype == torch.bfloat16
+        assert torch.equal(merged[name], exact.to(torch.bfloat16))

@@ -128,7 +128,9 @@ class DEMMerger:
     def add_vector(self, vector: VectorLike, *, coefficient: float | None = None) -> DistributionVector:
         """Add one distribution vector (incremental DEM: nothing else is retrained or recomputed).
 
-        The vector is checked against the base now (fingerprint, tensor names, shapes). Its coefficient is
+        The vector is checked against the base now (fingerprint, tensor names, shapes, and NaN/inf for
+        vectors held in memory; vectors on disk are checked tensor by tensor as a merge reads them, which
+        then fails without leaving any output). Its coefficient is
         `coefficient`, else the one already recorded for its name, else 1.0.
         """
         if isinstance(vector, (str, os.PathLike)):
@@ -138,6 +140,8 @@ class DEMMerger:
         if vector.name in self.vectors:
             raise ValueError(f"A vector named {vector.name!r} is already in the merger; vectors are {self.vector_names}.")
         vector.check_base(self.base, self.base_fingerprint)
+        if vector.path is None:
+            vector.check_finite()  # cheap in memory; vectors on disk are checked tensor by tensor while merging
         self.vectors[vector.name] = vector
         if coefficient is not None:
             self.config.coefficients[vector.name] = check_coefficients({vector.name: coefficient})[vector.name]

@@ -1,0 +1,116 @@
+"""Faults in the middle of long operations: nothing half-written, inputs untouched, a retry succeeds.
+
+New features add their cases here (see CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from dem_hf import DEMMerger, DistributionVector
+from dem_hf.io import ShardedWriter
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+class Boom(Exception):
+    pass
+
+
+def fail_after(calls: int, error: BaseException):
+    """A replacement for `ShardedWriter.add` that works `calls` times, then raises `error`."""
+    original = ShardedWriter.add
+    count = {"n": 0}
+
+    def add(self, name, tensor):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise error
+        return original(self, name, tensor)
+
+    return add
+
+
+def disk_full():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+FAULTS = {
+    "exception mid-merge": (lambda: Boom("writer failed"), Boom),
+    "KeyboardInterrupt mid-merge": (lambda: KeyboardInterrupt(), KeyboardInterrupt),
+    "disk full mid-merge": (disk_full, OSError),
+}
+
+
+@pytest.fixture
+def vectors(tmp_path, base_dir, finetuned_dirs):
+    return [
+        DistributionVector.from_models(base_dir, path, name=name, save_directory=tmp_path / "vec" / name)
+        for name, path in finetuned_dirs.items()
+    ]
+
+
+@pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
+def test_interrupted_merge_leaves_no_output_and_retry_succeeds(fault, tmp_path, base_dir, vectors, monkeypatch):
+    make_error, error_type = FAULTS[fault]
+    inputs = {p: tree_digest(p) for p in [base_dir, *(v.path for v in vectors)]}
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    out = tmp_path / "merged"
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardedWriter, "add", fail_after(5, make_error()))
+        with pytest.raises(error_type):
+            merger.save_pretrained(out, max_shard_size=10_000)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+    assert {p: tree_digest(p) for p in inputs} == inputs
+    merger.save_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
+def test_failed_overwrite_keeps_the_previous_result(fault, tmp_path, base_dir, vectors, monkeypatch):
+    make_error, error_type = FAULTS[fault]
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    out = merger.save_pretrained(tmp_path / "merged", {"math": 0.5})
+    before = tree_digest(out)
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardedWriter, "add", fail_after(3, make_error()))
+        with pytest.raises(error_type):
+            merger.save_pretrained(out, {"math": 0.9}, overwrite=True)
+    assert tree_digest(out) == before
+
+
+def test_interrupted_vector_save_leaves_nothing(tmp_path, base_dir, finetuned_dirs, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardedWriter, "add", fail_after(4, disk_full()))
+        with pytest.raises(OSError):
+            DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+    DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "v")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupted_safetensors_is_refused_before_merging(damage, tmp_path, base_dir, vectors):
+    broken = vectors[0].path / "vector.safetensors"
+    if damage == "truncated":
+        os.truncate(broken, broken.stat().st_size - 64)
+    else:
+        broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        DEMMerger.from_pretrained(base_dir, vectors=[vectors[0].path])
+
+
+def test_fault_case_count():
+    count = 2 * len(FAULTS) + 1 + 2
+    print(f"\nfault cases: {count}")
+    assert count >= 6

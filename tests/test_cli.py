@@ -1,0 +1,51 @@
+"""The `dem-hf` command line: extract and merge end to end, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dem_hf import DEMMerger
+from dem_hf.cli import main
+
+
+def test_extract_then_merge_on_the_command_line(tmp_path, base_dir, finetuned_dirs, capsys):
+    for name, folder in finetuned_dirs.items():
+        assert main(["extract", "--base", str(base_dir), "--finetuned", str(folder), "--name", name,
+                     "--output", str(tmp_path / "vec" / name)]) == 0
+    args = ["merge", "--base", str(base_dir), "--output", str(tmp_path / "out")]
+    for name, weight in [("math", 0.5), ("chat", 1.0), ("code", -0.25)]:
+        args += ["--vector", f"{tmp_path / 'vec' / name}={weight}"]
+    assert main(args) == 0
+    assert "math=0.5" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "dem_config.json").read_text())
+    assert config["coefficients"] == {"math": 0.5, "chat": 1.0, "code": -0.25}
+    merger = DEMMerger.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        expected = merger.merge().forward(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").forward(ids).logits
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, base_dir, capsys):
+    code = main(["merge", "--base", str(base_dir), "--vector", str(tmp_path / "missing") + "=1", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "missing" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_debug_shows_the_exception(tmp_path, base_dir):
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "merge", "--base", str(base_dir), "--vector", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+
+
+def test_cli_rejects_a_non_numeric_weight(tmp_path, base_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--base", str(base_dir), "--vector", "vec=heavy", "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "PATH=WEIGHT" in capsys.readouterr().err

@@ -1,0 +1,333 @@
+"""Hub plumbing: check repo ids, push a saved folder in one commit, and turn a repo id or a path into a local folder.
+
+A push follows `huggingface_hub.ModelHubMixin.push_to_hub` (which we do not inherit: its own `config.json`
+collides with the model's): the caller saves a folder, [`push_folder`] runs `create_repo(exist_ok=True)` and one
+`upload_folder` commit. Every failure is translated into an error that says what to do: `ValueError` for a bad
+repo id (raised before any request), `PermissionError` for a missing or rejected token, [`HubPushError`] (an
+`OSError`) when the Hub or the network fails. The local folder is only ever read.
+
+Everything goes through the real `huggingface_hub` client, so `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE` and
+`HF_HUB_CACHE` behave as they do for Transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, HfApi, constants, get_token, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub itself uses
+from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+REPO_TYPES = ("model", "dataset", "space")
+REPO_ID_RULES = (
+    "expected 'namespace/name' (or 'name' for your own namespace), each part made of letters, digits, '-', '_' "
+    "and '.', at most 96 characters, not starting or ending with '-' or '.', without '--' or '..', and not "
+    "ending with '.git'"
+)
+LOGIN_HINT = "Log in with `hf auth login`, set the `HF_TOKEN` environment variable, or pass `token=` explicitly."
+
+
+class HubPushError(OSError):
+    """A push to the Hub failed on the Hub's or the network's side; the local folder is left as it was."""
+
+
+def validate_repo_id(repo_id: str) -> None:
+    """Check that `repo_id` is a well-formed Hub repository id, without any network call.
+
+    Uses `huggingface_hub`'s own validator, so the rules are exactly the client's.
+
+    Args:
+        repo_id (`str`):
+            The id to check, such as `"my-org/my-dem-model"`.
+
+    Raises:
+        `ValueError`: naming the bad id and the expected form.
+
+    Example:
+
+    ```python
+    >>> validate_repo_id("my-org/my-dem-model")
+    >>> validate_repo_id("my org/model")
+    Traceback (most recent call last):
+    ValueError: Invalid Hub repo id 'my org/model': expected 'namespace/name' ...
+    ```
+    """
+    if not isinstance(repo_id, str):
+        raise ValueError(f"Invalid Hub repo id {repo_id!r} (a {type(repo_id).__name__}): {REPO_ID_RULES}.")
+    try:
+        _hf_validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"Invalid Hub repo id {repo_id!r}: {REPO_ID_RULES}. ({error})") from error
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    repo_type: str = "model",
+    delete_patterns: str | Sequence[str] | None = None,
+) -> CommitInfo:
+    """Upload every file of `folder` to the Hub repo `repo_id` in one commit, creating the repo if needed.
+
+    The repo is created with `create_repo(exist_ok=True)`, then the folder goes up in one `upload_folder` commit;
+    files identical to the remote ones are skipped by the client, and when nothing changed no commit is made (the
+    latest commit is returned). `huggingface_hub` splits folders of several hundred files (or more than 100 MB of
+    small files) into several commits: far above what a DEM folder holds.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A saved folder, e.g. the output of `DEMMerger.save_pretrained`. It is only read.
+        repo_id (`str`):
+            `"namespace/name"`, or `"name"` for the user's own namespace.
+        token (`str` or `bool`, *optional*):
+            A Hub token with write access. Defaults to the `HF_TOKEN` variable or the token saved by `hf auth login`.
+        private (`bool`, *optional*):
+            Visibility of a newly created repo (an existing repo keeps its own). Defaults to the Hub's default.
+        commit_message (`str`, *optional*):
+            Defaults to `"Upload folder using huggingface_hub"`.
+        revision (`str`, *optional*):
+            Branch to commit to; created from `main` if missing. Defaults to `main`.
+        create_pr (`bool`, *optional*, defaults to `False`):
+            Open a pull request against `main` with the commit instead of committing to it.
+        repo_type (`str`, *optional*, defaults to `"model"`):
+            One of `"model"`, `"dataset"`, `"space"`.
+        delete_patterns (`str` or `list[str]`, *optional*):
+            Remote files matching these patterns and absent from `folder` are deleted in the same commit (e.g.
+            `"*.safetensors"` so that shards of an earlier, differently sharded push do not linger).
+
+    Returns:
+        `huggingface_hub.CommitInfo`: the commit (`.oid`, `.commit_url`, `.pr_url`).
+
+    Raises:
+        `ValueError`: bad `repo_id`, `repo_type`, an empty `folder`, or `revision` together with `create_pr`;
+            all checked before any request.
+        `FileNotFoundError` / `NotADirectoryError`: `folder` is missing or not a directory.
+        `PermissionError`: no token, or the Hub rejected it.
+        [`HubPushError`]: the Hub or the network failed (the local folder is unchanged; push again to retry).
+
+    Example:
+
+    ```python
+    >>> merger.save_pretrained("out/dem-model")
+    >>> info = push_folder("out/dem-model", "my-org/dem-model", private=True)
+    >>> info.commit_url
+    'https://huggingface.co/my-org/dem-model/commit/...'
+    ```
+    """
+    folder = Path(folder)
+    validate_repo_id(repo_id)
+    if repo_type not in REPO_TYPES:
+        raise ValueError(f"Invalid repo_type {repo_type!r}: expected one of {', '.join(REPO_TYPES)}.")
+    if create_pr and revision not in (None, constants.DEFAULT_REVISION):
+        raise ValueError(
+            f"create_pr=True opens a pull request against 'main'; it cannot be combined with revision={revision!r}."
+        )
+    if not folder.exists():
+        raise FileNotFoundError(f"Cannot push {str(folder)!r}: no such folder.")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"Cannot push {str(folder)!r}: it is a file, expected a folder.")
+    if not any(path.is_file() for path in folder.rglob("*")):
+        raise ValueError(f"Cannot push {str(folder)!r}: the folder holds no files.")
+
+    api = HfApi(library_name="dem_hf")
+    try:
+        repo_id = api.create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True).repo_id
+        if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, token=token, repo_type=repo_type, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            token=token,
+            repo_type=repo_type,
+            revision=revision,
+            create_pr=create_pr,
+            delete_patterns=_as_list(delete_patterns),
+        )
+    except (LocalTokenNotFoundError, HfHubHTTPError, httpx.TransportError) as error:
+        raise _push_error(error, folder, repo_id, token) from error
+    logger.info(f"Pushed {folder} to {repo_id}: {commit.commit_url}")
+    return commit
+
+
+def resolve_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    allow_patterns: str | Sequence[str] | None = None,
+) -> Path:
+    """Return a local folder for a local path or a Hub repo id, downloading the repo into the cache if needed.
+
+    A local directory is used as is. Anything else must be a Hub repo id: its snapshot is fetched with
+    `huggingface_hub.snapshot_download` (honouring `HF_HUB_OFFLINE`, `HF_HUB_CACHE` and the cache it already holds)
+    and the path inside the cache is returned.
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`):
+            A local folder, or a repo id such as `"my-org/dem-model"`.
+        subfolder (`str`, *optional*):
+            A folder inside it; only that folder is downloaded and its path is returned.
+        revision (`str`, *optional*):
+            Branch, tag or commit of the repo. Defaults to `main`.
+        token (`str` or `bool`, *optional*):
+            For private or gated repos. Defaults to the saved token.
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Defaults to the Hugging Face cache (`HF_HUB_CACHE`).
+        local_files_only (`bool`, *optional*, defaults to `False`):
+            Only look in the cache.
+        allow_patterns (`str` or `list[str]`, *optional*):
+            Download only the files matching these glob patterns (relative to `subfolder` when given).
+
+    Returns:
+        `pathlib.Path`: a local folder.
+
+    Raises:
+        `FileNotFoundError`: not a local folder and not a valid repo id; the repo, revision or subfolder does not
+            exist; or the repo is not cached while downloads are disabled.
+        `PermissionError`: the repo is private or gated and the token is missing or rejected.
+        `ConnectionError`: the Hub cannot be reached and nothing is cached.
+
+    Example:
+
+    ```python
+    >>> resolve_pretrained("out/dem-model")          # a local folder, returned as is
+    PosixPath('out/dem-model')
+    >>> resolve_pretrained("my-org/dem-model")       # downloaded once, then read from the cache
+    PosixPath('/root/.cache/huggingface/hub/models--my-org--dem-model/snapshots/...')
+    ```
+    """
+    subfolder = subfolder.strip("/") if subfolder else None
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        return _subfolder_of(local, subfolder, str(local))
+    if local.exists():
+        raise NotADirectoryError(f"{str(path_or_repo_id)!r} is a file; expected a folder or a Hub repo id.")
+    repo_id = str(path_or_repo_id)
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder, and not a Hub repo id either ({REPO_ID_RULES})."
+        ) from error
+
+    try:
+        snapshot = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=_patterns_under(subfolder, allow_patterns),
+        )
+    except LocalEntryNotFoundError as error:
+        raise _not_cached_error(repo_id, revision, cache_dir, local_files_only) from error
+    except GatedRepoError as error:
+        raise PermissionError(
+            f"{repo_id!r} is gated: request access on the Hub, then use a token. {LOGIN_HINT}"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder, and the Hub at {constants.ENDPOINT} has no such repo (if it is "
+            f"private, you need a token: {LOGIN_HINT})"
+        ) from error
+    except RevisionNotFoundError as error:
+        raise FileNotFoundError(f"Revision {revision!r} does not exist in the Hub repo {repo_id!r}.") from error
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code in (401, 403):
+            raise PermissionError(
+                f"The Hub refused access to {repo_id!r}: {_first_line(error)}. {LOGIN_HINT}"
+            ) from error
+        raise
+    return _subfolder_of(Path(snapshot), subfolder, f"the Hub repo {repo_id!r}")
+
+
+def _subfolder_of(root: Path, subfolder: str | None, origin: str) -> Path:
+    if subfolder is None:
+        return root
+    target = root / subfolder
+    if not target.is_dir():
+        raise FileNotFoundError(f"{origin} has no subfolder {subfolder!r}.")
+    return target
+
+
+def _as_list(patterns: str | Sequence[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _patterns_under(subfolder: str | None, allow_patterns: str | Sequence[str] | None) -> list[str] | None:
+    """Glob patterns relative to `subfolder`, made relative to the repo root."""
+    patterns = _as_list(allow_patterns)
+    if subfolder is None:
+        return patterns
+    return [f"{subfolder}/{pattern}" for pattern in (patterns or ["*"])]
+
+
+def _not_cached_error(
+    repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None, local_files_only: bool
+) -> OSError:
+    where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+    cache = cache_dir or constants.HF_HUB_CACHE
+    if local_files_only or constants.is_offline_mode():
+        switch = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
+        return FileNotFoundError(
+            f"{where} is not a local folder and is not in the Hugging Face cache ({cache}), and downloads are "
+            f"disabled ({switch}). Download it once while online, or pass the path of a local copy."
+        )
+    return ConnectionError(
+        f"Could not reach the Hub at {constants.ENDPOINT} to download {where}, and it is not in the Hugging Face "
+        f"cache ({cache}). Check the connection (and HF_ENDPOINT), or pass the path of a local copy."
+    )
+
+
+def _push_error(error: Exception, folder: Path, repo_id: str, token: str | bool | None) -> Exception:
+    """The error to raise for a failed push: `PermissionError` for auth problems, [`HubPushError`] otherwise."""
+    status = error.response.status_code if isinstance(error, HfHubHTTPError) and error.response is not None else None
+    target = f"{repo_id!r} on {constants.ENDPOINT}"
+    if isinstance(error, LocalTokenNotFoundError) or status == 401:
+        sent_token = token if isinstance(token, str) else (get_token() if token is not False else None)
+        problem = "No Hugging Face token was found" if sent_token is None else "The Hub rejected the token"
+        return PermissionError(f"Cannot push to {target}: {problem}. {LOGIN_HINT} The local folder is unchanged.")
+    if status == 403:
+        return PermissionError(
+            f"Cannot push to {target}: the token has no write access to this repo or namespace "
+            f"({_first_line(error)}). Use a token with write access. {LOGIN_HINT}"
+        )
+    return HubPushError(
+        f"Pushing {str(folder)!r} to {target} failed: {_first_line(error)}. The local folder is intact and "
+        "nothing in it was changed; run the push again to retry (files already on the Hub are skipped)."
+    )
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of a client error: its first line, plus what the server said, if anything."""
+    text = str(error).strip()
+    gist = text.splitlines()[0] if text else type(error).__name__
+    server_message = getattr(error, "server_message", None)
+    if server_message and server_message.strip() not in gist:
+        gist = f"{gist} (the Hub said: {server_message.strip()})"
+    return gist

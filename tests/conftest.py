@@ -17,6 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 pytest_plugins = ["tests.hub_server"]
 
+# The models here are tiny: one thread beats two (thread hand-offs dominate), more so on a busy machine.
+torch.set_num_threads(1)
+
 VOCAB = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(60)]
 
 

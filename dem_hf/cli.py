@@ -1,7 +1,8 @@
 """The `dem-hf` command line: one subcommand per pipeline stage, each in `dem_hf/commands/<name>.py`.
 
 Errors a user can fix (bad paths, bad names, incompatible vectors) print one line and exit with status 2;
-`--debug` shows the full traceback instead.
+failures of the environment (network, Hub, full disk) print one line and exit with status 1; `--debug`
+shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("extract", "merge")
+COMMANDS = ("extract", "merge", "train", "push", "card", "search")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError)
+ENVIRONMENT_ERRORS = (OSError,)  # after USER_ERRORS, which holds some OSError subclasses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"dem-hf {args.command}: error: {error}", file=sys.stderr)
+        print(f"dem-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except ENVIRONMENT_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"dem-hf {args.command}: failed: {_one_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dem-hf {args.command}: interrupted; no partial output was left.", file=sys.stderr)
         return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

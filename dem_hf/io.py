@@ -18,8 +18,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
@@ -68,6 +71,8 @@ class CheckpointReader:
         self._file_of: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, torch.dtype] = {}
+        self._offset: dict[str, int] = {}  # where each tensor's bytes start in its file
+        self._handle: tuple[Path, object] | None = None  # the last file read by `read_rows`, kept open
         for file in self._files(stem):
             self._read_header(file)
 
@@ -105,6 +110,12 @@ class CheckpointReader:
                     self._dtype[name] = SAFETENSORS_DTYPES[dtype]
         except SafetensorError as error:
             raise ValueError(f"{str(file)!r} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+        with open(file, "rb") as handle:  # safe_open validated the header; it does not expose the data offsets
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                self._offset[name] = 8 + length + info["data_offsets"][0]
 
     def keys(self) -> list[str]:
         """Tensor names in checkpoint order."""
@@ -136,6 +147,103 @@ class CheckpointReader:
             row_size = max(1, _numel(shape[1:]))
             return view[: -(-count // row_size)].reshape(-1)[:count]
 
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `start:stop` (along dim 0) of a tensor, read straight from the file into `out`.
+
+        `out` is a contiguous tensor of the tensor's dtype with at least that many values, typically a
+        [`BufferPool`] buffer reused block after block (fresh pages cost far more than the copy); without it
+        a new tensor is allocated. A 0-d tensor has a single row. Returns a view of `out` shaped like the rows.
+        """
+        shape, dtype = self._shape[name], self._dtype[name]
+        rows, row_numel = (shape[0], _numel(shape[1:])) if shape else (1, 1)
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"Rows {start}:{stop} are out of range for {name!r} of shape {list(shape)}.")
+        count = (stop - start) * row_numel
+        out = torch.empty(count, dtype=dtype) if out is None else _flat_prefix(out, dtype, count)
+        if count:
+            itemsize = out.element_size()
+            target = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            handle = self._open(self._file_of[name])
+            handle.seek(self._offset[name] + start * row_numel * itemsize)
+            done = 0
+            while done < len(target):
+                got = handle.readinto(target[done:])
+                if not got:
+                    raise ValueError(f"{str(self._file_of[name])!r} ended inside tensor {name!r} (truncated?).")
+                done += got
+        return out.view((stop - start, *shape[1:]) if shape else ())
+
+    def _open(self, file: Path):
+        if self._handle is None or self._handle[0] != file:
+            self.close()
+            self._handle = (file, open(file, "rb", buffering=0))
+        return self._handle[1]
+
+    def close(self) -> None:
+        """Close the file `read_rows` keeps open (reopened on demand)."""
+        if self._handle is not None:
+            self._handle[1].close()
+            self._handle = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _flat_prefix(buffer: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
+    if buffer.dtype != dtype or not buffer.is_contiguous() or buffer.numel() < count:
+        raise ValueError(f"Expected a contiguous {dtype} buffer of at least {count} values, got {buffer.dtype} {list(buffer.shape)}.")
+    return buffer.reshape(-1)[:count]
+
+
+def read_rows(source, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `start:stop` of tensor `name` from any tensor source: a positioned read from a
+    [`CheckpointReader`], a view (or a copy into `out`) for tensors already in memory."""
+    if isinstance(source, CheckpointReader):
+        return source.read_rows(name, start, stop, out)
+    tensor = source.get(name)
+    rows = tensor if tensor.dim() == 0 else tensor[start:stop]
+    if out is None:
+        return rows
+    return _flat_prefix(out, rows.dtype, rows.numel()).view(rows.shape).copy_(rows)
+
+
+class BufferPool:
+    """Reusable flat buffers, one per (role, dtype), grown on demand.
+
+    Streaming loops take the same buffers for every block instead of allocating new tensors: peak memory
+    then follows the block size, not the largest tensor, and no time goes into faulting in fresh pages.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, role: str, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """A contiguous 1-d tensor of `count` values, valid until the next `take` of the same role and dtype."""
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(max(count, 1), dtype=dtype)
+            self._buffers[(role, dtype)] = buffer
+        return buffer[:count]
+
+
+@dataclass
+class TensorBlocks:
+    """A tensor handed over as consecutive blocks of rows, so a writer can stream it without ever holding it
+    whole. `blocks` yields tensors of `dtype` whose rows, concatenated, make a tensor of `shape`; each block
+    may reuse the memory of the previous one, so it is consumed before the next is asked for."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: Iterable[torch.Tensor]
+
+    def materialize(self) -> torch.Tensor:
+        parts = [block.reshape(-1).clone() for block in self.blocks]
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=self.dtype)
+        return flat.reshape(self.shape)
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     total = 1
@@ -162,15 +270,22 @@ def parse_size(size: int | str) -> int:
 class ShardedWriter:
     """Write tensors one at a time into size-capped safetensors shards plus an index.
 
-    Memory holds at most one shard's worth of tensors. With a single shard the file is `<stem>.safetensors`;
-    otherwise `<stem>-0000i-of-0000N.safetensors` and `<stem>.safetensors.index.json`, as Transformers
-    writes them.
+    With a single shard the file is `<stem>.safetensors`; otherwise `<stem>-0000i-of-0000N.safetensors` and
+    `<stem>.safetensors.index.json`, as Transformers writes them.
+
+    Two modes:
+    - without `layout`, memory holds at most one shard's worth of tensors (the set of tensors is not known
+      in advance, so a shard's header can only be written once it is full);
+    - with `layout` (every tensor's name, shape and dtype, in the order they will be added), the shards and
+      their headers are planned up front and each tensor goes to disk as soon as it is added, block by block
+      if it comes as [`TensorBlocks`]: memory holds no shard at all.
 
     Args:
         folder: where to write (normally the temporary folder of [`atomic_directory`]).
         stem: file stem (`"model"` or `"vector"`).
         max_shard_size: cap per shard, e.g. `"2GB"`.
         metadata: string metadata stored in every shard's header.
+        layout: `(name, shape, dtype)` of every tensor, in order, to stream instead of buffering.
     """
 
     def __init__(
@@ -179,6 +294,7 @@ class ShardedWriter:
         stem: str = "model",
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
+        layout: Iterable[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.stem = stem
@@ -188,9 +304,18 @@ class ShardedWriter:
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_size = 0
+        self._plan: list[_Planned] | None = None
+        if layout is not None:
+            self._plan_shards(list(layout))
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; a full shard is written to disk before the queue grows past the cap."""
+    def add(self, name: str, tensor: torch.Tensor | TensorBlocks) -> None:
+        """Add one tensor: streamed to its shard now (with a layout), else queued, a full shard being written
+        to disk before the queue grows past the cap."""
+        if self._plan is not None:
+            self._stream(name, tensor)
+            return
+        if isinstance(tensor, TensorBlocks):
+            tensor = tensor.materialize()
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_bytes:
             self._flush()
@@ -204,8 +329,95 @@ class ShardedWriter:
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
+    # ------------------------------------------------------------------------------------ streaming mode
+
+    def _plan_shards(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        group_bytes = 0
+        for name, shape, dtype in layout:
+            if dtype not in SAFETENSORS_NAMES:
+                raise ValueError(f"Tensor {name!r} has dtype {dtype}, which safetensors cannot store.")
+            size = _numel(tuple(shape)) * torch.empty((), dtype=dtype).element_size()
+            if groups[-1] and group_bytes + size > self.max_bytes:
+                groups.append([])
+                group_bytes = 0
+            groups[-1].append((name, tuple(shape), dtype, size))
+            group_bytes += size
+        names = [entry[0] for group in groups for entry in group]
+        if len(set(names)) != len(names):
+            raise ValueError("The layout names a tensor twice.")
+        count = len(groups)
+        self._plan = []
+        for number, group in enumerate(groups, start=1):
+            file = f"{self.stem}.safetensors" if count == 1 else f"{self.stem}-{number:05d}-of-{count:05d}.safetensors"
+            header: dict[str, object] = {"__metadata__": self.metadata}
+            offset = 0
+            for name, shape, dtype, size in group:
+                header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+                offset += size
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # safetensors pads its header to 8 bytes with spaces
+            self._plan.append(_Planned(self.folder / file, len(encoded).to_bytes(8, "little") + encoded, group))
+        self._next = 0  # index of the next tensor over all planned shards
+        self._order = [(shard, entry) for shard in self._plan for entry in shard.tensors]
+        self._file = None
+        self._file_shard: _Planned | None = None
+
+    def _stream(self, name: str, tensor: torch.Tensor | TensorBlocks) -> None:
+        if self._next >= len(self._order):
+            raise ValueError(f"Tensor {name!r} is not in the writer's layout (all planned tensors are written).")
+        shard, (expected, shape, dtype, size) = self._order[self._next]
+        if name != expected:
+            raise ValueError(f"Expected tensor {expected!r} next (the layout's order), got {name!r}.")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"Tensor {name!r} is {tensor.dtype} {list(tensor.shape)}; the layout says {dtype} {list(shape)}."
+            )
+        if self._file_shard is not shard:
+            self._close_file()
+            self._file = open(shard.path, "wb")
+            self._file_shard = shard
+            self._file.write(shard.header)
+        written = 0
+        for block in tensor.blocks if isinstance(tensor, TensorBlocks) else [tensor]:
+            if block.dtype != dtype:
+                raise ValueError(f"A block of {name!r} is {block.dtype}, expected {dtype}.")
+            flat = block.detach().cpu().contiguous().reshape(-1)
+            if flat.numel():
+                self._file.write(memoryview(flat.view(torch.uint8).numpy()).cast("B"))
+                written += flat.numel() * flat.element_size()
+        if written != size:
+            raise ValueError(f"Tensor {name!r} came as {written} bytes, expected {size}.")
+        self.total_size += size
+        self._next += 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file, self._file_shard = None, None
+
+    def _close_planned(self) -> list[Path]:
+        if self._next != len(self._order):
+            missing = [entry[0] for _, entry in self._order[self._next:]]
+            self._close_file()
+            raise ValueError(f"{len(missing)} tensors of the layout were never added: {missing[:5]}")
+        self._close_file()
+        for shard in self._plan:
+            if not shard.tensors:  # an empty layout: one file with only a header
+                shard.path.write_bytes(shard.header)
+        files = [shard.path for shard in self._plan]
+        if len(files) == 1:
+            return files
+        weight_map = {entry[0]: shard.path.name for shard in self._plan for entry in shard.tensors}
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        index_path = self.folder / f"{self.stem}.safetensors.index.json"
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return files + [index_path]
+
     def close(self) -> list[Path]:
         """Write the last shard, give shards their final names and write the index. Returns the files."""
+        if self._plan is not None:
+            return self._close_planned()
         if self._pending or not self._shards:
             self._flush()
         count = len(self._shards)
@@ -223,6 +435,13 @@ class ShardedWriter:
         index_path = self.folder / f"{self.stem}.safetensors.index.json"
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return files + [index_path]
+
+
+@dataclass
+class _Planned:
+    path: Path
+    header: bytes
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype, int]]
 
 
 WEIGHT_FILE_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack)(\.index\.json)?$")

@@ -97,7 +97,8 @@ def _load_adapter(adapter, adapter_name: str, **hub_kwargs):
             raise ValueError(f"Adapter {adapter_name!r} not found; the model has {sorted(adapter.peft_config)}.")
         config = adapter.peft_config[adapter_name].to_dict()
         state = get_peft_model_state_dict(adapter, adapter_name=adapter_name)
-        return {k: v.detach() for k, v in state.items()}, config, _peft_model_base(adapter), None
+        # Copies on the CPU: the vector must not follow weights that keep training, nor live on a GPU.
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}, config, _peft_model_base(adapter), None
     from safetensors.torch import load_file
 
     from .hub import resolve_pretrained
@@ -171,7 +172,8 @@ def vector_parts_from_peft(adapter, *, base=None, adapter_name: str = "default",
         if absent:
             raise ValueError(f"The adapter's modules_to_save {absent[:5]} do not exist in the base model.")
         for name, trained in dense.items():
-            tensors[name] = (trained.float() - base_source.get(name).float()).to(trained.dtype)
+            base_tensor = base_source.get(name).detach().to("cpu", torch.float32)
+            tensors[name] = (trained.to("cpu", torch.float32) - base_tensor).to(trained.dtype)
     if not tensors:
         raise ValueError("The adapter holds no LoRA factors and no modules_to_save: nothing to merge.")
     return LoraVectorParts(

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from huggingface_hub import CommitInfo
 from transformers.utils import logging
 
+from .card import CARD_NAME, build_model_card
 from .config import DEMConfig, check_coefficients
-from .hub import resolve_pretrained
+from .hub import check_push_target, prepare_repo, push_folder, resolve_pretrained
 from .io import (
+    BufferPool,
     CheckpointReader,
     ShardedWriter,
     atomic_directory,
@@ -30,7 +34,7 @@ from .io import (
     check_output_directory,
     is_weight_file,
 )
-from .merge_utils import effective_weights, merge_tensor, terms_for
+from .merge_utils import effective_weights, merge_tensor, merged_blocks, single_threaded, terms_for
 from .tensors import fingerprint, untied_state_dict
 from .vectors import DistributionVector
 
@@ -38,6 +42,16 @@ logger = logging.get_logger(__name__)
 
 VECTORS_FOLDER = "vectors"
 NOT_COPIED_FROM_BASE = {"README.md", DEMConfig.config_name}
+# Remote files an earlier push may have left that this push does not rewrite: weight shards of another sharding,
+# and vectors no longer in the merger (or not pushed this time). Deleted in the same commit.
+STALE_REMOTE_PATTERNS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    f"{VECTORS_FOLDER}/*",
+)
+DEFAULT_PUSH_MESSAGE = "Upload DEM model with dem_hf"
 
 VectorLike = DistributionVector | str | os.PathLike
 
@@ -95,7 +109,9 @@ class DEMMerger:
             base_model_name_or_path: the base's new location when restoring.
             hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `subfolder`.
         """
-        folder = Path(resolve_pretrained(pretrained_model_name_or_path, **hub_kwargs))
+        # From the Hub, fetch only what a restore needs (not the merged weights); a plain base is fetched whole.
+        restore_files = None if Path(pretrained_model_name_or_path).is_dir() else [DEMConfig.config_name, f"{VECTORS_FOLDER}/**"]
+        folder = Path(resolve_pretrained(pretrained_model_name_or_path, allow_patterns=restore_files, **hub_kwargs))
         if not (folder / DEMConfig.config_name).is_file():
             merger = cls(pretrained_model_name_or_path, config=config, **hub_kwargs)
         else:
@@ -112,7 +128,9 @@ class DEMMerger:
         base = base_override or config.base_model_name_or_path
         if base is None:
             raise ValueError(f"{str(folder / DEMConfig.config_name)!r} names no base model; pass base_model_name_or_path=.")
-        merger = cls(base, config=config, **{k: v for k, v in hub_kwargs.items() if k != "subfolder"})
+        # The revision and subfolder name the DEM repo, not its base; credentials and cache apply to both.
+        base_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
+        merger = cls(base, config=config, **base_kwargs)
         for name, info in config.vectors.items():
             places = [folder / VECTORS_FOLDER / name, info.get("source")]
             found = next((Path(p) for p in places if p and (Path(p) / "vector_config.json").is_file()), None)
@@ -201,12 +219,16 @@ class DEMMerger:
         overwrite: bool = False,
         max_shard_size: int | str | None = None,
         save_vectors: bool | None = None,
+        card: bool = True,
+        regenerate_card: bool = False,
+        model_card_kwargs: dict | None = None,
     ) -> Path:
-        """Stream the merge into a standard Transformers folder, plus `dem_config.json`.
+        """Stream the merge into a standard Transformers folder, plus `dem_config.json` and a model card.
 
         The folder holds the base's config, generation config and tokenizer files, the merged weights as
-        size-capped safetensors shards with an index, and `dem_config.json`. It is built under a temporary
-        name and moved into place only when complete.
+        size-capped safetensors shards with an index, `dem_config.json` and `README.md` (the model card of
+        [`dem_hf.card.build_model_card`]). It is built under a temporary name and moved into place only when
+        complete.
 
         Args:
             save_directory: output folder; must be empty or absent unless `overwrite=True`.
@@ -215,6 +237,11 @@ class DEMMerger:
             max_shard_size: cap per shard (default `config.max_shard_size`).
             save_vectors: also save the vectors under `vectors/<name>` so the folder restores on its own;
                 by default only vectors that exist nowhere on disk are saved.
+            card: write a generated model card as `README.md`.
+            regenerate_card: when overwriting a folder that already has a `README.md`, replace it with the
+                generated card; by default the existing card is kept (it may have been written by hand).
+            model_card_kwargs: passed to [`~dem_hf.card.build_model_card`] (`model_id` defaults to the
+                folder's name, e.g. `base_model="org/base"` names the Hub id of a base loaded from a folder).
         """
         terms = self._terms(coefficients)
         check_output_directory(save_directory, overwrite)
@@ -222,15 +249,69 @@ class DEMMerger:
             save_directory,
             {"base model": self.base_folder, **{f"vector {v.name!r}": v.path for v, _ in terms}},
         )
+        model_card = None
+        if card:  # built before the merge, so that a bad card argument fails early
+            model_card = self._model_card(save_directory, save_vectors, regenerate_card, model_card_kwargs)
         with atomic_directory(save_directory, overwrite=overwrite) as staging:
             self._copy_base_files(staging)
-            writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size)
-            for name in self.base.keys():
-                writer.add(name, merge_tensor(self.base.get(name), name, terms_for(name, terms)))
+            layout = [(name, self.base.shape(name), self.base.dtype(name)) for name in self.base.keys()]
+            writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout)
+            pool = BufferPool()
+            with single_threaded():  # block by block: memory holds a few small buffers, never a tensor or shard
+                for name in self.base.keys():
+                    writer.add(name, merged_blocks(self.base, name, terms_for(name, terms), pool))
             writer.close()
             self._save_vectors(staging, save_vectors)
             self.config.save_pretrained(staging)
+            if card:
+                self._write_card(staging, Path(save_directory), model_card)
         return Path(save_directory)
+
+    def search(
+        self,
+        eval_datasets: dict,
+        search_config=None,
+        *,
+        tokenizer=None,
+        model: torch.nn.Module | None = None,
+        show_progress: bool | None = None,
+        **tokenize_kwargs,
+    ):
+        """Choose the coefficients ω by validation perplexity, switching one model in place between candidates.
+
+        The best coefficients become `config.coefficients` (so `merge()` and `save_pretrained()` use them) and
+        the [`SearchResult`] is recorded in `config.search_result` (saved in `dem_config.json`).
+
+        Args:
+            eval_datasets: `{set name: validation data}`, each a `datasets.Dataset` (or list of dicts / texts)
+                in any format TRL's `SFTTrainer` accepts, or an `EvaluationSet` from `tokenize_for_evaluation`.
+                Name each set after the vector trained on its distribution (see
+                `SearchConfig.allow_extra_eval_sets`).
+            search_config: a [`SearchConfig`] (strategy, objective, bounds, ...); `SearchConfig()` if omitted.
+            tokenizer: tokenizer for raw datasets (default: the one in the base model's folder).
+            model: the base model already loaded (e.g. on a GPU); it is switched in place and its weights
+                are restored exactly at the end. Default: the base is loaded on `search_config.device`.
+            show_progress: show a progress bar (default: follows `transformers` logging settings).
+            tokenize_kwargs: passed to `tokenize_for_evaluation` (`completion_only_loss`, `text_column`, ...).
+
+        Example:
+            ```python
+            >>> from dem_hf import SearchConfig
+            >>> result = merger.search({"math": math_val, "chat": chat_val}, SearchConfig(strategy="gradient"))
+            >>> result.best_coefficients
+            {'math': 0.62, 'chat': 1.13}
+            >>> merger.save_pretrained("dem-model")  # merged with the best coefficients, search recorded
+            ```
+        """
+        from .search import run_search
+
+        result = run_search(
+            self, eval_datasets, search_config, tokenizer=tokenizer, model=model, show_progress=show_progress,
+            **tokenize_kwargs,
+        )
+        self.config.coefficients = dict(result.best_coefficients)
+        self.config.search_result = result.to_dict()
+        return result
 
     def _copy_base_files(self, staging: Path) -> None:
         for item in self.base_folder.iterdir():
@@ -241,6 +322,108 @@ class DEMMerger:
         for name, vector in self.vectors.items():
             if save_vectors or (save_vectors is None and vector.path is None):
                 vector.save_pretrained(staging / VECTORS_FOLDER / name)
+
+    def _model_card(self, save_directory, save_vectors: bool | None, regenerate: bool, card_kwargs: dict | None):
+        """The card for `save_pretrained`; `None` when the folder's existing card is to be kept."""
+        existing = Path(save_directory) / CARD_NAME
+        if existing.is_file() and not regenerate:
+            return None
+        vectors_included = any(save_vectors or (save_vectors is None and v.path is None) for v in self.vectors.values())
+        kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": vectors_included}
+        return build_model_card(self, **{**kwargs, **(card_kwargs or {})})
+
+    @staticmethod
+    def _write_card(staging: Path, target: Path, model_card) -> None:
+        if model_card is not None:
+            model_card.save(staging / CARD_NAME)
+            return
+        shutil.copy2(target / CARD_NAME, staging / CARD_NAME)
+        logger.warning(
+            f"Kept the existing {target / CARD_NAME} (it may describe an earlier merge); pass regenerate_card=True "
+            "to replace it with a generated card."
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        coefficients: dict[str, float] | None = None,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        push_vectors: bool = False,
+        regenerate_card: bool = False,
+        max_shard_size: int | str | None = None,
+        model_card_kwargs: dict | None = None,
+    ) -> CommitInfo:
+        """Merge, and push the merged model with its model card to the Hub in one commit.
+
+        Follows `huggingface_hub.ModelHubMixin.push_to_hub`: the model is saved with [`~DEMMerger.save_pretrained`]
+        into a temporary folder (streamed, bounded memory), the repo is created with `create_repo(exist_ok=True)`
+        (checked before the merge, so a missing token fails fast) and the folder goes up in one commit. Weight
+        shards and vectors left by an earlier push that this one does not rewrite are deleted in the same commit,
+        so the repo always matches its `dem_config.json`. Nothing local is written outside the temporary folder.
+
+        The model card is generated for `repo_id` ([`~dem_hf.card.build_model_card`]). A `README.md` the repo
+        already has is kept unless `regenerate_card=True` (a warning says so): a card edited on the Hub is never
+        overwritten silently, but a kept card may describe an earlier merge.
+
+        Args:
+            repo_id (`str`):
+                `"namespace/name"`, or `"name"` for your own namespace.
+            coefficients (`dict[str, float]`, *optional*):
+                `{vector name: ω}` (default: the recorded ones, e.g. found by [`~DEMMerger.search`]).
+            private (`bool`, *optional*):
+                Visibility of a newly created repo (an existing repo keeps its own).
+            token (`str` or `bool`, *optional*):
+                Hub token with write access (default: `HF_TOKEN` or the saved login).
+            commit_message (`str`, *optional*):
+                Defaults to `"Upload DEM model with dem_hf"`.
+            revision (`str`, *optional*):
+                Branch to push to (created from `main` if missing).
+            create_pr (`bool`, *optional*, defaults to `False`):
+                Open a pull request instead of committing to `main`.
+            push_vectors (`bool`, *optional*, defaults to `False`):
+                Also push the distribution vectors (`vectors/<name>`), so that others can restore the merger with
+                `DEMMerger.from_pretrained(repo_id)` and merge again with other coefficients.
+            regenerate_card (`bool`, *optional*, defaults to `False`):
+                Replace a `README.md` the repo already has with the generated card.
+            max_shard_size (`int` or `str`, *optional*):
+                Cap per weight shard (default `config.max_shard_size`).
+            model_card_kwargs (`dict`, *optional*):
+                Passed to [`~dem_hf.card.build_model_card`], e.g. `{"base_model": "org/base", "license": "mit"}`.
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (a `str` subclass holding its URL; `.oid`, `.pr_url`).
+
+        Raises:
+            `ValueError`: bad `repo_id`, coefficients, or `revision` with `create_pr`, before any request.
+            `PermissionError`: no token, or the Hub rejected it (before the merge).
+            [`~dem_hf.hub.HubPushError`]: the Hub or the network failed; push again to retry.
+
+        Example:
+            ```python
+            >>> merger.search({"math": math_val, "chat": chat_val})
+            >>> merger.push_to_hub("my-org/dem-smollm", private=True, push_vectors=True)
+            CommitInfo(commit_url='https://huggingface.co/my-org/dem-smollm/commit/...', ...)
+            ```
+        """
+        check_push_target(repo_id, revision=revision, create_pr=create_pr)
+        self.resolve_coefficients(coefficients)
+        full_id = prepare_repo(repo_id, token=token, private=private, revision=revision, create_pr=create_pr)
+        card_kwargs = {"model_id": full_id, "vectors_included": push_vectors, **(model_card_kwargs or {})}
+        with tempfile.TemporaryDirectory(prefix="dem_hf-push-") as tmp:
+            folder = self.save_pretrained(
+                Path(tmp) / full_id.rsplit("/", 1)[-1], coefficients, max_shard_size=max_shard_size,
+                save_vectors=push_vectors, model_card_kwargs=card_kwargs,
+            )
+            return push_folder(
+                folder, full_id, token=token, private=private, commit_message=commit_message or DEFAULT_PUSH_MESSAGE,
+                revision=revision, create_pr=create_pr, delete_patterns=STALE_REMOTE_PATTERNS,
+                keep_existing=None if regenerate_card else CARD_NAME,
+            )
 
     def __repr__(self) -> str:
         return (

@@ -123,7 +123,7 @@ def fingerprint(source: TensorSource) -> dict[str, str | int]:
     step = max(1, len(float_names) // FINGERPRINT_SAMPLED_TENSORS)
     sampled = float_names[::step][:FINGERPRINT_SAMPLED_TENSORS]
     values = [
-        source.head(name, FINGERPRINT_SAMPLED_VALUES).to(torch.float32).contiguous().numpy().tobytes()
+        source.head(name, FINGERPRINT_SAMPLED_VALUES).to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
         for name in sampled
     ]
     return {
@@ -135,7 +135,11 @@ def fingerprint(source: TensorSource) -> dict[str, str | int]:
 
 
 def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
-    """Say how two fingerprints differ, in words, or return None when they match."""
+    """Say how two fingerprints differ, in words, or return None when they identify the same weights.
+
+    Values are hashed as float32, so a base stored in bf16 and the same base loaded in float32 match: the
+    delta of a vector computed against either applies to both.
+    """
     if expected == actual:
         return None
     if expected.get("structure") != actual.get("structure"):
@@ -143,6 +147,6 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
             f"tensor names or shapes differ ({expected.get('num_tensors')} tensors expected, "
             f"{actual.get('num_tensors')} found)"
         )
-    if expected.get("dtypes") != actual.get("dtypes"):
-        return "tensor dtypes differ (load the base in the dtype the vector was computed against)"
-    return "weight values differ (same architecture, different weights)"
+    if expected.get("values") != actual.get("values"):
+        return "weight values differ (same architecture, different weights)"
+    return None  # only the storage dtypes differ (e.g. a bf16 checkpoint loaded in float32): same weights

@@ -23,7 +23,15 @@ import torch
 from transformers.utils import logging
 
 from . import __version__
-from .io import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter, atomic_directory, check_output_directory
+from .io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    BufferPool,
+    CheckpointReader,
+    ShardedWriter,
+    atomic_directory,
+    check_output_directory,
+    read_rows,
+)
 from .tensors import (
     TensorDict,
     TensorSource,
@@ -104,6 +112,7 @@ class DistributionVector:
         self.dense_names = [n for n in tensors.keys() if n not in factor_names]
         self._dense = frozenset(self.dense_names)
         self._targets = self._dense | frozenset(self.lora_modules)
+        self._factors_cache: tuple | None = None  # the last LoRA factors a block-wise merge read
 
     # ----------------------------------------------------------------------------------------- inspection
 
@@ -132,27 +141,68 @@ class DistributionVector:
 
     # ----------------------------------------------------------------------------------------- arithmetic
 
-    def add_to_(self, target: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
+    def add_to_(
+        self,
+        target: torch.Tensor,
+        name: str,
+        weight: float = 1.0,
+        *,
+        rows: tuple[int, int] | None = None,
+        pool: BufferPool | None = None,
+        check_finite: bool = True,
+    ) -> torch.Tensor:
         """Add `weight` times this vector's delta for base tensor `name` to `target`, in place.
 
         LoRA deltas are formed by one `addmm_`, never stored dense. `target` should be float32 for exact
         accumulation. Raises `ValueError` on a non-finite delta.
+
+        Args:
+            rows: `(start, stop)` to add only those rows (along dim 0) of the delta, `target` holding just them.
+            pool: reusable read buffers for block-wise merges (see [`~dem_hf.io.BufferPool`]).
+            check_finite: check the delta for NaN/inf; merges that check their float32 sum instead (see
+                [`~dem_hf.merge_utils.check_merged`]) pass False.
         """
         if name in self._dense:
-            delta = self.tensors.get(name).to(device=target.device, dtype=target.dtype)
-            self._check_finite(delta, name)
-            target.add_(delta, alpha=weight)
+            if rows is None:
+                delta = self.tensors.get(name)
+            else:
+                count = target.numel()
+                buffer = pool.take("delta", self.tensors.dtype(name), count) if pool is not None else None
+                delta = read_rows(self.tensors, name, rows[0], rows[1], buffer)
+            if delta.device != target.device:
+                delta = delta.to(target.device)
+            if check_finite:
+                self._check_finite(delta, name)
+            target.add_(delta, alpha=weight)  # a lower-precision delta is promoted on the fly, without a copy
         module = self.lora_modules.get(name)
         if module is not None:
-            a = self.tensors.get(name + LORA_A).to(device=target.device, dtype=target.dtype)
-            b = self.tensors.get(name + LORA_B).to(device=target.device, dtype=target.dtype)
-            self._check_finite(a, name + LORA_A)
-            self._check_finite(b, name + LORA_B)
+            a, b = self._lora_factors(name, target.dtype, target.device, cache=rows is not None)
+            alpha = weight * module.scaling
+            start, stop = rows if rows is not None else (0, None)
             if module.transpose:
-                target.addmm_(a.T, b.T, alpha=weight * module.scaling)
+                target.addmm_(a[:, start:stop].T, b.T, alpha=alpha)
             else:
-                target.addmm_(b, a, alpha=weight * module.scaling)
+                target.addmm_(b[start:stop], a, alpha=alpha)
         return target
+
+    def _lora_factors(self, name: str, dtype: torch.dtype, device, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (name, dtype, device)
+        if cache and self._factors_cache is not None and self._factors_cache[0] == key:
+            return self._factors_cache[1], self._factors_cache[2]
+        a = self.tensors.get(name + LORA_A).to(device=device, dtype=dtype)
+        b = self.tensors.get(name + LORA_B).to(device=device, dtype=dtype)
+        self._check_finite(a, name + LORA_A)
+        self._check_finite(b, name + LORA_B)
+        self._factors_cache = (key, a, b) if cache else None
+        return a, b
+
+    def check_delta_finite(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Raise `ValueError` if this vector's delta for `name` (or those rows of it) has NaN or inf values."""
+        if name in self._dense:
+            delta = self.tensors.get(name) if rows is None else read_rows(self.tensors, name, rows[0], rows[1])
+            self._check_finite(delta, name)
+        if name in self.lora_modules:
+            self._lora_factors(name, torch.float32, torch.device("cpu"))
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense float32 delta for one base tensor (formed from factors for LoRA modules)."""
@@ -194,6 +244,8 @@ class DistributionVector:
                 )
             if not is_float(base.dtype(name)):
                 raise ValueError(f"Vector {self.name!r} changes {name!r}, a {base.dtype(name)} tensor; only float tensors can be merged.")
+            if name in self._dense and not is_float(self.tensors.dtype(name)):
+                raise ValueError(f"Vector {self.name!r} stores a {self.tensors.dtype(name)} delta for {name!r}; deltas must be float.")
 
     # ----------------------------------------------------------------------------------------- persistence
 
@@ -283,12 +335,13 @@ class DistributionVector:
 
         def deltas():
             for tensor_name in base_source.keys():
+                base_tensor = base_source.get(tensor_name).detach().to("cpu")
+                tuned = tuned_source.get(tensor_name).detach().to("cpu")
                 if not is_float(base_source.dtype(tensor_name)):
-                    if not torch.equal(base_source.get(tensor_name), tuned_source.get(tensor_name)):
+                    if not torch.equal(base_tensor, tuned):
                         raise ValueError(f"Non-float tensor {tensor_name!r} differs between base and fine-tuned model.")
                     continue
-                tuned = tuned_source.get(tensor_name)
-                delta = tuned.to(torch.float32) - base_source.get(tensor_name).to(torch.float32)
+                delta = tuned.to(torch.float32) - base_tensor.to(torch.float32)
                 if not torch.isfinite(delta).all():
                     raise ValueError(f"Fine-tuned tensor {tensor_name!r} has NaN or infinite values.")
                 if delta.any():
@@ -365,7 +418,7 @@ def check_same_architecture(base_config: dict, tuned_config: dict) -> None:
 
 
 def check_same_tensors(base: TensorSource, tuned: TensorSource) -> None:
-    """Same tensor names, shapes and dtypes on both sides, or a `ValueError` naming the first differences."""
+    """Same tensor names and shapes on both sides, and float where the other is float, or a `ValueError`."""
     base_names, tuned_names = set(base.keys()), set(tuned.keys())
     if missing := sorted(base_names - tuned_names):
         raise ValueError(f"The fine-tuned model lacks tensors of the base: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
@@ -374,8 +427,8 @@ def check_same_tensors(base: TensorSource, tuned: TensorSource) -> None:
     for name in base.keys():
         if base.shape(name) != tuned.shape(name):
             raise ValueError(f"Shape of {name!r} differs: base {list(base.shape(name))}, fine-tuned {list(tuned.shape(name))}.")
-        if base.dtype(name) != tuned.dtype(name):
+        if is_float(base.dtype(name)) != is_float(tuned.dtype(name)):
             raise ValueError(
-                f"Dtype of {name!r} differs: base {base.dtype(name)}, fine-tuned {tuned.dtype(name)}; "
-                "load or save both in the same dtype."
+                f"Dtype of {name!r} differs: base {base.dtype(name)}, fine-tuned {tuned.dtype(name)}; a float tensor "
+                "can only be compared with a float tensor (float dtypes may differ: deltas are taken in float32)."
             )

@@ -13,7 +13,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from dem_hf import DEMConfig, DEMMerger, DistributionVector
+from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig
+from dem_hf.card import build_model_card
+from dem_hf.commands.push import push_saved_folder
 from dem_hf.io import ShardedWriter
 from dem_hf.tensors import TensorDict
 
@@ -62,6 +64,15 @@ def shape_mismatch_vector(w):
     return DistributionVector("odd", TensorDict({"model.norm.weight": torch.ones(31)}))
 
 
+def push_without_token(w):
+    """Push to a loopback Hub that demands a token, with none configured."""
+    from .hub_server import HubServer, point_clients_at
+
+    with HubServer(require_token="hf_secret") as hub, pytest.MonkeyPatch.context() as patch:
+        point_clients_at(patch, hub.url, w["tmp"] / "hf_home")
+        merger(w).push_to_hub("org/dem-model")
+
+
 CASES = {
     # vectors
     "vector from another base": (
@@ -78,9 +89,9 @@ CASES = {
     "vocab-size mismatch base vs finetuned": (
         lambda w: DistributionVector.from_models(w["base"], w["bigger_vocab"], name="x"), ValueError, "vocab-size mismatch",
     ),
-    "dtype mismatch base vs finetuned": (
-        lambda w: DistributionVector.from_models(w["base_model"], perturbed(w["base_model"], 1).to(torch.float16), name="x"),
-        ValueError, "Dtype of",
+    "vector with a non-float (integer) delta": (
+        lambda w: merger(w).add_vector(DistributionVector("ints", TensorDict({"model.norm.weight": torch.ones(32, dtype=torch.int64)}))),
+        ValueError, "deltas must be float",
     ),
     "unsafe vector name": (
         lambda w: DistributionVector.from_models(w["base"], w["tuned"]["math"], name="../escape"), ValueError, "Invalid name",
@@ -120,6 +131,40 @@ CASES = {
     "base folder without safetensors": (
         lambda w: DEMMerger.from_pretrained(w["occupied"]), FileNotFoundError, "No model.safetensors",
     ),
+    # Hub and model card
+    "push to an invalid Hub repo id": (
+        lambda w: merger(w).push_to_hub("my org/model"), ValueError, "Invalid Hub repo id 'my org/model'",
+    ),
+    "push as a pull request to a branch": (
+        lambda w: merger(w).push_to_hub("org/dem-model", revision="dev", create_pr=True), ValueError, "create_pr=True",
+    ),
+    "push with a coefficient for an unknown vector": (
+        lambda w: merger(w).push_to_hub("org/dem-model", {"poetry": 1.0}), ValueError, "poetry",
+    ),
+    "push without a token where the Hub demands one": (push_without_token, PermissionError, "No Hugging Face token"),
+    "push vectors of a folder that is not a DEM model": (
+        lambda w: push_saved_folder(w["base"], "org/x", push_vectors=True),
+        ValueError, "needs a DEM folder",
+    ),
+    "load a Hub id that is neither local nor cached, offline": (
+        lambda w: DEMMerger.from_pretrained("org/never-pushed"), FileNotFoundError, "'org/never-pushed' is not a local folder",
+    ),
+    "model card of something that is not a merger": (
+        lambda w: build_model_card(w["base"]), ValueError, "DEMMerger or a DEMConfig",
+    ),
+    # coefficient search
+    "search: validation set named after no vector": (
+        lambda w: merger(w).search({"poetry": ["w1 w2 w3"]}), ValueError, "match no vector; the vectors are",
+    ),
+    "search: empty validation set": (
+        lambda w: merger(w).search({"math": []}), ValueError, "Validation set 'math': The evaluation dataset is empty",
+    ),
+    "search: max_length longer than the model allows": (
+        lambda w: merger(w).search({"math": ["w1 w2"]}, SearchConfig(max_length=4096)), ValueError,
+        "exceeds the model's max_position_embeddings=128",
+    ),
+    "search: bounds with low > high": (lambda w: SearchConfig(bounds=(2.0, 1.0)), ValueError, "low > high"),
+    "search: unknown strategy": (lambda w: SearchConfig(strategy="annealing"), ValueError, "Unknown search strategy 'annealing'"),
 }
 
 

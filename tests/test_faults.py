@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMMerger, DistributionVector
@@ -127,3 +128,36 @@ def test_nan_in_a_vector_on_disk_stops_the_merge_without_output(tmp_path, base_d
     with pytest.raises(ValueError, match="NaN or infinite values in 'model.norm.weight'"):
         merger.save_pretrained(tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_hub_failing_mid_push_leaves_the_local_model_intact_and_a_retry_succeeds(
+    hub_server, tmp_path, base_dir, vectors, monkeypatch
+):
+    """The Hub answers 500 to the commit (after the repo was created and the merge was streamed): a clear
+    `HubPushError`, the saved folder and the inputs untouched, no temporary folder left, nothing committed;
+    the next push succeeds and loads back."""
+    from dem_hf.hub import HubPushError
+
+    from .hub_server import skip_retry_waits
+
+    skip_retry_waits(monkeypatch)
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    saved = merger.save_pretrained(tmp_path / "merged", {"math": 0.5})
+    inputs = {p: tree_digest(p) for p in [saved, base_dir, *(v.path for v in vectors)]}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    hub_server.fail_commits = True
+
+    with pytest.raises(HubPushError, match="500.*local folder is intact"):
+        merger.push_to_hub("org/dem-model", push_vectors=True)
+
+    assert hub_server.failed_commit_attempts >= 1 and hub_server.commits == []
+    assert {p: tree_digest(p) for p in inputs} == inputs and list(scratch.iterdir()) == []
+    hub_server.fail_commits = False
+    merger.push_to_hub("org/dem-model", push_vectors=True)
+    assert len(hub_server.commits) == 1
+    reloaded = AutoModelForCausalLM.from_pretrained("org/dem-model")
+    local = AutoModelForCausalLM.from_pretrained(saved)
+    for (name, a), (_, b) in zip(reloaded.state_dict().items(), local.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from dem_hf import DEMConfig, DEMMerger, DistributionVector
 from dem_hf.tensors import untied_state_dict
 
-from .conftest import make_llama
+from .conftest import make_llama, perturbed
 
 INPUT_IDS = torch.tensor([[2, 5, 9, 17, 33, 8, 41, 3]])
 
@@ -161,3 +161,12 @@ def test_bf16_merge_is_within_one_rounding_of_fp32(tmp_path):
         exact = tensor.float() + 0.37 * vector.delta(name)
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name], exact.to(torch.bfloat16))
+
+
+def test_finetune_saved_in_another_float_dtype_still_gives_an_exact_vector(tmp_path, base_dir, base_model):
+    """TRL loads a bf16 checkpoint in float32 by default: deltas are taken in float32, whatever the dtypes."""
+    tuned = perturbed(base_model, seed=1).to(torch.float16)
+    vector = DistributionVector.from_models(base_dir, tuned, name="half")
+    merged = untied_state_dict(DEMMerger.from_pretrained(base_dir, vectors=[vector]).merge({"half": 1.0}))
+    for name, tensor in untied_state_dict(tuned).items():
+        torch.testing.assert_close(merged[name], tensor.float(), rtol=0, atol=1e-3)

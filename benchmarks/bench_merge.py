@@ -1,0 +1,418 @@
+"""Merge benchmark: dem_hf streaming merge vs the plain Transformers approach vs mergekit `task_arithmetic`.
+
+    python benchmarks/bench_merge.py [--size 265m|3b] [--rounds 3] [--contenders dem_hf,transformers,mergekit]
+
+What it does (idempotent: generated models, vectors and the mergekit environment are reused):
+
+1. Generates a random-weight Llama base and three "fine-tuned" copies (base + small noise) under
+   `benchmarks/.work/<size>/`, tensor by tensor from the names and shapes of a `LlamaForCausalLM` built on
+   the `meta` device, so even the 3B checkpoints never sit in memory whole. No download.
+   - `265m`: fp32 base + 3 fine-tuned models; dem_hf's vectors come from `dem-hf extract` (timed once,
+     reported as a one-off cost).
+   - `3b`: bf16 base + 3 distribution vectors written directly (the fine-tuned models would need another
+     20 GB of disk and only dem_hf runs at this size: the plain way needs 4 x 6.9 GB in RAM).
+2. Runs every contender as its own subprocess: one warm-up round (so every input is in the page cache),
+   then `--rounds` timed rounds, the order rotating each round. Wall time is measured around the child,
+   peak RSS is the child's `ru_maxrss` from `os.wait4` (whole process, including everything it imports).
+   - dem_hf:       `python -m dem_hf.cli merge --base B --vector V1=w1 ... --output O`
+   - transformers: load base and fine-tuned models with `AutoModelForCausalLM`, add the weighted deltas,
+                   `save_pretrained` (this file, `_transformers_merge` mode).
+   - mergekit:     `mergekit-yaml config.yml O --no-copy-tokenizer`, `task_arithmetic`, `dtype: float32`,
+                   from its own virtualenv `benchmarks/.work/mergekit-venv` (torch==2.13.0 pinned).
+3. Checks that the outputs agree with the exact merge on a few tensors and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "benchmarks" / ".work"
+MERGEKIT_VENV = WORK / "mergekit-venv"
+sys.path.insert(0, str(REPO))  # the working tree's dem_hf, installed or not
+TORCH_PIN = "torch==2.13.0"
+MERGEKIT_PIN = "mergekit"
+GENERATOR_VERSION = 2
+
+SIZES = {
+    # 264.8M parameters, fp32 (1.06 GB per checkpoint).
+    "265m": dict(
+        config=dict(
+            vocab_size=32000, hidden_size=1024, intermediate_size=2688, num_hidden_layers=16,
+            num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
+        ),
+        dtype="float32",
+        finetuned=True,
+    ),
+    # 3.43B parameters (the OpenLLaMA-3B shape), bf16 (6.85 GB per checkpoint).
+    "3b": dict(
+        config=dict(
+            vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
+            num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
+        ),
+        dtype="bfloat16",
+        finetuned=False,
+    ),
+}
+WEIGHTS = {"ft1": 1.0, "ft2": 0.5, "ft3": 0.25}  # exactly representable, distinct: a wrong weight shows
+BASE_STD, NOISE_STD = 0.02, 1e-3
+CONTENDERS = ("dem_hf", "transformers", "mergekit")
+# Not a merge: `dem-hf merge --help`, the cost of starting the CLI (Python, torch, dem_hf's imports), a floor
+# under the dem_hf row. Added to the table unless --contenders is given.
+STARTUP = "dem_hf_startup"
+CHECKED_TENSORS = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.3.mlp.down_proj.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def meta_specs(config_kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of the checkpoint `LlamaForCausalLM(config).save_pretrained` would write."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**config_kwargs)
+    if config.tie_word_embeddings:
+        raise ValueError("the generated models keep lm_head.weight: use tie_word_embeddings=False")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    # Not dem_hf.tensors.untied_state_dict: every meta tensor has data_ptr 0, so equal shapes look tied.
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
+
+
+def _seeded(index: int, stream: int):
+    import torch
+
+    return torch.Generator().manual_seed(1_000_003 * stream + index)
+
+
+def base_tensor(index: int, name: str, shape, dtype):
+    import torch
+
+    if len(shape) == 1:  # RMSNorm weights: ones plus a little noise
+        return (1.0 + BASE_STD * torch.randn(shape, generator=_seeded(index, 0))).to(dtype)
+    return (BASE_STD * torch.randn(shape, generator=_seeded(index, 0))).to(dtype)
+
+
+def noise_tensor(index: int, shape, stream: int):
+    import torch
+
+    return NOISE_STD * torch.randn(shape, generator=_seeded(index, stream))
+
+
+def write_checkpoint(folder: Path, config_kwargs: dict, dtype_name: str, tensors) -> None:
+    """A Transformers folder (config.json + safetensors shards) from `(name, tensor)` pairs, atomically."""
+    from transformers import LlamaConfig
+
+    from dem_hf.io import ShardedWriter, atomic_directory
+
+    with atomic_directory(folder, overwrite=True) as staging:
+        config = LlamaConfig(**config_kwargs)
+        config.dtype = dtype_name
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(staging)
+        writer = ShardedWriter(staging, "model", "2GB")
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.close()
+
+
+def run_measured(command: list[str], log_file: Path, env: dict | None = None) -> tuple[float, int, int]:
+    """Run one child process; return (wall seconds, peak RSS bytes, exit status)."""
+    with open(log_file, "w") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss * 1024, process.returncode
+
+
+def dem_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def ensure_models(size: str) -> dict:
+    """Generate (or reuse) the inputs for one size. Returns paths and the one-off extraction costs."""
+    import torch
+
+    spec = SIZES[size]
+    folder = WORK / size
+    stamp = folder / "spec.json"
+    wanted = {"generator": GENERATOR_VERSION, "weights": WEIGHTS, **spec}
+    paths = {
+        "base": folder / "base",
+        "finetuned": {n: folder / n for n in WEIGHTS} if spec["finetuned"] else {},
+        "vectors": {n: folder / "vectors" / n for n in WEIGHTS},
+        "out": folder / "out",
+    }
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        extraction = json.loads((folder / "extraction.json").read_text()) if (folder / "extraction.json").is_file() else {}
+        return {**paths, "extraction": extraction}
+    if folder.exists():
+        log(f"removing stale {folder}")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    dtype = getattr(torch, spec["dtype"])
+    specs = meta_specs(spec["config"])
+    log(f"{size}: {sum(_numel(s) for _, s in specs) / 1e6:.1f}M parameters, {len(specs)} tensors, {spec['dtype']}")
+
+    started = time.perf_counter()
+    write_checkpoint(paths["base"], spec["config"], spec["dtype"],
+                     ((n, base_tensor(i, n, s, dtype)) for i, (n, s) in enumerate(specs)))
+    log(f"base written in {time.perf_counter() - started:.0f} s")
+    extraction = {}
+    for stream, name in enumerate(WEIGHTS, start=1):
+        started = time.perf_counter()
+        if spec["finetuned"]:
+            def tuned(stream=stream):
+                for i, (n, s) in enumerate(specs):
+                    yield n, (base_tensor(i, n, s, dtype).to(torch.float32) + noise_tensor(i, s, stream)).to(dtype)
+
+            write_checkpoint(paths["finetuned"][name], spec["config"], spec["dtype"], tuned())
+            log(f"{name} written in {time.perf_counter() - started:.0f} s")
+            command = [
+                sys.executable, "-m", "dem_hf.cli", "extract", "--base", str(paths["base"]),
+                "--finetuned", str(paths["finetuned"][name]), "--name", name, "--output", str(paths["vectors"][name]),
+                "--overwrite",
+            ]
+            wall, rss, code = run_measured(command, folder / f"extract-{name}.log", env=dem_env())
+            if code != 0:
+                raise SystemExit(f"dem-hf extract failed, see {folder / f'extract-{name}.log'}")
+            extraction[name] = {"wall_s": wall, "peak_rss_bytes": rss}
+            log(f"dem-hf extract {name}: {wall:.1f} s, peak RSS {rss / 1e9:.2f} GB")
+        else:
+            write_vector_directly(paths["base"], paths["vectors"][name], name, specs, stream, dtype)
+            log(f"vector {name} written in {time.perf_counter() - started:.0f} s")
+    (folder / "extraction.json").write_text(json.dumps(extraction, indent=2) + "\n")
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    return {**paths, "extraction": extraction}
+
+
+def write_vector_directly(base: Path, target: Path, name: str, specs, stream: int, dtype) -> None:
+    """A saved full distribution vector (random deltas) for `base`, without a fine-tuned model on disk."""
+    from dem_hf.io import CheckpointReader
+    from dem_hf.tensors import TensorDict, fingerprint
+    from dem_hf.vectors import DistributionVector, write_vector_folder
+
+    config = DistributionVector(
+        name, TensorDict({}), base_fingerprint=fingerprint(CheckpointReader(base)), base_model_name_or_path=str(base)
+    ).config_dict()
+    items = ((n, noise_tensor(i, s, stream).to(dtype)) for i, (n, s) in enumerate(specs))
+    write_vector_folder(target, items, config, overwrite=True)
+
+
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+# --------------------------------------------------------------------------------------------- contenders
+
+
+def ensure_mergekit() -> Path:
+    """The mergekit virtualenv (torch pinned first, from the local wheel), created once."""
+    exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+    if exe.is_file():
+        return exe
+    log(f"creating {MERGEKIT_VENV} ({TORCH_PIN}, then {MERGEKIT_PIN})")
+    subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
+    pip = [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [TORCH_PIN], check=True)
+    subprocess.run(pip + [MERGEKIT_PIN], check=True)
+    return exe
+
+
+def mergekit_config(paths: dict, dtype: str) -> Path:
+    lines = [
+        "merge_method: task_arithmetic",
+        f"base_model: {paths['base']}",
+        "models:",
+    ]
+    for name, weight in WEIGHTS.items():
+        lines += [f"  - model: {paths['finetuned'][name]}", "    parameters:", f"      weight: {weight}"]
+    lines += [f"dtype: {dtype}", ""]
+    path = WORK / "mergekit-task-arithmetic.yml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def commands(paths: dict, contenders: list[str], dtype: str) -> dict[str, tuple[list[str], dict | None]]:
+    out = paths["out"]
+    result = {}
+    if "dem_hf" in contenders:
+        command = [sys.executable, "-m", "dem_hf.cli", "merge", "--base", str(paths["base"])]
+        for name, weight in WEIGHTS.items():
+            command += ["--vector", f"{paths['vectors'][name]}={weight}"]
+        result["dem_hf"] = (command + ["--output", str(out / "dem_hf")], dem_env())
+    if STARTUP in contenders:
+        result[STARTUP] = ([sys.executable, "-m", "dem_hf.cli", "merge", "--help"], dem_env())
+    if "transformers" in contenders:
+        command = [sys.executable, str(Path(__file__).resolve()), "_transformers_merge", str(paths["base"]), str(out / "transformers")]
+        command += [f"{paths['finetuned'][name]}={weight}" for name, weight in WEIGHTS.items()]
+        result["transformers"] = (command, None)
+    if "mergekit" in contenders:
+        exe = ensure_mergekit()
+        command = [str(exe), str(mergekit_config(paths, dtype)), str(out / "mergekit"), "--no-copy-tokenizer"]
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        result["mergekit"] = (command, env)
+    return result
+
+
+def transformers_merge(argv: list[str]) -> int:
+    """The plain way: load base and every fine-tuned model, add the weighted deltas, save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_path, output, *models = argv
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    tuned = []
+    for item in models:
+        path, weight = item.rsplit("=", 1)
+        tuned.append((AutoModelForCausalLM.from_pretrained(path, dtype="auto").state_dict(), float(weight)))
+    with torch.no_grad():
+        for name, parameter in base.state_dict().items():
+            if not parameter.dtype.is_floating_point:
+                continue
+            delta = sum(weight * (state[name].to(torch.float32) - parameter.to(torch.float32)) for state, weight in tuned)
+            parameter.copy_((parameter.to(torch.float32) + delta).to(parameter.dtype))
+    base.save_pretrained(output)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- checking
+
+
+def read_output(folder: Path, name: str):
+    from dem_hf.io import CheckpointReader
+
+    return CheckpointReader(folder).get(name)
+
+
+def check_outputs(paths: dict, contenders: list[str], finetuned: bool) -> dict[str, float]:
+    """Max abs difference of each output from the exact merge (float64) over a few tensors."""
+    import torch
+
+    from dem_hf.io import CheckpointReader
+
+    base = CheckpointReader(paths["base"])
+    sources = (
+        {n: (CheckpointReader(p), True) for n, p in paths["finetuned"].items()}
+        if finetuned
+        else {n: (CheckpointReader(p, stem="vector"), False) for n, p in paths["vectors"].items()}
+    )
+    worst = {c: 0.0 for c in contenders}
+    for tensor in CHECKED_TENSORS:
+        theta = base.get(tensor).to(torch.float64)
+        exact = theta.clone()
+        for name, (reader, is_model) in sources.items():
+            other = reader.get(tensor).to(torch.float64)
+            exact += WEIGHTS[name] * ((other - theta) if is_model else other)
+        for contender in contenders:
+            merged = read_output(paths["out"] / contender, tensor)
+            if merged.dtype != base.dtype(tensor):
+                raise AssertionError(f"{contender} wrote {tensor} as {merged.dtype}, base is {base.dtype(tensor)}")
+            worst[contender] = max(worst[contender], (merged.to(torch.float64) - exact).abs().max().item())
+    return worst
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    memory = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return f"{os.cpu_count()} cores ({model}), {memory / 2**20:.0f} GiB RAM, no GPU"
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_transformers_merge":
+        return transformers_merge(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="265m")
+    parser.add_argument("--rounds", type=int, default=3, help="Timed rounds after one warm-up round.")
+    parser.add_argument("--contenders", default=None, help="Comma-separated subset of dem_hf,transformers,mergekit.")
+    parser.add_argument("--keep-outputs", action="store_true", help="Leave the merged models under .work/<size>/out.")
+    args = parser.parse_args()
+    contenders = args.contenders.split(",") if args.contenders else (
+        list(CONTENDERS) if SIZES[args.size]["finetuned"] else ["dem_hf"]
+    )
+    if not args.contenders:
+        contenders.append(STARTUP)
+    unknown = set(contenders) - set(CONTENDERS) - {STARTUP}
+    if unknown:
+        parser.error(f"unknown contenders {sorted(unknown)}")
+    if not SIZES[args.size]["finetuned"] and set(contenders) - {"dem_hf", STARTUP}:
+        parser.error(f"--size {args.size} generates no fine-tuned models (vectors only): only dem_hf runs")
+
+    log(machine())
+    paths = ensure_models(args.size)
+    runs = commands(paths, contenders, SIZES[args.size]["dtype"])
+    results: dict[str, list[tuple[float, int]]] = {c: [] for c in contenders}
+    for round_number in range(args.rounds + 1):
+        order = contenders[round_number % len(contenders):] + contenders[: round_number % len(contenders)]
+        for contender in order:
+            command, env = runs[contender]
+            target = paths["out"] / contender
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            wall, rss, code = run_measured(command, WORK / args.size / f"{contender}.log", env=env)
+            if code != 0:
+                print((WORK / args.size / f"{contender}.log").read_text()[-4000:])
+                raise SystemExit(f"{contender} failed with status {code}: {' '.join(command)}")
+            label = "warm-up" if round_number == 0 else f"round {round_number}"
+            log(f"{label:8s} {contender:12s} {wall:7.2f} s  peak RSS {rss / 1e9:6.2f} GB")
+            if round_number > 0:
+                results[contender].append((wall, rss))
+
+    errors = check_outputs(paths, [c for c in contenders if c != STARTUP], SIZES[args.size]["finetuned"])
+    errors[STARTUP] = None
+    print()
+    print(f"size {args.size}: {SIZES[args.size]['dtype']} Llama, base + {len(WEIGHTS)} full vectors, weights "
+          f"{list(WEIGHTS.values())}; {args.rounds} timed rounds after 1 warm-up, order rotated each round")
+    print()
+    reference = results.get("mergekit")
+    print("| contender | wall median (s) | wall min-max (s) | peak RSS max (GB) | vs mergekit: speed-up | vs mergekit: RSS | max abs error |")
+    print("|---|---|---|---|---|---|---|")
+    for contender in contenders:
+        walls = [w for w, _ in results[contender]]
+        rss = max(r for _, r in results[contender])
+        speed = memory = "-"
+        if reference and contender != STARTUP:
+            speed = f"{statistics.median(w for w, _ in reference) / statistics.median(walls):.1f}x"
+            memory = f"{rss / max(r for _, r in reference):.2f}x"
+        print(f"| {contender} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} | {rss / 1e9:.2f} | "
+              f"{speed} | {memory} | {'-' if errors[contender] is None else f'{errors[contender]:.2e}'} |")
+    if paths["extraction"]:
+        print()
+        print("one-off `dem-hf extract` per vector: " + ", ".join(
+            f"{n} {v['wall_s']:.1f} s / {v['peak_rss_bytes'] / 1e9:.2f} GB" for n, v in paths["extraction"].items()))
+    if not args.keep_outputs:
+        shutil.rmtree(paths["out"], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Model cards: golden example cards, valid Hub metadata, offline and deterministic rendering, README handling."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from dem_hf import DEMConfig, DEMMerger, DistributionVector
+from dem_hf.card import (
+    CARD_TAGS,
+    build_model_card,
+    card_for_folder,
+    framework_versions,
+    hub_id_of,
+    is_hub_dataset_id,
+    write_model_card,
+)
+from dem_hf.cli import main
+from dem_hf.hub import validate_repo_id
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "model_cards"
+SEARCH = {
+    "best_coefficients": {"math": 0.5, "chat": 1.0},
+    "best_objective": 7.1,
+    "objective": "mean perplexity over ['math', 'chat']",
+    "strategy": "grid",
+    "candidates": [
+        {"coefficients": {"math": 1.0, "chat": 1.0}, "objective": 7.4, "perplexities": {"math": 5.9, "chat": 8.9}},
+        {"coefficients": {"math": 0.5, "chat": 1.0}, "objective": 7.1, "perplexities": {"math": 5.6, "chat": 8.6}},
+    ],
+    "wall_time_s": 12.5,
+    "compute": 2.0,
+    "base_perplexities": {"math": 7.6, "chat": 9.2},
+    "eval_sets": {"math": {"num_sequences": 4, "num_tokens": 100}, "chat": {"num_sequences": 4, "num_tokens": 90}},
+}
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("model_cards_generate", EXAMPLES / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def normalise_versions(text: str) -> str:
+    """Blank the version numbers of the "Framework versions" section, which change with the environment."""
+    head, sep, versions = text.partition("## Framework versions")
+    return head + sep + re.sub(r"(?m)^- ([^:\n]+): .*$", r"- \1: <version>", versions)
+
+
+def check_model_card_metadata(card: ModelCard) -> dict:
+    """What the Hub requires of model-card metadata, checked offline; returns the metadata as a dict."""
+    data = card.data.to_dict()
+    for base in [data["base_model"]] if isinstance(data.get("base_model"), str) else data.get("base_model") or []:
+        validate_repo_id(base)
+    for dataset in data.get("datasets") or []:
+        validate_repo_id(dataset)
+        assert "/" in dataset
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert all(tag in data["tags"] for tag in CARD_TAGS)
+    if "license" in data:
+        assert re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", data["license"])
+    if "model-index" in data:
+        name, results = model_index_to_eval_results(data["model-index"])  # raises on a malformed model-index
+        assert name and results
+        for result in results:
+            assert result.metric_type == "perplexity" and isinstance(result.metric_value, float)
+            assert result.task_type == "text-generation" and result.dataset_split == "validation"
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ golden files
+
+
+@pytest.fixture(scope="module")
+def rendered_examples() -> dict[str, str]:
+    return load_generator().render_examples()
+
+
+def test_example_cards_are_current(rendered_examples):
+    assert sorted(rendered_examples) == ["full_vectors.md", "lora_vectors.md"]
+    for name, text in rendered_examples.items():
+        stored = (EXAMPLES / name).read_text(encoding="utf-8")
+        assert normalise_versions(text) == normalise_versions(stored), (
+            f"model_cards/{name} is out of date: run `python model_cards/generate.py` to update it"
+        )
+
+
+@pytest.mark.parametrize("name", ["full_vectors.md", "lora_vectors.md"])
+def test_example_card_metadata_is_valid(name, rendered_examples):
+    card = ModelCard(rendered_examples[name])
+    data = check_model_card_metadata(card)
+
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert data["license"] == "apache-2.0"  # read from the base folder's README.md
+    assert data["datasets"] == ["openai/gsm8k", "anon8231489123/ShareGPT_Vicuna_unfiltered"]  # no local file
+    assert [r.dataset_name for r in card.data.eval_results] == ["math", "chat", "bible"]
+    assert "data/kjv.jsonl" in card.text and "/tmp" not in card.text
+    assert ModelCard(str(card)).data.to_dict() == data  # round trip
+    assert "AutoModelForCausalLM.from_pretrained(\"your-org/" in card.text
+
+
+def test_example_cards_cover_both_vector_types_and_weightings(rendered_examples):
+    full, lora = rendered_examples["full_vectors.md"], rendered_examples["lora_vectors.md"]
+    assert "| full |" in full and "21 tensors" in full and "θ_DEM = θ + Σ_i ω_i · Δ_i" in full
+    assert "| 7.63 | 5.62 | -26.3% |" in full and "… and 17 more candidates" in full
+    assert "LoRA r=8 on 14 modules" in lora and "LoRA r=4" in lora and "(ω_i / Σ_j ω_j)" in lora
+    assert "base model's perplexities were not computed" in lora
+
+
+def test_version_normalisation_only_touches_versions():
+    card = build_model_card(DEMConfig(base_model_name_or_path="org/base"), versions={"dem_hf": "9.9", "PyTorch": "1"})
+    assert "- dem_hf: 9.9\n- PyTorch: 1\n" in str(card)
+    assert normalise_versions(str(card)).endswith("- dem_hf: <version>\n- PyTorch: <version>\n")
+    assert list(framework_versions())[:2] == ["dem_hf", "Transformers"]
+
+
+# ------------------------------------------------------------------------------------------------ card content
+
+
+@pytest.fixture
+def merger(tmp_path, base_dir, finetuned_dirs) -> DEMMerger:
+    merger = DEMMerger.from_pretrained(base_dir)
+    for name in ["math", "chat"]:
+        merger.add_vector(
+            DistributionVector.from_models(
+                base_dir, finetuned_dirs[name], name=name, save_directory=tmp_path / "vec" / name,
+                metadata={"dataset": "openai/gsm8k" if name == "math" else str(tmp_path / "data" / "chat.jsonl")},
+            )
+        )
+    merger.config.coefficients = {"math": 0.5, "chat": 1.0}
+    merger.config.search_result = SEARCH
+    return merger
+
+
+def test_card_from_a_merger_never_touches_the_network(merger, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the card tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    card = build_model_card(merger, model_id="org/dem")
+
+    data = check_model_card_metadata(card)
+    assert "base_model" not in data  # the base is a local folder: named in the body only
+    assert data["datasets"] == ["openai/gsm8k"]  # the chat data is a local file
+    assert "license" not in data
+    assert "a local model (`base`)" in card.text and "`chat.jsonl`" in card.text
+    assert str(tmp_path) not in str(card)
+    assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == {"math": 5.6, "chat": 8.6}
+    assert card.data.eval_results[0].dataset_type == "openai/gsm8k"
+    assert "| `math` | 100 | 7.6 | 5.6 | -26.3% |" in card.text
+    assert "| Strategy | grid |" in card.text and "| Candidates evaluated | 2 |" in card.text
+    assert "| Best objective | 7.1 |" in card.text and "12.5 s" in card.text
+
+
+def test_card_is_deterministic(merger):
+    first = str(build_model_card(merger, model_id="org/dem"))
+    assert str(build_model_card(merger, model_id="org/dem")) == first
+    from_config = build_model_card(merger.config, model_id="org/dem")  # without the loaded vectors: no sizes
+    assert from_config.data.to_dict() == build_model_card(merger, model_id="org/dem").data.to_dict()
+    gsm8k = "[openai/gsm8k](https://huggingface.co/datasets/openai/gsm8k)"
+    assert f"| `math` | full | {gsm8k} | 0.5 | 0.5 | - |" in from_config.text
+
+
+def test_card_without_a_search_result(base_dir, tmp_path, finetuned_dirs):
+    merger = DEMMerger.from_pretrained(base_dir)
+    merger.add_vector(DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math"), coefficient=0.7)
+    card = build_model_card(merger)
+
+    data = check_model_card_metadata(card)
+    assert "model-index" not in data and "datasets" not in data
+    assert "No coefficient search was recorded" in card.text
+    assert "| `math` | full | `math` | 0.7 | 0.7 |" in card.text
+    assert 'from_pretrained("path/to/dem-model")' in card.text
+
+
+@pytest.mark.parametrize(
+    "search_result",
+    [
+        {},
+        {"strategy": "grid"},
+        {"candidates": [{"coefficients": {"math": 1.0}}, {"coefficients": {"math": 2.0}, "objective": float("nan")}]},
+        {"candidates": "garbage", "best_coefficients": [1, 2], "base_perplexities": {"math": "high"}},
+        {"best_coefficients": {"math": 1.0}, "best_objective": 3.0, "wall_time_s": 7200.0},
+    ],
+)
+def test_card_renders_partial_or_odd_search_results(search_result):
+    config = DEMConfig(
+        base_model_name_or_path="org/base", vectors={"math": {"vector_type": "full"}}, search_result=search_result
+    )
+    card = build_model_card(config, versions={})
+    check_model_card_metadata(ModelCard(str(card)))
+    assert "## Coefficient search" in card.text
+
+
+def test_hub_base_and_license_from_the_hugging_face_cache_layout(tmp_path):
+    snapshot = tmp_path / "hub" / "models--org--base-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: other\nlicense_name: tiny\nlicense_link: LICENSE\n---\n")
+    config = DEMConfig(base_model_name_or_path=str(snapshot), vectors={"x": {"vector_type": "lora", "metadata": {}}})
+
+    data = build_model_card(config, versions={}).data.to_dict()
+
+    assert data["base_model"] == "org/base-model"
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "tiny", "LICENSE")
+    assert build_model_card(config, license="mit", base_model="org/other").data.to_dict()["license"] == "mit"
+
+
+def test_broken_base_card_is_ignored(base_dir):
+    (base_dir / "README.md").write_text("---\n- not: [a mapping\n---\n")
+    merger = DEMMerger.from_pretrained(base_dir)
+    assert "license" not in build_model_card(merger).data.to_dict()
+
+
+def test_bad_card_source_or_ids():
+    with pytest.raises(ValueError, match="DEMMerger or a DEMConfig"):
+        build_model_card({"base_model_name_or_path": "org/base"})
+    with pytest.raises(ValueError, match="Invalid Hub repo id"):
+        build_model_card(DEMConfig(), base_model="not a repo")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("openai/gsm8k", True), ("gsm8k", False), ("data/math.jsonl", False), ("a b/c", False), (None, False)],
+)
+def test_only_namespaced_hub_ids_are_dataset_ids(name, expected):
+    assert is_hub_dataset_id(name) is expected
+
+
+def test_hub_id_of(tmp_path):
+    assert hub_id_of("org/name") == "org/name"
+    assert hub_id_of(str(tmp_path)) is None and hub_id_of("./relative") is None and hub_id_of(None) is None
+    assert hub_id_of("/c/hub/models--a--b/snapshots/123abc") == "a/b"
+
+
+def test_average_weighting_shows_effective_weights():
+    config = DEMConfig(
+        weighting="average", coefficients={"a": 1.0, "b": 3.0},
+        vectors={"a": {"vector_type": "full"}, "b": {"vector_type": "full"}},
+    )
+    text = build_model_card(config, versions={}).text
+    assert "| `a` | full | `a` | 1 | 0.25 |" in text and "| `b` | full | `b` | 3 | 0.75 |" in text
+    config.coefficients = {"a": 1.0, "b": -1.0}
+    assert "| `a` | full | `a` | 1 | - |" in build_model_card(config, versions={}).text
+
+
+# ------------------------------------------------------------------------------------------------ README.md handling
+
+
+def test_save_pretrained_writes_the_card_and_keeps_an_existing_one(merger, tmp_path):
+    out = merger.save_pretrained(tmp_path / "dem-model")
+    card = ModelCard.load(out / "README.md")
+    assert 'from_pretrained("dem-model")' in card.text and card.data.tags == list(CARD_TAGS)
+    assert "vectors/" not in card.text  # vectors stay at their sources
+
+    (out / "README.md").write_text("# my own card\n")
+    merger.save_pretrained(out, {"math": 2.0, "chat": 1.0}, overwrite=True)
+    assert (out / "README.md").read_text() == "# my own card\n"  # kept
+
+    merger.save_pretrained(out, overwrite=True, regenerate_card=True, model_card_kwargs={"model_id": "org/x"})
+    assert 'from_pretrained("org/x")' in (out / "README.md").read_text()
+
+    merger.save_pretrained(tmp_path / "no-card", card=False)
+    assert not (tmp_path / "no-card" / "README.md").exists()
+
+
+def test_save_with_vectors_mentions_re_merging(merger, tmp_path):
+    out = merger.save_pretrained(tmp_path / "with-vectors", save_vectors=True)
+    text = (out / "README.md").read_text()
+    assert 'DEMMerger.from_pretrained("with-vectors")' in text and "under `vectors/`" in text
+    rebuilt = build_model_card(merger, model_id="with-vectors", vectors_included=True, versions={})
+    assert str(card_for_folder(out, versions={})) == str(rebuilt)  # the folder alone gives the same card
+
+
+def test_card_command_rewrites_only_when_asked(merger, tmp_path, capsys):
+    out = merger.save_pretrained(tmp_path / "m", card=False)
+
+    assert main(["card", str(out), "--model-id", "org/m", "--base-model", "org/base", "--license", "mit"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/base" and card.data.license == "mit" and "org/m" in card.text
+
+    (out / "README.md").write_text("# hand written\n")
+    assert main(["card", str(out)]) == 0
+    assert (out / "README.md").read_text() == "# hand written\n" and "Kept" in capsys.readouterr().out
+    assert write_model_card(out, regenerate=True) == out / "README.md"
+    assert 'from_pretrained("m")' in (out / "README.md").read_text()
+
+    assert main(["card", str(tmp_path / "nowhere")]) == 2
+    assert "dem_config.json" in capsys.readouterr().err

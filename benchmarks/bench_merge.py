@@ -68,6 +68,7 @@ CONTENDERS = ("dem_hf", "transformers", "mergekit")
 # Not a merge: `dem-hf merge --help`, the cost of starting the CLI (Python, torch, dem_hf's imports), a floor
 # under the dem_hf row. Added to the table unless --contenders is given.
 STARTUP = "dem_hf_startup"
+ALT = "[alt]"  # suffix of the rows timed from --compare-src
 CHECKED_TENSORS = (
     "model.embed_tokens.weight",
     "model.layers.0.self_attn.q_proj.weight",
@@ -136,19 +137,35 @@ def write_checkpoint(folder: Path, config_kwargs: dict, dtype_name: str, tensors
 
 
 def run_measured(command: list[str], log_file: Path, env: dict | None = None) -> tuple[float, int, int]:
-    """Run one child process; return (wall seconds, peak RSS bytes, exit status)."""
+    """Run one child process; return (wall seconds, peak RSS bytes, exit status).
+
+    The child is started by a small launcher process (`_measure` mode of this file), not by this process:
+    Linux folds the peak RSS of the address space a child is forked from into the child's `ru_maxrss`, so a
+    child started from this process (which holds whole tensors while generating models) would report this
+    process's peak instead of its own.
+    """
+    launcher = [sys.executable, str(Path(__file__).resolve()), "_measure", str(log_file), "--", *command]
+    result = subprocess.run(launcher, capture_output=True, text=True, cwd=REPO, env=env, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    return measured["wall_s"], measured["peak_rss_bytes"], measured["status"]
+
+
+def measure(argv: list[str]) -> int:
+    """Launcher: run `argv` (after `LOG --`), print wall time, peak RSS (`ru_maxrss` from `wait4`) and status."""
+    log_file, separator, *command = argv
+    assert separator == "--", argv
     with open(log_file, "w") as out:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss * 1024, process.returncode
+    print(json.dumps({"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "status": os.waitstatus_to_exitcode(status)}))
+    return 0
 
 
-def dem_env() -> dict:
+def dem_env(source: Path = REPO) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -259,16 +276,17 @@ def mergekit_config(paths: dict, dtype: str) -> Path:
     return path
 
 
-def commands(paths: dict, contenders: list[str], dtype: str) -> dict[str, tuple[list[str], dict | None]]:
+def commands(paths: dict, contenders: list[str], dtype: str, compare: Path | None) -> dict[str, tuple[list[str], dict | None]]:
     out = paths["out"]
     result = {}
-    if "dem_hf" in contenders:
-        command = [sys.executable, "-m", "dem_hf.cli", "merge", "--base", str(paths["base"])]
-        for name, weight in WEIGHTS.items():
-            command += ["--vector", f"{paths['vectors'][name]}={weight}"]
-        result["dem_hf"] = (command + ["--output", str(out / "dem_hf")], dem_env())
-    if STARTUP in contenders:
-        result[STARTUP] = ([sys.executable, "-m", "dem_hf.cli", "merge", "--help"], dem_env())
+    for suffix, source in [("", REPO)] + ([(ALT, compare)] if compare else []):
+        if "dem_hf" + suffix in contenders:
+            command = [sys.executable, "-m", "dem_hf.cli", "merge", "--base", str(paths["base"])]
+            for name, weight in WEIGHTS.items():
+                command += ["--vector", f"{paths['vectors'][name]}={weight}"]
+            result["dem_hf" + suffix] = (command + ["--output", str(out / ("dem_hf" + suffix))], dem_env(source))
+        if STARTUP + suffix in contenders:
+            result[STARTUP + suffix] = ([sys.executable, "-m", "dem_hf.cli", "merge", "--help"], dem_env(source))
     if "transformers" in contenders:
         command = [sys.executable, str(Path(__file__).resolve()), "_transformers_merge", str(paths["base"]), str(out / "transformers")]
         command += [f"{paths['finetuned'][name]}={weight}" for name, weight in WEIGHTS.items()]
@@ -350,26 +368,34 @@ def machine() -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_transformers_merge":
         return transformers_merge(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_measure":
+        return measure(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="265m")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds after one warm-up round.")
     parser.add_argument("--contenders", default=None, help="Comma-separated subset of dem_hf,transformers,mergekit.")
     parser.add_argument("--keep-outputs", action="store_true", help="Leave the merged models under .work/<size>/out.")
+    parser.add_argument(
+        "--compare-src", type=Path, default=None,
+        help="Another source tree holding a dem_hf package: also time its merge (rows marked [alt]), side by side.",
+    )
     args = parser.parse_args()
     contenders = args.contenders.split(",") if args.contenders else (
         list(CONTENDERS) if SIZES[args.size]["finetuned"] else ["dem_hf"]
     )
     if not args.contenders:
         contenders.append(STARTUP)
-    unknown = set(contenders) - set(CONTENDERS) - {STARTUP}
+    if args.compare_src:
+        contenders += [c + ALT for c in contenders if c in ("dem_hf", STARTUP)]
+    unknown = {c.removesuffix(ALT) for c in contenders} - set(CONTENDERS) - {STARTUP}
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}")
-    if not SIZES[args.size]["finetuned"] and set(contenders) - {"dem_hf", STARTUP}:
+    if not SIZES[args.size]["finetuned"] and {c.removesuffix(ALT) for c in contenders} - {"dem_hf", STARTUP}:
         parser.error(f"--size {args.size} generates no fine-tuned models (vectors only): only dem_hf runs")
 
     log(machine())
     paths = ensure_models(args.size)
-    runs = commands(paths, contenders, SIZES[args.size]["dtype"])
+    runs = commands(paths, contenders, SIZES[args.size]["dtype"], args.compare_src)
     results: dict[str, list[tuple[float, int]]] = {c: [] for c in contenders}
     for round_number in range(args.rounds + 1):
         order = contenders[round_number % len(contenders):] + contenders[: round_number % len(contenders)]
@@ -387,8 +413,11 @@ def main() -> int:
             if round_number > 0:
                 results[contender].append((wall, rss))
 
-    errors = check_outputs(paths, [c for c in contenders if c != STARTUP], SIZES[args.size]["finetuned"])
-    errors[STARTUP] = None
+    if args.rounds < 1:
+        log("no timed rounds (--rounds 0): inputs generated, warm-up done")
+        return 0
+    errors = check_outputs(paths, [c for c in contenders if not c.startswith(STARTUP)], SIZES[args.size]["finetuned"])
+    errors.update({c: None for c in contenders if c.startswith(STARTUP)})
     print()
     print(f"size {args.size}: {SIZES[args.size]['dtype']} Llama, base + {len(WEIGHTS)} full vectors, weights "
           f"{list(WEIGHTS.values())}; {args.rounds} timed rounds after 1 warm-up, order rotated each round")
@@ -400,7 +429,7 @@ def main() -> int:
         walls = [w for w, _ in results[contender]]
         rss = max(r for _, r in results[contender])
         speed = memory = "-"
-        if reference and contender != STARTUP:
+        if reference and not contender.startswith(STARTUP):
             speed = f"{statistics.median(w for w, _ in reference) / statistics.median(walls):.1f}x"
             memory = f"{rss / max(r for _, r in reference):.2f}x"
         print(f"| {contender} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} | {rss / 1e9:.2f} | "

@@ -77,28 +77,48 @@ class _Unit:
 
 
 class _Adapter:
-    """Forward hook adding Σ_i w_i · scaling_i · (x @ L_i) @ R_i to one layer's output."""
+    """Forward hook adding Σ_i w_i · scaling_i · (x @ L_i) @ R_i to one layer's output.
+
+    The factors of all vectors on the layer are concatenated along the rank, so one pair of skinny matmuls
+    serves every vector. Outside autograd the per-rank scale is folded into `L` once per candidate and the
+    product is accumulated into the layer's fresh output in place (`addmm_`: no extra allocation).
+    """
 
     def __init__(self, module: torch.nn.Module, embedding: bool, left, right, index, scaling) -> None:
         self.embedding = embedding
         self.left, self.right = left, right  # (in or num, R) and (R, out)
         self.index, self.scaling = index, scaling  # (R,) vector index and LoRA scaling of each rank
         self.scale: torch.Tensor | None = None
+        self.scaled_left: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def set_weights(self, weights: torch.Tensor, *, keep_zero: bool = False) -> None:
         """Scale of each rank from the vectors' weights; all-zero weights skip the layer unless `keep_zero`
         (gradients at ω = 0 need the adapter in the graph)."""
         rows = weights[self.index]
-        active = keep_zero or bool((rows != 0).any())
-        self.scale = (rows * self.scaling).to(self.left.dtype) if active else None
+        if not (keep_zero or bool((rows != 0).any())):
+            self.scale = self.scaled_left = None
+            return
+        self.scale = (rows * self.scaling).to(self.left.dtype)
+        self.scaled_left = None if self.scale.requires_grad else self.left * self.scale
 
     def _hook(self, module, args, kwargs, output):
         if self.scale is None:
             return output
         x = args[0] if args else kwargs["input"]
-        hidden = F.embedding(x, self.left) if self.embedding else x.to(self.left.dtype) @ self.left
-        return output + ((hidden * self.scale) @ self.right).to(output.dtype)
+        tracked = self.scaled_left is None  # the scale carries a gradient
+        left = self.left if tracked else self.scaled_left
+        if self.embedding:
+            hidden = F.embedding(x.reshape(-1), left)
+        else:
+            hidden = x.reshape(-1, x.shape[-1]).to(left.dtype) @ left
+        if tracked:
+            hidden = hidden * self.scale
+        flat = output.reshape(-1, output.shape[-1])
+        if tracked or torch.is_grad_enabled() or flat.dtype != hidden.dtype or flat.data_ptr() != output.data_ptr():
+            return torch.addmm(flat.to(hidden.dtype), hidden, self.right).to(output.dtype).view(output.shape)
+        flat.addmm_(hidden, self.right)  # the layer's own fresh output: accumulate in place
+        return output
 
 
 class CandidateModel:
@@ -206,14 +226,28 @@ class CandidateModel:
         )
 
     def _cache_deltas(self, cache: bool | None) -> None:
+        """Hold dense deltas in memory as float32 (a switch is then one memory-bound `add_` per changed vector).
+
+        LoRA deltas switched in place are formed once (B·A·scaling) when caching too: a rank-r `addmm_` per
+        layer and candidate costs far more than adding a stored delta. Without the cache, dense deltas are
+        read from their source and LoRA deltas formed from the factors at every switch.
+        """
         pending = [(u, i, term) for u in self.units.values() for i, term in enumerate(u.dense)]
         if cache is None:
-            needed = sum(u.tensor.numel() * 4 for u, _, _ in pending)
+            count = len(pending) + sum(len(u.low_rank) for u in self.units.values())
+            needed = sum(u.tensor.numel() * 4 for u in self.units.values()) * count // max(len(self.units), 1)
             cache = needed <= _free_memory(self.device) // 2
-            logger.info(f"{'Caching' if cache else 'Not caching'} {needed / 2**30:.2f} GiB of dense deltas in memory.")
+            logger.info(f"{'Caching' if cache else 'Not caching'} ~{needed / 2**30:.2f} GiB of deltas in memory.")
         for unit, position, (index, vector, _) in pending:
             delta = unit.delta(vector, None)  # also checks for NaN/inf once
             unit.dense[position] = (index, vector, delta if cache else None)
+        if cache:
+            for unit in self.units.values():
+                for index, factors in unit.low_rank:
+                    delta = torch.zeros(unit.tensor.shape, dtype=torch.float32, device=self.device)
+                    factors.add_to_(delta, 1.0)
+                    unit.dense.append((index, self.vectors[index], delta))
+                unit.low_rank = []
 
     # ------------------------------------------------------------------------------------------ switching
 
@@ -277,7 +311,7 @@ class CandidateModel:
         self.adapters = []
         self.weights = [0.0] * len(self.vectors)
 
-    def __enter__(self) -> "CandidateModel":
+    def __enter__(self) -> CandidateModel:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,7 +32,7 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def plot_search(result: "SearchResult | Mapping[str, Any]", path: str | os.PathLike | None = None, *, title: str | None = None):
+def plot_search(result: SearchResult | Mapping[str, Any], path: str | os.PathLike | None = None, *, title: str | None = None):
     """Draw a search's candidates: objective against coefficients. Saves a PNG at `path` if given.
 
     Args:

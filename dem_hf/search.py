@@ -89,7 +89,7 @@ class SearchResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SearchResult":
+    def from_dict(cls, values: Mapping[str, Any]) -> SearchResult:
         values = dict(values)
         values["candidates"] = [Candidate(**c) for c in values.get("candidates", [])]
         known = set(cls.__dataclass_fields__)
@@ -131,7 +131,7 @@ class SearchResult:
 
 
 def run_search(
-    merger: "DEMMerger",
+    merger: DEMMerger,
     eval_datasets: Mapping[str, Any],
     search_config: SearchConfig | None = None,
     *,
@@ -193,7 +193,7 @@ def run_search(
 
 
 def check_search_inputs(
-    merger: "DEMMerger", eval_datasets: Any, config: SearchConfig
+    merger: DEMMerger, eval_datasets: Any, config: SearchConfig
 ) -> tuple[list[str], dict[str, tuple[float, float]], dict[str, float]]:
     """Validate names against the merger's vectors; return the vector names, per-vector bounds and a start.
 
@@ -237,7 +237,7 @@ def _per_vector(value: Any, names: list[str], what: str) -> dict[str, Any]:
     return {n: value[n] for n in names}
 
 
-def _max_positions(merger: "DEMMerger", model: torch.nn.Module | None) -> int | None:
+def _max_positions(merger: DEMMerger, model: torch.nn.Module | None) -> int | None:
     if model is not None:
         config = getattr(model, "config", None)
     else:
@@ -251,7 +251,7 @@ def _max_positions(merger: "DEMMerger", model: torch.nn.Module | None) -> int | 
 
 
 def prepare_eval_sets(
-    merger: "DEMMerger", eval_datasets: Mapping[str, Any], config: SearchConfig, tokenizer: Any,
+    merger: DEMMerger, eval_datasets: Mapping[str, Any], config: SearchConfig, tokenizer: Any,
     model: torch.nn.Module | None, tokenize_kwargs: dict[str, Any],
 ) -> dict[str, EvaluationSet]:
     """Tokenise each validation set once (raw datasets) or check it (`EvaluationSet`s).
@@ -285,7 +285,7 @@ def prepare_eval_sets(
     return prepared
 
 
-def _load_tokenizer(merger: "DEMMerger") -> Any:
+def _load_tokenizer(merger: DEMMerger) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -297,7 +297,7 @@ def _load_tokenizer(merger: "DEMMerger") -> Any:
         ) from error
 
 
-def load_search_model(merger: "DEMMerger", config: SearchConfig) -> torch.nn.Module:
+def load_search_model(merger: DEMMerger, config: SearchConfig) -> torch.nn.Module:
     """The base model, in its checkpoint dtype, in eval mode, on `config.device` (default CPU)."""
     from transformers import AutoModelForCausalLM
 

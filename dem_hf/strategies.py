@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-SEARCH_STRATEGIES: dict[str, Callable[["SearchProblem"], None]] = {}
+SEARCH_STRATEGIES: dict[str, Callable[[SearchProblem], None]] = {}
 """Search strategies by name: callables that take a [`SearchProblem`] and evaluate candidates through it."""
 
 FORWARD_COST, GRADIENT_COST = 1.0, 3.0  # forward-pass equivalents of an evaluation and of a gradient
@@ -47,7 +47,7 @@ def register_strategy(name: str) -> Callable:
         ```
     """
 
-    def decorator(fn: Callable[["SearchProblem"], None]) -> Callable[["SearchProblem"], None]:
+    def decorator(fn: Callable[[SearchProblem], None]) -> Callable[[SearchProblem], None]:
         SEARCH_STRATEGIES[name] = fn
         return fn
 
@@ -130,7 +130,7 @@ class SearchProblem:
         config: the [`SearchConfig`].
     """
 
-    def __init__(self, candidates: "CandidateModel", eval_sets: dict[str, EvaluationSet], config: SearchConfig,
+    def __init__(self, candidates: CandidateModel, eval_sets: dict[str, EvaluationSet], config: SearchConfig,
                  vector_names: list[str], bounds: dict[str, tuple[float, float]], initial: dict[str, float],
                  weighting: str, show_progress: bool | None) -> None:
         self.candidates, self.eval_sets, self.config = candidates, eval_sets, config

@@ -12,7 +12,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig, SearchResult, compute_perplexity
+from dem_hf import (
+    DEMConfig,
+    DEMMerger,
+    DistributionVector,
+    SearchConfig,
+    SearchResult,
+    compute_perplexity,
+)
 from dem_hf import candidates as candidates_module
 from dem_hf import search as search_module
 from dem_hf.candidates import CandidateModel
@@ -97,8 +104,9 @@ def test_compute_perplexity_is_exported_and_exact(tokenizer):
 # ---------------------------------------------------------------------------------------------- switching
 
 
+@pytest.mark.parametrize("cache_deltas", [True, False])
 @pytest.mark.parametrize("weighting", ["sum", "average"])
-def test_in_place_switches_equal_a_fresh_merge_and_base_is_restored(world, weighting, monkeypatch):
+def test_in_place_switches_equal_a_fresh_merge_and_base_is_restored(world, weighting, cache_deltas, monkeypatch):
     """Acceptance 2: any sequence of switches lands on the fresh merge of the last candidate; restore is exact."""
     monkeypatch.setattr(candidates_module, "RESYNC_EVERY", 5)
     vectors = [*world["vectors"], lora_vector("code", 3)]
@@ -106,7 +114,8 @@ def test_in_place_switches_equal_a_fresh_merge_and_base_is_restored(world, weigh
     model = merger.merge({"math": 0.0, "chat": 0.0, "code": 0.0}) if weighting == "sum" else make_llama(seed=0)
     base = state_of(model)
     rng = random.Random(1)
-    with CandidateModel(model, merger.base, vectors, lora_mode="update") as switcher:
+    with CandidateModel(model, merger.base, vectors, lora_mode="update", cache_deltas=cache_deltas) as switcher:
+        assert all(not unit.low_rank for unit in switcher.units.values()) == cache_deltas  # cached LoRA is dense
         for step in range(12):
             coefficients = {n: rng.choice([0.0, 0.5, 1.0, -0.7, 1.3]) for n in merger.vector_names}
             coefficients["code"] += 0.1  # never all zero, so 'average' is defined
@@ -222,10 +231,10 @@ def test_grid_is_the_full_product_last_coefficient_fastest(world):
     assert [tuple(c.coefficients.values()) for c in result.candidates] == [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0)]
 
 
-@pytest.mark.parametrize("path", ["full", "lora-adapter", "lora-update"])
+@pytest.mark.parametrize("path", ["full", "full-uncached", "lora-adapter", "lora-update", "lora-update-uncached"])
 @pytest.mark.parametrize("weighting", ["sum", "average"])
 def test_gradient_matches_finite_differences(world, path, weighting):
-    vectors = world["vectors"] if path == "full" else [lora_vector("math", 1), lora_vector("chat", 2)]
+    vectors = world["vectors"] if path.startswith("full") else [lora_vector("math", 1), lora_vector("chat", 2)]
     merger = new_merger(world, vectors, weighting)
     point, h, seen = {"math": 0.4, "chat": 0.9}, 1e-3, {}
 
@@ -237,10 +246,11 @@ def test_gradient_matches_finite_differences(world, path, weighting):
             for n in point
         }
 
-    lora_mode = "update" if path == "lora-update" else "adapter"
+    lora_mode = "update" if path.startswith("lora-update") else "adapter"
     sets = {"math": world["sampled"], "chat": tokenize_for_evaluation(world["texts"], world["tokenizer"])}
     try:
-        merger.search(sets, SearchConfig(strategy="finite-differences", lora_mode=lora_mode), show_progress=False)
+        config = SearchConfig(strategy="finite-differences", lora_mode=lora_mode, cache_deltas=not path.endswith("uncached"))
+        merger.search(sets, config, show_progress=False)
     finally:
         search_module.SEARCH_STRATEGIES.pop("finite-differences")
     for name in point:

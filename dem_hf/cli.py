@@ -13,7 +13,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("extract", "merge", "train", "push", "card", "search")
+COMMANDS = ("extract", "merge", "train", "search", "push", "card", "demo")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError)
 ENVIRONMENT_ERRORS = (OSError,)  # after USER_ERRORS, which holds some OSError subclasses

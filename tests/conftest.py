@@ -92,3 +92,12 @@ def finetuned_dirs(tmp_path, base_model, tokenizer) -> dict[str, Path]:
         name: save_model(perturbed(base_model, seed), tmp_path / f"ft_{name}", tokenizer)
         for seed, name in enumerate(["math", "chat", "code"], start=1)
     }
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report how many failure cases the suite exercises (issue: nothing lost, nothing wrong)."""
+    passed = terminalreporter.stats.get("passed", [])
+    bad_inputs = sum("test_bad_inputs.py::" in r.nodeid and "[" in r.nodeid for r in passed)
+    faults = sum("test_faults.py::" in r.nodeid and "case_count" not in r.nodeid for r in passed)
+    if bad_inputs or faults:
+        terminalreporter.write_line(f"failure cases passed: {bad_inputs} bad-input, {faults} fault")

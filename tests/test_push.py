@@ -98,7 +98,10 @@ def test_pushed_vectors_restore_the_merger_from_the_hub(hub_server, merger, tmp_
     assert {"vectors/math/vector_config.json", "vectors/chat/vector.safetensors"} <= set(files)
     assert "DEMMerger.from_pretrained" in files["README.md"].decode()
 
+    seen = len(hub_server.requests)
     restored = DEMMerger.from_pretrained(REPO, revision=info.oid, cache_dir=tmp_path / "cache")
+    downloads = [r for r in hub_server.requests[seen:] if "/resolve/" in r]
+    assert downloads and not any("model" in r.rsplit("/", 1)[-1] for r in downloads), downloads  # no merged weights
     snapshot = tmp_path / "cache" / "models--org--dem-model" / "snapshots" / info.oid
     for name in ["math", "chat"]:
         assert restored.vectors[name].path == snapshot / "vectors" / name  # downloaded, not the local sources

@@ -13,24 +13,29 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("extract", "merge", "train", "search", "push", "card", "demo")
+from .commands import HELP as COMMANDS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError)
 ENVIRONMENT_ERRORS = (OSError,)  # after USER_ERRORS, which holds some OSError subclasses
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `dem-hf` parser; only the subcommand named in `argv` is imported and given its full options."""
     parser = argparse.ArgumentParser(prog="dem-hf", description="Distribution-Edited Models for Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"dem_hf {__version__}")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f".commands.{name}", __package__).register(subparsers)
+    chosen = next((arg for arg in (sys.argv[1:] if argv is None else argv) if arg in COMMANDS), None)
+    for name, help_text in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f".commands.{name}", __package__).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0

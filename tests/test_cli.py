@@ -49,3 +49,16 @@ def test_cli_rejects_a_non_numeric_weight(tmp_path, base_dir, capsys):
         main(["merge", "--base", str(base_dir), "--vector", "vec=heavy", "--output", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "PATH=WEIGHT" in capsys.readouterr().err
+
+
+def test_merge_command_does_not_import_the_training_stack():
+    """`dem-hf merge` starts fast: only the chosen subcommand's module (and what it needs) is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dem_hf.cli import build_parser; build_parser(['merge']); "
+        "print(sorted(m for m in ('trl', 'peft', 'dem_hf.training', 'dem_hf.search') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

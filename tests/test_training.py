@@ -406,10 +406,11 @@ def test_cli_trains_lora_runs_from_local_files(trained_base, tmp_path, capsys):
 def test_cli_parses_sft_config_options_and_keeps_debug(tmp_path, capsys):
     from dem_hf.commands.train import lora_config_from_args, sft_config_from_args
 
-    args = build_parser().parse_args([
+    argv = [
         "--debug", "train", "--base", "b", "--dataset", "x=data.csv", "--output-dir", str(tmp_path),
         "--learning_rate", "3e-4", "--no_gradient_checkpointing", "--use_cpu", "--bf16", "false",
-    ])
+    ]
+    args = build_parser(argv).parse_args(argv)
     assert args.debug is True and args.dataset == [("x", "data.csv")]
     config = sft_config_from_args(args)
     assert config.learning_rate == 3e-4 and config.gradient_checkpointing is False

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from . import HELP
+
 from pathlib import Path
 
 from ..card import CARD_NAME, write_model_card
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("card", help="Write the model card (README.md) of a saved DEM folder.")
+    parser = subparsers.add_parser("card", help=HELP["card"])
     parser.add_argument("folder", help="Folder saved by `dem-hf merge` / save_pretrained (has dem_config.json).")
     parser.add_argument("--regenerate", action="store_true", help="Replace an existing README.md.")
     parser.add_argument("--model-id", help="Repo id or path the card's loading snippet uses (default: folder name).")

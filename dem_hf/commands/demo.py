@@ -6,6 +6,8 @@ Finished stages are cached under `--output_dir`, so a second run only reads them
 
 from __future__ import annotations
 
+from . import HELP
+
 
 def register(subparsers) -> None:
     from transformers import HfArgumentParser
@@ -13,7 +15,7 @@ def register(subparsers) -> None:
     from ..demo.pipeline import DemoConfig
 
     parser = subparsers.add_parser(
-        "demo", help="Run DEM end to end on a real model and real data (offline).", description=__doc__.split("\n\n")[0],
+        "demo", help=HELP["demo"], description=__doc__.split("\n\n")[0],
         parents=[HfArgumentParser(DemoConfig, add_help=False)], conflict_handler="resolve",
     )
     parser.set_defaults(run=run)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from . import HELP
+
 from pathlib import Path
 
 from ..vectors import DistributionVector
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("extract", help="Compute a distribution vector (full θ_ft − θ, or LoRA factors).")
+    parser = subparsers.add_parser("extract", help=HELP["extract"])
     parser.add_argument("--base", required=True, help="Base model folder or Hub id.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--finetuned", help="Fully fine-tuned model folder or Hub id.")

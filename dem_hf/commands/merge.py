@@ -5,11 +5,11 @@ from __future__ import annotations
 from ..config import WEIGHTINGS, DEMConfig
 from ..merger import DEMMerger
 from ..vectors import DistributionVector
-from . import parse_weighted_path
+from . import HELP, parse_weighted_path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("merge", help="Merge distribution vectors into a base model (streaming).")
+    parser = subparsers.add_parser("merge", help=HELP["merge"])
     parser.add_argument("--base", required=True, help="Base model folder or Hub id.")
     parser.add_argument(
         "--vector", action="append", required=True, type=parse_weighted_path, metavar="DIR=WEIGHT",

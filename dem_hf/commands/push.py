@@ -14,6 +14,8 @@ The folder is only read: the commit is assembled in a temporary folder of symbol
 
 from __future__ import annotations
 
+from . import HELP
+
 import os
 import shutil
 import sys
@@ -31,7 +33,7 @@ from ..vectors import VECTOR_CONFIG_NAME
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("push", help="Push a saved (DEM) model folder to the Hub in one commit.")
+    parser = subparsers.add_parser("push", help=HELP["push"])
     parser.add_argument("--model", required=True, help="Folder saved by `dem-hf merge` / save_pretrained.")
     parser.add_argument("--repo-id", required=True, help="Hub repo id, 'namespace/name' (or 'name' for your own).")
     parser.add_argument("--private", action="store_true", help="Create the repo as private (if it is created).")

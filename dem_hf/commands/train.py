@@ -14,6 +14,8 @@ Run it under `accelerate launch -m dem_hf.cli train ...` to train each run on se
 
 from __future__ import annotations
 
+from . import HELP
+
 import argparse
 import dataclasses
 import logging as std_logging
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "train",
-        help="Fine-tune the base once per dataset with TRL and save one distribution vector per dataset.",
+        help=HELP["train"],
         description=__doc__.split("\n\n")[0] + " Every trl.SFTConfig field is an option (listed below).",
         parents=[HfArgumentParser(SFTConfig, add_help=False)],
         conflict_handler="resolve",

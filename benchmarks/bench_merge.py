@@ -1,6 +1,7 @@
 """Merge benchmark: dem_hf streaming merge vs the plain Transformers approach vs mergekit `task_arithmetic`.
 
     python benchmarks/bench_merge.py [--size 265m|3b] [--rounds 3] [--contenders dem_hf,transformers,mergekit]
+                                     [--compare-src DIR] [--keep-outputs]
 
 What it does (idempotent: generated models, vectors and the mergekit environment are reused):
 
@@ -13,13 +14,18 @@ What it does (idempotent: generated models, vectors and the mergekit environment
      20 GB of disk and only dem_hf runs at this size: the plain way needs 4 x 6.9 GB in RAM).
 2. Runs every contender as its own subprocess: one warm-up round (so every input is in the page cache),
    then `--rounds` timed rounds, the order rotating each round. Wall time is measured around the child,
-   peak RSS is the child's `ru_maxrss` from `os.wait4` (whole process, including everything it imports).
+   peak RSS is the child's `ru_maxrss` from `os.wait4` (whole process, including everything it imports),
+   collected by a small launcher process (see `run_measured`). Results: median wall, min-max, max RSS.
    - dem_hf:       `python -m dem_hf.cli merge --base B --vector V1=w1 ... --output O`
    - transformers: load base and fine-tuned models with `AutoModelForCausalLM`, add the weighted deltas,
                    `save_pretrained` (this file, `_transformers_merge` mode).
    - mergekit:     `mergekit-yaml config.yml O --no-copy-tokenizer`, `task_arithmetic`, `dtype: float32`,
                    from its own virtualenv `benchmarks/.work/mergekit-venv` (torch==2.13.0 pinned).
+   - dem_hf_startup: `python -m dem_hf.cli merge --help`, the CLI's startup cost alone (default table only).
+   With `--compare-src DIR`, the dem_hf rows are also timed from the dem_hf package in DIR (marked [alt]),
+   interleaved with the others: an A/B of a change to dem_hf in one run.
 3. Checks that the outputs agree with the exact merge on a few tensors and prints a Markdown table.
+Results are recorded by hand in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -136,7 +142,7 @@ def write_checkpoint(folder: Path, config_kwargs: dict, dtype_name: str, tensors
         writer.close()
 
 
-def run_measured(command: list[str], log_file: Path, env: dict | None = None) -> tuple[float, int, int]:
+def run_measured(command: list[str], log_file: Path, env: dict | None = None, cwd: Path = REPO) -> tuple[float, int, int]:
     """Run one child process; return (wall seconds, peak RSS bytes, exit status).
 
     The child is started by a small launcher process (`_measure` mode of this file), not by this process:
@@ -145,7 +151,7 @@ def run_measured(command: list[str], log_file: Path, env: dict | None = None) ->
     process's peak instead of its own.
     """
     launcher = [sys.executable, str(Path(__file__).resolve()), "_measure", str(log_file), "--", *command]
-    result = subprocess.run(launcher, capture_output=True, text=True, cwd=REPO, env=env, check=True)
+    result = subprocess.run(launcher, capture_output=True, text=True, cwd=cwd, env=env, check=True)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     return measured["wall_s"], measured["peak_rss_bytes"], measured["status"]
 
@@ -276,7 +282,9 @@ def mergekit_config(paths: dict, dtype: str) -> Path:
     return path
 
 
-def commands(paths: dict, contenders: list[str], dtype: str, compare: Path | None) -> dict[str, tuple[list[str], dict | None]]:
+def commands(paths: dict, contenders: list[str], dtype: str, compare: Path | None) -> dict[str, tuple[list[str], dict | None, Path]]:
+    """`{contender: (command, environment, working directory)}`; dem_hf runs from its source tree, since
+    `python -m` puts the working directory ahead of PYTHONPATH."""
     out = paths["out"]
     result = {}
     for suffix, source in [("", REPO)] + ([(ALT, compare)] if compare else []):
@@ -284,18 +292,18 @@ def commands(paths: dict, contenders: list[str], dtype: str, compare: Path | Non
             command = [sys.executable, "-m", "dem_hf.cli", "merge", "--base", str(paths["base"])]
             for name, weight in WEIGHTS.items():
                 command += ["--vector", f"{paths['vectors'][name]}={weight}"]
-            result["dem_hf" + suffix] = (command + ["--output", str(out / ("dem_hf" + suffix))], dem_env(source))
+            result["dem_hf" + suffix] = (command + ["--output", str(out / ("dem_hf" + suffix))], dem_env(source), source)
         if STARTUP + suffix in contenders:
-            result[STARTUP + suffix] = ([sys.executable, "-m", "dem_hf.cli", "merge", "--help"], dem_env(source))
+            result[STARTUP + suffix] = ([sys.executable, "-m", "dem_hf.cli", "merge", "--help"], dem_env(source), source)
     if "transformers" in contenders:
         command = [sys.executable, str(Path(__file__).resolve()), "_transformers_merge", str(paths["base"]), str(out / "transformers")]
         command += [f"{paths['finetuned'][name]}={weight}" for name, weight in WEIGHTS.items()]
-        result["transformers"] = (command, None)
+        result["transformers"] = (command, None, REPO)
     if "mergekit" in contenders:
         exe = ensure_mergekit()
         command = [str(exe), str(mergekit_config(paths, dtype)), str(out / "mergekit"), "--no-copy-tokenizer"]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        result["mergekit"] = (command, env)
+        result["mergekit"] = (command, env, WORK)
     return result
 
 
@@ -329,8 +337,12 @@ def read_output(folder: Path, name: str):
     return CheckpointReader(folder).get(name)
 
 
-def check_outputs(paths: dict, contenders: list[str], finetuned: bool) -> dict[str, float]:
-    """Max abs difference of each output from the exact merge (float64) over a few tensors."""
+def check_outputs(paths: dict, contenders: list[str], finetuned: bool) -> dict[str, str]:
+    """How far each output is from the exact merge (computed in float64, rounded once to the base dtype)
+    over a few tensors: the largest difference in units in the last place of the output dtype at the scale
+    of the largest input or result value at that position (a float32 computation rounds at the scale of its
+    inputs, however much they cancel), and how many values differ at all. Also whether the contenders'
+    outputs are bitwise identical to each other."""
     import torch
 
     from dem_hf.io import CheckpointReader
@@ -342,18 +354,35 @@ def check_outputs(paths: dict, contenders: list[str], finetuned: bool) -> dict[s
         else {n: (CheckpointReader(p, stem="vector"), False) for n, p in paths["vectors"].items()}
     )
     worst = {c: 0.0 for c in contenders}
+    wrong = {c: 0 for c in contenders}
+    same = {c: True for c in contenders}
+    total = 0
     for tensor in CHECKED_TENSORS:
         theta = base.get(tensor).to(torch.float64)
-        exact = theta.clone()
+        exact, largest = theta.clone(), theta.abs()
         for name, (reader, is_model) in sources.items():
             other = reader.get(tensor).to(torch.float64)
-            exact += WEIGHTS[name] * ((other - theta) if is_model else other)
+            term = WEIGHTS[name] * ((other - theta) if is_model else other)
+            exact += term
+            largest = torch.maximum(largest, (other if is_model else term).abs())
+        outputs = {}
         for contender in contenders:
-            merged = read_output(paths["out"] / contender, tensor)
+            merged = outputs[contender] = read_output(paths["out"] / contender, tensor)
             if merged.dtype != base.dtype(tensor):
                 raise AssertionError(f"{contender} wrote {tensor} as {merged.dtype}, base is {base.dtype(tensor)}")
-            worst[contender] = max(worst[contender], (merged.to(torch.float64) - exact).abs().max().item())
-    return worst
+            rounded = exact.to(merged.dtype)
+            scale = torch.maximum(rounded.abs(), largest.to(merged.dtype))
+            ulp = (torch.nextafter(scale, torch.full_like(scale, float("inf"))) - scale).to(torch.float64)
+            difference = (merged.to(torch.float64) - rounded.to(torch.float64)).abs()
+            worst[contender] = max(worst[contender], (difference / ulp).max().item())
+            wrong[contender] += int((difference > 0).sum())
+        total += exact.numel()
+        for contender in contenders:
+            same[contender] &= torch.equal(outputs[contender], outputs[contenders[0]])
+    if len(contenders) > 1:
+        log(f"outputs bitwise identical to {contenders[0]}'s over the checked tensors: "
+            + ", ".join(f"{c} {'yes' if same[c] else 'NO'}" for c in contenders[1:]))
+    return {c: f"{worst[c]:.2g} ulp, {wrong[c]} of {total / 1e6:.0f}M values" for c in contenders}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -400,11 +429,11 @@ def main() -> int:
     for round_number in range(args.rounds + 1):
         order = contenders[round_number % len(contenders):] + contenders[: round_number % len(contenders)]
         for contender in order:
-            command, env = runs[contender]
+            command, env, cwd = runs[contender]
             target = paths["out"] / contender
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
-            wall, rss, code = run_measured(command, WORK / args.size / f"{contender}.log", env=env)
+            wall, rss, code = run_measured(command, WORK / args.size / f"{contender}.log", env=env, cwd=cwd)
             if code != 0:
                 print((WORK / args.size / f"{contender}.log").read_text()[-4000:])
                 raise SystemExit(f"{contender} failed with status {code}: {' '.join(command)}")
@@ -423,7 +452,7 @@ def main() -> int:
           f"{list(WEIGHTS.values())}; {args.rounds} timed rounds after 1 warm-up, order rotated each round")
     print()
     reference = results.get("mergekit")
-    print("| contender | wall median (s) | wall min-max (s) | peak RSS max (GB) | vs mergekit: speed-up | vs mergekit: RSS | max abs error |")
+    print("| contender | wall median (s) | wall min-max (s) | peak RSS max (GB) | vs mergekit: speed-up | vs mergekit: RSS | off the exact merge |")
     print("|---|---|---|---|---|---|---|")
     for contender in contenders:
         walls = [w for w, _ in results[contender]]
@@ -433,7 +462,7 @@ def main() -> int:
             speed = f"{statistics.median(w for w, _ in reference) / statistics.median(walls):.1f}x"
             memory = f"{rss / max(r for _, r in reference):.2f}x"
         print(f"| {contender} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} | {rss / 1e9:.2f} | "
-              f"{speed} | {memory} | {'-' if errors[contender] is None else f'{errors[contender]:.2e}'} |")
+              f"{speed} | {memory} | {errors[contender] or '-'} |")
     if paths["extraction"]:
         print()
         print("one-off `dem-hf extract` per vector: " + ", ".join(

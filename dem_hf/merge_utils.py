@@ -1,8 +1,9 @@
 """Pure tensor math of a DEM merge: θ + Σ ω_i Δ_i, one tensor at a time.
 
-Nothing here touches files or models; [`dem_hf.merger`] streams tensors through these functions.
-Accumulation is always in float32 and the result is rounded once to the base tensor's dtype, so a bf16
-merge is within one bf16 rounding of the exact (float32) merge.
+Nothing here opens files or builds models: [`merged_blocks`] reads through a tensor source (a
+`CheckpointReader` reads rows straight from disk) and [`dem_hf.merger`] streams its blocks to the writer.
+Accumulation is always in float32, the weighted deltas first and the base last, and the result is rounded
+once to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the exact (float32) merge.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def merge_tensor(base: torch.Tensor, name: str, terms: Terms) -> torch.Tensor:
     """
     if not base.dtype.is_floating_point:
         return base
-    accumulator = base.to(torch.float32, copy=True)
+    accumulator = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
     for vector, weight in terms:
         if weight != 0.0:
             vector.add_to_(accumulator, name, weight, check_finite=False)
     check_merged(accumulator, name, terms)
+    accumulator.add_(base)  # last: Σ w·Δ is summed at the deltas' small scale, so only this addition rounds at the base's
     return accumulator.to(base.dtype)
 
 
@@ -75,11 +77,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def check_merged(accumulator: torch.Tensor, name: str, terms: Terms, rows: tuple[int, int] | None = None) -> None:
-    """Raise `ValueError` naming the vector if a non-finite delta went into `accumulator`.
+    """Raise `ValueError` naming the vector if a non-finite delta went into `accumulator` (Σ w · Δ).
 
     A NaN or inf in any delta added with a non-zero weight leaves a NaN or inf in the sum, so one cheap check
     of the sum replaces a check of every delta; only when it fails are the deltas examined to name the
-    culprit. A non-finite base value (or an overflow) is passed through, as before.
+    culprit (an overflow of finite deltas passes). The base is not checked: a non-finite base value is passed
+    through, as before.
     """
     if all_finite(accumulator):
         return
@@ -105,14 +108,11 @@ def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_value
             if not active:
                 yield read_rows(source, name, start, stop, pool.take("base", dtype, count))
                 continue
-            accumulator = pool.take("accumulator", torch.float32, count).view(block_shape)
-            if dtype == torch.float32:
-                read_rows(source, name, start, stop, accumulator)
-            else:
-                accumulator.copy_(read_rows(source, name, start, stop, pool.take("base", dtype, count)))
+            accumulator = pool.take("accumulator", torch.float32, count).view(block_shape).zero_()
             for vector, weight in active:
                 vector.add_to_(accumulator, name, weight, rows=(start, stop), pool=pool, check_finite=False)
             check_merged(accumulator, name, active, (start, stop))
+            accumulator.add_(read_rows(source, name, start, stop, pool.take("base", dtype, count)))  # as in merge_tensor
             if dtype == torch.float32:
                 yield accumulator
             else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import statistics
@@ -55,14 +56,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--timing-texts", type=int, default=8, help="Validation texts per set for (a).")
     parser.add_argument("--timing-max-length", type=int, default=256)
-    parser.add_argument("--search-texts", type=int, default=4, help="Validation texts per set for (b).")
+    parser.add_argument("--search-texts", type=int, default=3, help="Validation texts per set for (b).")
     parser.add_argument("--search-max-length", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--timing-threads", type=int, default=1, help="torch threads while timing (a).")
     parser.add_argument("--grid-points", type=int, default=5)
     parser.add_argument("--bounds", nargs=2, type=float, default=(0.0, 2.0))
     parser.add_argument("--budget", type=float, default=0.05, help="Share of the grid's compute for gradient/bayesian.")
     parser.add_argument("--search-vectors", choices=["lora", "full"], default="lora")
-    parser.add_argument("--lora-mode", default="adapter")
+    parser.add_argument("--lora-mode", default="auto")
     parser.add_argument("--skip-grid", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     return parser.parse_args()
@@ -112,13 +114,19 @@ def load_base(model_dir: Path):
 # ---------------------------------------------------------------------------------------------- (a) timing
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """Wall and CPU (process) seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure_switching(model_dir, merger_full, merger_lora, sets, rounds: int, batch_size: int = 8) -> dict:
+    """Interleaved rounds: a plain forward pass, then a candidate (switch + forward) on every path.
+
+    Wall time on a shared machine swings with other jobs, so CPU time of this process (single-threaded, so
+    no OpenMP spin-waiting is counted) is the primary measure; wall-clock medians are reported beside it.
+    """
     names = merger_full.vector_names
     plain = load_base(model_dir)
     paths = {
@@ -131,21 +139,29 @@ def measure_switching(model_dir, merger_full, merger_lora, sets, rounds: int, ba
         for path, (m, mode) in paths.items()
     }
     rng = random.Random(0)
-    times: dict[str, list[float]] = {"plain": []}
+    wall: dict[str, list[float]] = {"plain": []}
+    cpu: dict[str, list[float]] = {"plain": []}
     switch_only: dict[str, list[float]] = {}
-    forward = lambda model: compute_perplexities(model, sets, batch_size=batch_size, show_progress=False)
+
+    def record(key: str, seconds: tuple[float, float]) -> None:
+        wall.setdefault(key, []).append(seconds[0])
+        cpu.setdefault(key, []).append(seconds[1])
+
+    def forward(model) -> None:
+        compute_perplexities(model, sets, batch_size=batch_size, show_progress=False)
+
     forward(plain)  # warm-up
     for round_index in range(rounds):
         weights = [rng.uniform(0.0, 2.0) for _ in names]
-        times["plain"].append(timed(lambda: forward(plain)))
+        record("plain", timed(lambda: forward(plain)))
         for path, switcher in switchers.items():
             def candidate(w=weights, s=switcher):
                 s.set_weights(w)
                 forward(s.model)
 
-            times.setdefault(path + " (all change)", []).append(timed(candidate))
+            record(path + " (all change)", timed(candidate))
             switch_only.setdefault(path + " (all change)", []).append(
-                timed(lambda s=switcher: s.set_weights([rng.uniform(0.0, 2.0) for _ in names]))
+                timed(lambda s=switcher: s.set_weights([rng.uniform(0.0, 2.0) for _ in names]))[1]
             )
             if path != "lora-adapter":  # an adapter candidate costs the same whatever changed
                 one = list(switcher.weights)
@@ -155,19 +171,28 @@ def measure_switching(model_dir, merger_full, merger_lora, sets, rounds: int, ba
                     s.set_weights(w)
                     forward(s.model)
 
-                times.setdefault(path + " (one changes)", []).append(timed(one_change))
-        print(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+                record(path + " (one changes)", timed(one_change))
+                switch_only.setdefault(path + " (one changes)", []).append(
+                    timed(lambda s=switcher, i=round_index: s.set_weights(
+                        [w + 0.25 * (j == i % len(names)) for j, w in enumerate(s.weights)]))[1]
+                )
+        print(f"  round {round_index + 1}/{rounds} (CPU s): " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in cpu.items()),
+              flush=True)
     for switcher in switchers.values():
         switcher.restore()
-    plain_median = statistics.median(times["plain"])
+    plain_cpu, plain_wall = statistics.median(cpu["plain"]), statistics.median(wall["plain"])
     return {
-        "plain_forward_s": plain_median,
+        "plain_forward_cpu_s": plain_cpu,
+        "plain_forward_wall_s": plain_wall,
         "tokens": sum(sum(len(ids) for ids in s.input_ids) for s in sets.values()),
         "scored_tokens": sum(s.num_tokens for s in sets.values()),
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "ratio": {k: statistics.median(v) / plain_median for k, v in times.items() if k != "plain"},
-        "switch_only_s": {k: statistics.median(v) for k, v in switch_only.items()},
-        "rounds": times,
+        "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+        "median_wall_s": {k: statistics.median(v) for k, v in wall.items()},
+        "ratio_cpu": {k: statistics.median(v) / plain_cpu for k, v in cpu.items() if k != "plain"},
+        "ratio_wall": {k: statistics.median(v) / plain_wall for k, v in wall.items() if k != "plain"},
+        "switch_only_cpu_s": {k: statistics.median(v) for k, v in switch_only.items()},
+        "rounds_cpu": cpu,
+        "rounds_wall": wall,
     }
 
 
@@ -191,7 +216,8 @@ def run_strategy(merger, sets, config: SearchConfig, cache_file: Path) -> Search
 
 def compare_strategies(merger, sets, args, tag: str) -> dict:
     bounds = tuple(args.bounds)
-    common = dict(bounds=bounds, lora_mode=args.lora_mode, batch_size=8)
+    start = {n: min(max(1.0, bounds[0]), bounds[1]) for n in merger.vector_names}  # a fresh merger's ω = 1
+    common = dict(bounds=bounds, lora_mode=args.lora_mode, batch_size=8, initial_coefficients=start)
     grid = run_strategy(merger, sets, SearchConfig(strategy="grid", grid_points=args.grid_points, **common),
                         WORK / f"grid-{tag}.json")
     budget = args.budget * grid.compute
@@ -225,14 +251,21 @@ def compare_strategies(merger, sets, args, tag: str) -> dict:
 
 def print_report(report: dict) -> None:
     print("\n## Search benchmark\n")
-    print(f"machine: {report['machine']}; date: {report['date']}; command: {report['command']}\n")
+    print(f"machine: {report['machine']}")
+    for run in report["commands"]:
+        print(f"- {run['date']}: `{run['command']}`")
+    print()
     for size, timing in report.get("timing", {}).items():
-        print(f"(a) {size}: {timing['tokens']} tokens ({timing['scored_tokens']} scored), plain forward "
-              f"{timing['plain_forward_s']:.2f} s (median of {len(timing['rounds']['plain'])})")
-        print("| path | time per candidate (s) | / plain forward | switch alone (s) |\n|---|---|---|---|")
-        for path, ratio in timing["ratio"].items():
-            switch = timing["switch_only_s"].get(path)
-            print(f"| {path} | {timing['median_s'][path]:.2f} | {ratio:.3f} | {f'{switch:.3f}' if switch is not None else '-'} |")
+        print(f"(a) {size}: {timing['tokens']} tokens ({timing['scored_tokens']} scored); plain forward "
+              f"{timing['plain_forward_cpu_s']:.2f} CPU s, {timing['plain_forward_wall_s']:.2f} wall s "
+              f"(medians of {len(timing['rounds_cpu']['plain'])} rounds, {timing.get('threads', '?')} thread(s))")
+        print("| path | CPU s per candidate | / plain forward (CPU) | switch alone (CPU s) | wall s per candidate "
+              "| / plain forward (wall) |\n|---|---|---|---|---|---|")
+        for path, ratio in timing["ratio_cpu"].items():
+            switch = timing["switch_only_cpu_s"].get(path)
+            print(f"| {path} | {timing['median_cpu_s'][path]:.2f} | {ratio:.3f} | "
+                  f"{f'{switch:.3f}' if switch is not None else '-'} | {timing['median_wall_s'][path]:.2f} | "
+                  f"{timing['ratio_wall'][path]:.3f} |")
         print()
     search = report.get("search")
     if search:
@@ -260,27 +293,36 @@ def main() -> None:
     full = [densified(v) for v in lora]
     merger_lora = DEMMerger.from_pretrained(model_dir, vectors=lora, config=DEMConfig())
     merger_full = DEMMerger.from_pretrained(model_dir, vectors=full, config=DEMConfig())
-    report = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-                   f"{platform.python_version()}",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(sys.argv),
-        "timing": {},
-    }
+    report_file = WORK / "report.json"  # parts run separately (--skip-grid, --skip-timing) are merged here
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {"timing": {}}
+    report["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+    report.setdefault("commands", []).append(
+        {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": "python " + " ".join(sys.argv)}
+    )
     if not args.skip_timing:
         for label, texts, length in (("timing sets", args.timing_texts, args.timing_max_length),
                                      ("search sets", args.search_texts, args.search_max_length)):
             sets = validation_sets(data, args.vectors, tokenizer, texts, length)
             print(f"(a) {label}: {texts} texts x <= {length} tokens per set", flush=True)
-            report["timing"][f"{label}: {len(args.vectors)} sets x {texts} texts x <= {length} tokens"] = measure_switching(
-                model_dir, merger_full, merger_lora, sets, args.rounds
-            )
+            threads = torch.get_num_threads()
+            torch.set_num_threads(args.timing_threads)
+            try:
+                timing = measure_switching(model_dir, merger_full, merger_lora, sets, args.rounds)
+            finally:
+                torch.set_num_threads(threads)
+            timing["threads"] = args.timing_threads
+            report["timing"][f"{label}: {len(args.vectors)} sets x {texts} texts x <= {length} tokens"] = timing
+            report_file.write_text(json.dumps(report, indent=2))
     if not args.skip_grid:
         sets = validation_sets(data, args.vectors, tokenizer, args.search_texts, args.search_max_length)
         merger = merger_lora if args.search_vectors == "lora" else merger_full
         tag = f"steps{args.train_steps}-{args.search_vectors}-{'-'.join(args.vectors)}-{args.grid_points}pts-{args.search_texts}x{args.search_max_length}"
         report["search"] = compare_strategies(merger, sets, args, tag)
-    (WORK / "report.json").write_text(json.dumps(report, indent=2))
+        report_file.write_text(json.dumps(report, indent=2))
+    report_file.write_text(json.dumps(report, indent=2))
     print_report(report)
 
 

@@ -6,7 +6,9 @@ one candidate to the next without reloading or copying it:
 - **Dense deltas** (full vectors, and LoRA vectors with `lora_mode="update"` or on a module the adapter
   path cannot hook) are applied by adding the *difference*: `W += Σ (w'_i − w_i) Δ_i`, only for the
   vectors whose weight changed (a grid changes one coefficient at a time, so most switches read one
-  delta). LoRA deltas are added as `addmm_(B, A)`, never stored dense. Parameters that are not float32
+  delta). Deltas are held in memory as float32 when they fit in half the free memory (`cache_deltas`);
+  LoRA deltas switched this way are then formed once as B·A·scaling, otherwise added as `addmm_(B, A)`
+  at every switch, never stored dense. Parameters that are not float32
   keep a float32 master copy, so rounding to bf16/fp16 happens once per switch, as in a fresh merge.
   Every `RESYNC_EVERY` switches a tensor is recomputed from the base checkpoint with
   [`~dem_hf.merge_utils.merge_tensor`], so float drift cannot build up over long searches.
@@ -128,8 +130,8 @@ class CandidateModel:
         model: the base model θ, loaded from `base` (its touched tensors are checked against it).
         base: the base checkpoint (a tensor source), used to restore θ exactly.
         vectors: the distribution vectors, in coefficient order.
-        lora_mode: `"adapter"` (hooks, no weight change) or `"update"` (in-place low-rank updates).
-        cache_deltas: keep dense deltas in memory as float32; `None` decides from the free memory.
+        lora_mode: `"adapter"` (hooks, no weight change) or `"update"` (LoRA deltas added to the weights).
+        cache_deltas: keep deltas in memory as float32; `None` caches when they fit in half the free memory.
 
     Use it as a context manager, or call [`~CandidateModel.restore`] when done.
 
@@ -170,9 +172,13 @@ class CandidateModel:
                         plans.setdefault(name, []).append((index, vector))
                     else:
                         self._unit(name, state).low_rank.append((index, self._factors(vector, name)))
-        for name, terms in plans.items():
-            self.adapters.append(self._adapter(name, terms, modules[name.rsplit(".", 1)[0]]))
-        self._cache_deltas(cache_deltas)
+        try:
+            for name, terms in plans.items():
+                self.adapters.append(self._adapter(name, terms, modules[name.rsplit(".", 1)[0]]))
+            self._cache_deltas(cache_deltas)
+        except BaseException:
+            self.restore()  # nothing switched yet: only the hooks already registered need removing
+            raise
 
     # ------------------------------------------------------------------------------------------ setup
 

@@ -131,7 +131,7 @@ class DEMConfig(JsonConfigMixin):
 
 SEARCH_OBJECTIVES = ("mean", "weighted_mean", "max")
 SEARCH_METRICS = ("perplexity", "log_perplexity", "relative_perplexity")
-LORA_MODES = ("adapter", "update")
+LORA_MODES = ("auto", "adapter", "update")
 BAYESIAN_SAMPLERS = ("gp", "tpe")
 GRADIENT_OPTIMIZERS = ("lbfgs", "adam")
 
@@ -205,10 +205,13 @@ class SearchConfig(JsonConfigMixin):
         max_length: truncate validation sequences to this many tokens (default: the model's
             `max_position_embeddings`); longer than the model allows is refused.
         lora_mode: how LoRA vectors are switched: `"adapter"` (their factors run beside each layer with the
-            coefficient as the adapter scaling, so a candidate merges nothing) or `"update"` (a low-rank
-            in-place update of the weights, B·A formed one module at a time).
-        cache_deltas: keep dense deltas in memory (float32, one copy per vector) for fast switching;
-            default: when they fit in half the available memory.
+            coefficient as the adapter scaling, so a candidate merges nothing, but every forward pass does
+            extra rank-r matmuls), `"update"` (their deltas are added to the weights in place, like full
+            vectors: one memory pass per changed vector and candidate), or `"auto"` (default): `"adapter"`
+            for `strategy="gradient"` (autograd then needs no weight gradients), else `"update"`, which costs
+            less per candidate unless the validation sets are tiny (see benchmarks/RESULTS.md).
+        cache_deltas: keep deltas in memory (float32, one copy per vector; LoRA deltas of `"update"` formed
+            once) for fast switching; default: when they fit in half the available memory.
         device: device to load the base model on when `DEMMerger.search` is given no model.
 
     Example:
@@ -253,7 +256,9 @@ class SearchConfig(JsonConfigMixin):
     seed: int = field(default=0, metadata={"help": "Random seed of the random and bayesian strategies."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate validation sequences to this many tokens."})
-    lora_mode: str = field(default="adapter", metadata={"help": "LoRA vectors: adapter (scalings) or update (in place)."})
+    lora_mode: str = field(
+        default="auto", metadata={"help": "LoRA vectors: adapter (scalings), update (weights) or auto."}
+    )
     cache_deltas: bool | None = field(
         default=None, metadata={"help": "Keep dense deltas in memory (default: when they fit in half the free RAM)."}
     )

@@ -110,7 +110,7 @@ def _heat_map(figure, axes, candidates, names: list[str], result) -> None:
     figure.colorbar(image, ax=axes, label="objective")
     axes.set_xlabel(f"ω[{x_name}]")
     axes.set_ylabel(f"ω[{y_name}]")
-    axes.legend(loc="upper right", fontsize=8)
+    axes.legend(loc="best", fontsize=8)
 
 
 def _parallel_coordinates(figure, axes, candidates, names: list[str], result) -> None:
@@ -140,4 +140,4 @@ def _parallel_coordinates(figure, axes, candidates, names: list[str], result) ->
         axes.text(i, 1.04, f"{high[i]:.3g}", ha="center", va="bottom", fontsize=7)
     axes.set_ylim(-0.12, 1.12)
     figure.colorbar(cm.ScalarMappable(norm=norm, cmap=colormap), ax=axes, label="objective")
-    axes.legend(loc="upper right", fontsize=8)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), fontsize=8, frameon=False)

@@ -155,7 +155,8 @@ def run_search(
     model = model if model is not None else load_search_model(merger, config)
     vectors = [merger.vectors[n] for n in names]
     weighting = merger.config.weighting
-    with CandidateModel(model, merger.base, vectors, lora_mode=config.lora_mode, cache_deltas=config.cache_deltas) as switcher:
+    lora_mode = resolve_lora_mode(config)
+    with CandidateModel(model, merger.base, vectors, lora_mode=lora_mode, cache_deltas=config.cache_deltas) as switcher:
         problem = SearchProblem(switcher, eval_sets, config, names, bounds, initial, weighting, show_progress)
         start = time.perf_counter()
         try:
@@ -187,6 +188,14 @@ def run_search(
         weighting=weighting,
         search_config=config.to_dict(),
     )
+
+
+def resolve_lora_mode(config: SearchConfig) -> str:
+    """`lora_mode="auto"`: adapters for the gradient strategy (no weight gradients needed), in-place updates
+    otherwise (a memory pass per changed vector costs less than rank-r matmuls in every forward pass)."""
+    if config.lora_mode != "auto":
+        return config.lora_mode
+    return "adapter" if config.strategy == "gradient" else "update"
 
 
 # ---------------------------------------------------------------------------------------------- input checks

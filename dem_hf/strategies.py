@@ -98,7 +98,12 @@ class Objective:
 
     def _torch(self, losses: torch.Tensor) -> torch.Tensor:
         metric = self.config.metric
-        per_set = losses if metric == "log_perplexity" else (losses - (self.base_losses if metric == "relative_perplexity" else 0)).exp()
+        if metric == "log_perplexity":
+            per_set = losses
+        elif metric == "relative_perplexity":
+            per_set = (losses - self.base_losses).exp()
+        else:
+            per_set = losses.exp()
         if self.config.objective == "max":
             return per_set.max()
         if self.config.objective == "weighted_mean":

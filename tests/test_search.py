@@ -181,6 +181,25 @@ def test_lora_adapter_path_equals_dense_merge(world, tmp_path, tokenizer, tied, 
         torch.testing.assert_close(model(ids).logits, make_llama(seed=0, tie_word_embeddings=tied)(ids).logits, rtol=0, atol=0)
 
 
+def test_lora_search_scores_agree_across_paths(world):
+    """A search over LoRA vectors scores the same candidates alike as adapters, as in-place updates, and as
+    the densified (full) vectors; 'auto' picks adapters for the gradient strategy only."""
+    lora = [lora_vector("math", 1), lora_vector("chat", 2)]
+    dense = [DistributionVector(v.name, TensorDict({n: v.delta(n) for n in v.target_names})) for v in lora]
+    sets = {"math": world["sampled"]}
+    config = dict(grid_values=[0.0, 0.7, 1.4], metric="log_perplexity")
+    objectives = {
+        mode: [c.objective for c in new_merger(world, vectors).search(sets, SearchConfig(lora_mode=mode, **config),
+                                                                     show_progress=False).candidates]
+        for mode, vectors in (("adapter", lora), ("update", lora), ("auto", dense))
+    }
+    assert objectives["adapter"] == pytest.approx(objectives["update"], rel=1e-5)
+    assert objectives["update"] == pytest.approx(objectives["auto"], rel=1e-5)
+    assert search_module.resolve_lora_mode(SearchConfig(strategy="gradient")) == "adapter"
+    assert search_module.resolve_lora_mode(SearchConfig(strategy="grid")) == "update"
+    assert search_module.resolve_lora_mode(SearchConfig(strategy="grid", lora_mode="adapter")) == "adapter"
+
+
 def test_search_restores_a_given_model_exactly(world):
     merger = new_merger(world)
     model = make_llama(seed=0)
@@ -403,7 +422,7 @@ BAD = {
     "weighted mean without weights": (lambda w: SearchConfig(objective="weighted_mean"), "needs objective_weights"),
     "callable objective with gradient": (lambda w: SearchConfig(strategy="gradient", objective=len), "differentiable built-in"),
     "empty grid values": (lambda w: SearchConfig(grid_values=[]), "empty"),
-    "unknown lora_mode": (lambda w: SearchConfig(lora_mode="fused"), "['adapter', 'update']"),
+    "unknown lora_mode": (lambda w: SearchConfig(lora_mode="fused"), "['auto', 'adapter', 'update']"),
     "model that is not the base": (
         lambda w: new_merger(w).search({"math": w["texts"]}, model=make_llama(seed=5)), "differs from the base checkpoint"
     ),

@@ -11,6 +11,8 @@ in its `dem_config.json`.
 
 from __future__ import annotations
 
+from . import HELP
+
 import json
 from pathlib import Path
 
@@ -32,7 +34,7 @@ def _weighted(text: str) -> tuple[str, float]:
 def register(subparsers) -> None:
     from .train import parse_named_dataset
 
-    parser = subparsers.add_parser("search", help="Choose merging coefficients by validation perplexity.")
+    parser = subparsers.add_parser("search", help=HELP["search"])
     parser.add_argument("--base", required=True, help="Base model folder or Hub id.")
     parser.add_argument("--vector", action="append", required=True, metavar="DIR", help="A saved distribution vector; repeat.")
     parser.add_argument(
@@ -45,7 +47,10 @@ def register(subparsers) -> None:
     parser.add_argument("--objective-weight", action="append", type=_weighted, metavar="SET=WEIGHT",
                         help="Weight of a validation set for --objective weighted_mean; repeat.")
     parser.add_argument("--allow-extra-eval-sets", action="store_true", help=_HELP["allow_extra_eval_sets"])
-    parser.add_argument("--bounds", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(0.0, 2.0), help=_HELP["bounds"])
+    parser.add_argument(
+        "--bounds", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(0.0, 2.0),
+        help="Bounds of every coefficient. Default: 0 2.",
+    )
     parser.add_argument("--grid-values", nargs="+", type=float, metavar="VALUE", help=_HELP["grid_values"])
     parser.add_argument("--grid-points", type=int, default=5, help=_HELP["grid_points"])
     parser.add_argument("--n-trials", type=int, default=30, help=_HELP["n_trials"])
@@ -54,7 +59,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help=_HELP["seed"])
     parser.add_argument("--batch-size", type=int, default=8, help=_HELP["batch_size"])
     parser.add_argument("--max-length", type=int, help=_HELP["max_length"])
-    parser.add_argument("--lora-mode", default="adapter", help=_HELP["lora_mode"])
+    parser.add_argument("--lora-mode", default="auto", help=_HELP["lora_mode"])
     parser.add_argument("--device", help=_HELP["device"])
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="sum", help="'sum' (DEM) or 'average'.")
     parser.add_argument("--top", type=int, default=20, help="Rows of the candidate table (best first); 0 for all.")
@@ -79,7 +84,7 @@ def search_config_from_args(args) -> SearchConfig:
 def run(args) -> int:
     from ..io import check_output_directory
     from ..merger import DEMMerger
-    from ..training import load_training_dataset
+    from ..training_data import load_training_dataset
     from ..vectors import DistributionVector
 
     config = search_config_from_args(args)  # validated before anything is loaded

@@ -22,7 +22,18 @@ _EXPORTS = {
     "train_mixture": "training",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "DEMConfig",
+    "DEMMerger",
+    "DistributionVector",
+    "DistributionVectorCallback",
+    "SearchConfig",
+    "SearchResult",
+    "__version__",
+    "compute_perplexity",
+    "train_distributions",
+    "train_mixture",
+]
 
 if TYPE_CHECKING:
     from .callbacks import DistributionVectorCallback

@@ -25,16 +25,20 @@ from transformers.utils import logging
 from .card import CARD_NAME, build_model_card
 from .config import DEMConfig, check_coefficients
 from .hub import check_push_target, prepare_repo, push_folder, resolve_pretrained
-from .io import (
-    BufferPool,
-    CheckpointReader,
-    ShardedWriter,
+from .io import BufferPool, CheckpointReader, ShardedWriter
+from .merge_utils import (
+    effective_weights,
+    merge_tensor,
+    merged_blocks,
+    single_threaded,
+    terms_for,
+)
+from .outputs import (
     atomic_directory,
     check_not_inside,
     check_output_directory,
     is_weight_file,
 )
-from .merge_utils import effective_weights, merge_tensor, merged_blocks, single_threaded, terms_for
 from .tensors import fingerprint, untied_state_dict
 from .vectors import DistributionVector
 

@@ -41,8 +41,13 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .callbacks import VECTOR_FOLDER, DistributionVectorCallback, is_peft_model, training_compute
-from .io import check_output_directory
+from .callbacks import (
+    VECTOR_FOLDER,
+    DistributionVectorCallback,
+    is_peft_model,
+    training_compute,
+)
+from .outputs import check_output_directory
 from .runs import (
     RUN_INFO_NAME,
     base_identity,

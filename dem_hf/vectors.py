@@ -28,10 +28,9 @@ from .io import (
     BufferPool,
     CheckpointReader,
     ShardedWriter,
-    atomic_directory,
-    check_output_directory,
     read_rows,
 )
+from .outputs import atomic_directory, check_output_directory
 from .tensors import (
     TensorDict,
     TensorSource,

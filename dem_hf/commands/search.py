@@ -82,7 +82,7 @@ def search_config_from_args(args) -> SearchConfig:
 
 
 def run(args) -> int:
-    from ..io import check_output_directory
+    from ..outputs import check_output_directory
     from ..merger import DEMMerger
     from ..training_data import load_training_dataset
     from ..vectors import DistributionVector

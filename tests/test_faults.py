@@ -156,3 +156,36 @@ def test_hub_failing_mid_push_leaves_the_local_model_intact_and_a_retry_succeeds
     local = AutoModelForCausalLM.from_pretrained(saved)
     for (name, a), (_, b) in zip(reloaded.state_dict().items(), local.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("fault", ["exception mid-search", "KeyboardInterrupt mid-search"])
+def test_interrupted_search_restores_the_model_and_records_nothing(fault, base_dir, vectors, monkeypatch):
+    import torch
+
+    from dem_hf import SearchConfig, evaluation
+    from dem_hf.tensors import untied_state_dict
+
+    from .conftest import make_llama
+
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    recorded = dict(merger.config.coefficients)
+    model = make_llama(seed=0)
+    before = {n: t.clone() for n, t in untied_state_dict(model).items()}
+    data = [{"text": "w1 w2 w3 w4 w5 w6"}, {"text": "w7 w8 w9 w10"}]
+    original, calls = evaluation.batch_nll, {"n": 0}
+
+    def failing_batch_nll(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Boom("evaluation failed") if fault.startswith("exception") else KeyboardInterrupt()
+        return original(*args, **kwargs)
+
+    config = SearchConfig(grid_values=[0.5, 1.0], allow_extra_eval_sets=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "batch_nll", failing_batch_nll)
+        with pytest.raises((Boom, KeyboardInterrupt)):
+            merger.search({"math": data}, config, model=model, show_progress=False)
+    assert all(torch.equal(t, before[n]) for n, t in untied_state_dict(model).items())
+    assert merger.config.search_result is None and merger.config.coefficients == recorded
+    result = merger.search({"math": data}, config, model=model, show_progress=False)
+    assert len(result.candidates) == 2 ** len(vectors)

@@ -17,6 +17,7 @@ import torch
 
 from .config import WEIGHTINGS
 from .io import BufferPool, TensorBlocks, read_rows
+from .tensors import untied_state_dict
 
 if TYPE_CHECKING:
     from .vectors import DistributionVector
@@ -148,3 +149,17 @@ def single_threaded() -> Iterator[None]:
 def terms_for(name: str, terms: Terms) -> list[tuple["DistributionVector", float]]:
     """The subset of `terms` whose vector changes tensor `name`."""
     return [(vector, weight) for vector, weight in terms if vector.changes(name)]
+
+
+def apply_vectors_(model: torch.nn.Module, terms: Terms) -> torch.nn.Module:
+    """Add Σ w·Δ to an in-memory model's parameters, in place (float32 accumulation, one rounding).
+
+    Tied parameters are updated once. Tensors whose names no vector changes are left untouched.
+    """
+    state = untied_state_dict(model)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            relevant = terms_for(name, terms)
+            if relevant:
+                tensor.copy_(merge_tensor(tensor, name, relevant))
+    return model

@@ -27,8 +27,8 @@ from .config import DEMConfig, check_coefficients
 from .hub import check_push_target, prepare_repo, push_folder, resolve_pretrained
 from .io import BufferPool, CheckpointReader, ShardedWriter
 from .merge_utils import (
+    apply_vectors_,
     effective_weights,
-    merge_tensor,
     merged_blocks,
     single_threaded,
     terms_for,
@@ -39,7 +39,7 @@ from .outputs import (
     check_output_directory,
     is_weight_file,
 )
-from .tensors import fingerprint, untied_state_dict
+from .tensors import fingerprint
 from .vectors import DistributionVector
 
 logger = logging.get_logger(__name__)
@@ -436,17 +436,3 @@ class DEMMerger:
             f"DEMMerger(base={self.config.base_model_name_or_path!r}, weighting={self.config.weighting!r}, "
             f"coefficients={self.config.coefficients})"
         )
-
-
-def apply_vectors_(model: torch.nn.Module, terms: list[tuple[DistributionVector, float]]) -> torch.nn.Module:
-    """Add Σ w·Δ to an in-memory model's parameters, in place (float32 accumulation, one rounding).
-
-    Tied parameters are updated once. Tensors whose names no vector changes are left untouched.
-    """
-    state = untied_state_dict(model)
-    with torch.no_grad():
-        for name, tensor in state.items():
-            relevant = terms_for(name, terms)
-            if relevant:
-                tensor.copy_(merge_tensor(tensor, name, relevant))
-    return model

@@ -42,14 +42,6 @@ def ids_of(*indices: int) -> list[int]:
     return [VOCAB.index(f"w{i}") for i in indices]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on 2 shared cores are far faster single-threaded (no OpenMP barrier waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture
 def model():

@@ -34,14 +34,6 @@ from .conftest import VOCAB, make_llama, make_tokenizer, save_model
 OPTIMUM = {"math": 0.6, "chat": 1.3}  # the coefficients of the model the validation data is sampled from
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on 2 shared cores are far faster single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def noise_vector(name: str, seed: int, scale: float = 0.15) -> DistributionVector:
     state = untied_state_dict(make_llama(seed=0))

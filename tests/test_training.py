@@ -119,14 +119,6 @@ def assert_same_vector(actual: DistributionVector, expected: DistributionVector)
 # ============================================================================================ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two contended ones on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained_base(tmp_path_factory):

@@ -7,14 +7,19 @@ New features add their cases here (see CONTRIBUTING.md).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from transformers import Trainer
+from trl import SFTConfig
 
-from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig
+from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig, train_distributions
 from dem_hf.card import build_model_card
+from dem_hf.cli import main
 from dem_hf.commands.push import push_saved_folder
 from dem_hf.io import ShardedWriter
 from dem_hf.tensors import TensorDict
@@ -71,6 +76,16 @@ def push_without_token(w):
     with HubServer(require_token="hf_secret") as hub, pytest.MonkeyPatch.context() as patch:
         point_clients_at(patch, hub.url, w["tmp"] / "hf_home")
         merger(w).push_to_hub("org/dem-model")
+
+
+def texts(n: int = 8) -> Dataset:
+    return Dataset.from_dict({"text": [f"w{i} w{i + 1} w{i + 2}" for i in range(n)]})
+
+
+def train(w, datasets, peft_config=None):
+    """A one-step full or LoRA run per dataset into `out` (never reached: every case is refused first)."""
+    config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", max_steps=1, save_strategy="no")
+    return train_distributions(w["base"], datasets, config, peft_config, w["out"])
 
 
 CASES = {
@@ -152,6 +167,41 @@ CASES = {
     "model card of something that is not a merger": (
         lambda w: build_model_card(w["base"]), ValueError, "DEMMerger or a DEMConfig",
     ),
+    # per-dataset training (checked before any run starts)
+    "train: dataset with no column TRL can use": (
+        lambda w: train(w, {"ok": texts(), "bad": Dataset.from_dict({"body": ["w1 w2"]})}), ValueError, "none of which TRL",
+    ),
+    "train: empty dataset": (lambda w: train(w, {"ok": texts(), "empty": Dataset.from_dict({"text": []})}), ValueError, "is empty"),
+    "train: duplicate dataset name": (
+        lambda w: train(w, [("ok", texts()), ("ok", texts())]), ValueError, "Duplicate dataset name 'ok'",
+    ),
+    "train: dataset names differing only in case": (
+        lambda w: train(w, [("ok", texts()), ("OK", texts())]), ValueError, "Duplicate dataset name 'OK'",
+    ),
+    "train: dataset name escaping the output folder": (
+        lambda w: train(w, {"ok": texts(), "../escape": texts()}), ValueError, "Invalid name '../escape'",
+    ),
+    "train: dataset name with a slash": (lambda w: train(w, {"ok": texts(), "a/b": texts()}), ValueError, "Invalid name 'a/b'"),
+    "train: LoRA target modules absent from the base": (
+        lambda w: train(w, {"ok": texts()}, LoraConfig(target_modules=["q_proj", "nope_proj"])), ValueError,
+        "['nope_proj'] do not exist",
+    ),
+    "train: LoRA target regex matching no module": (
+        lambda w: train(w, {"ok": texts()}, LoraConfig(target_modules=r".*\.attn_c\w+")), ValueError, "matches no module",
+    ),
+    "train: DoRA adapter (not a linear delta)": (
+        lambda w: train(w, {"ok": texts()}, LoraConfig(target_modules=["q_proj"], use_dora=True)), ValueError, "use_dora",
+    ),
+    "train: chat data with a tokenizer without chat template": (
+        lambda w: train(w, {"ok": texts(), "chat": Dataset.from_dict({"messages": [[{"role": "user", "content": "w1"}]]})}),
+        ValueError, "no chat template",
+    ),
+    "train: prompt column without completion": (
+        lambda w: train(w, {"ok": texts(), "half": Dataset.from_dict({"prompt": ["w1"]})}), ValueError, "no completion column",
+    ),
+    "train: dataset file that does not exist": (
+        lambda w: train(w, {"ok": texts(), "missing": "no/such/file.jsonl"}), ValueError, "does not exist",
+    ),
     # coefficient search
     "search: validation set named after no vector": (
         lambda w: merger(w).search({"poetry": ["w1 w2 w3"]}), ValueError, "match no vector; the vectors are",
@@ -173,7 +223,8 @@ def test_bad_input_is_refused_clearly_and_early(case, world, monkeypatch):
     call, error, message = CASES[case]
     writes = []
     monkeypatch.setattr(ShardedWriter, "add", lambda self, name, tensor: writes.append(name))
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    monkeypatch.setattr(Trainer, "train", lambda self, *args, **kwargs: writes.append("a training run"))
+    with pytest.raises(error, match=re.escape(message)):
         call(world)
     assert not writes
     assert not world["out"].exists()
@@ -183,7 +234,52 @@ def test_bad_input_is_refused_clearly_and_early(case, world, monkeypatch):
     )
 
 
+CLI_CASES = {
+    "cli merge: vector folder that does not exist": (
+        lambda w: ["merge", "--base", str(w["base"]), "--vector", f"{w['tmp'] / 'missing'}=1", "--output", str(w["out"])],
+        "missing",
+    ),
+    "cli merge: vector from another base": (
+        lambda w: ["merge", "--base", str(w["other_base"]), "--vector", f"{w['tmp'] / 'vec' / 'math'}=1", "--output", str(w["out"])],
+        "computed against another base model",
+    ),
+    "cli merge: output folder exists and is not empty": (
+        lambda w: ["merge", "--base", str(w["base"]), "--vector", f"{w['tmp'] / 'vec' / 'math'}=1", "--output", str(w["occupied"])],
+        "not empty",
+    ),
+    "cli extract: finetuned model of another shape": (
+        lambda w: ["extract", "--base", str(w["base"]), "--finetuned", str(w["wide"]), "--name", "x", "--output", str(w["out"])],
+        "Shape of 'model.layers.0.mlp.down_proj.weight' differs",
+    ),
+    "cli search: unknown strategy": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--strategy", "annealing"],
+        "annealing",
+    ),
+    "cli train: dataset file that does not exist": (
+        lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=no/such/file.jsonl", "--output_dir", str(w["out"])],
+        "does not exist",
+    ),
+    "cli push: invalid repo id": (
+        lambda w: ["push", "--model", str(w["base"]), "--repo-id", "not a repo id!"], "repo id",
+    ),
+    "cli card: folder that is not a DEM model": (lambda w: ["card", str(w["base"])], "dem_config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES), ids=list(CLI_CASES))
+def test_cli_turns_bad_input_into_one_line_and_exit_code_2(case, world, capsys, monkeypatch):
+    """The same refusals on the command line: one line naming the problem, status 2, no traceback, nothing written."""
+    monkeypatch.setattr(Trainer, "train", lambda self, *args, **kwargs: pytest.fail("a training run started"))
+    argv, message = CLI_CASES[case]
+    assert main(argv(world)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not world["out"].exists()
+    assert (world["occupied"] / "keep.txt").read_text() == "precious"
+
+
 def test_bad_input_case_count():
     """Issue 9 asks for at least 25 distinct cases across the pipeline; this file grows with each feature."""
-    print(f"\nbad-input cases: {len(CASES)}")
-    assert len(CASES) >= 25
+    print(f"\nbad-input cases: {len(CASES)} in Python, {len(CLI_CASES)} on the command line")
+    assert len(CASES) + len(CLI_CASES) >= 25

@@ -282,30 +282,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(trained_base, tmp_path
 # ============================================================================================ acceptance 4
 
 
-@pytest.mark.parametrize(
-    "datasets, peft_config, message",
-    [
-        ({"ok": plain_data(), "bad": Dataset.from_dict({"body": ["w1 w2"]})}, None, "none of which TRL"),
-        ({"ok": plain_data(), "empty": Dataset.from_dict({"text": []})}, None, "is empty"),
-        ([("ok", plain_data()), ("ok", plain_data())], None, "Duplicate dataset name 'ok'"),
-        ([("ok", plain_data()), ("OK", plain_data())], None, "Duplicate dataset name 'OK'"),
-        ({"ok": plain_data(), "../escape": plain_data()}, None, "Invalid name '../escape'"),
-        ({"ok": plain_data(), "a/b": plain_data()}, None, "Invalid name 'a/b'"),
-        ({"ok": plain_data()}, LoraConfig(target_modules=["q_proj", "nope_proj"]), r"\['nope_proj'\] do not exist"),
-        ({"ok": plain_data()}, LoraConfig(target_modules=r".*\.attn_c\w+"), "matches no module"),
-        ({"ok": plain_data()}, LoraConfig(target_modules=["q_proj"], use_dora=True), "use_dora"),
-        ({"ok": plain_data(), "chat": chat_data()}, None, "no chat template"),
-        ({"ok": plain_data(), "half": Dataset.from_dict({"prompt": ["w1"]})}, None, "no completion column"),
-        ({"ok": plain_data(), "missing": "no/such/file.jsonl"}, None, "does not exist"),
-    ],
-    ids=["columns", "empty", "duplicate", "duplicate-case", "unsafe-name", "slash-name", "lora-targets",
-         "lora-regex", "dora", "chat-template", "prompt-only", "missing-file"],
-)
-def test_bad_input_is_refused_before_any_training(trained_base, tmp_path, datasets, peft_config, message):
-    recorder = RunRecorder()
-    with pytest.raises(ValueError, match=message):
-        train_distributions(trained_base, datasets, sft_config(tmp_path / "out"), peft_config, tmp_path / "out", callbacks=[recorder])
-    assert recorder.runs == [] and not (tmp_path / "out").exists()
+# Bad training input (refused before any run starts) is collected with the rest in tests/test_bad_inputs.py.
 
 
 def test_datasets_load_from_local_files_folders_and_dataset_dicts(tmp_path):

@@ -11,31 +11,47 @@ from typing import TYPE_CHECKING
 
 # Public names, imported on first use: `dem-hf merge` or `from dem_hf import DEMMerger` need not import TRL.
 _EXPORTS = {
+    "AblationResult": "ablation_report",
     "DEMConfig": "config",
     "DEMMerger": "merger",
     "DistributionVector": "vectors",
     "DistributionVectorCallback": "callbacks",
+    "PartitionPool": "ablation",
+    "ProxyValidation": "ablation_report",
     "SearchConfig": "config",
     "SearchResult": "search",
     "compute_perplexity": "evaluation",
+    "evaluate_mixtures": "ablation",
+    "split_partitions": "ablation_data",
     "train_distributions": "training",
     "train_mixture": "training",
+    "validate_proxy": "ablation_validation",
 }
 
 __all__ = [
+    "AblationResult",
     "DEMConfig",
     "DEMMerger",
     "DistributionVector",
     "DistributionVectorCallback",
+    "PartitionPool",
+    "ProxyValidation",
     "SearchConfig",
     "SearchResult",
     "__version__",
     "compute_perplexity",
+    "evaluate_mixtures",
+    "split_partitions",
     "train_distributions",
     "train_mixture",
+    "validate_proxy",
 ]
 
 if TYPE_CHECKING:
+    from .ablation import PartitionPool, evaluate_mixtures
+    from .ablation_data import split_partitions
+    from .ablation_report import AblationResult, ProxyValidation
+    from .ablation_validation import validate_proxy
     from .callbacks import DistributionVectorCallback
     from .config import DEMConfig, SearchConfig
     from .evaluation import compute_perplexity

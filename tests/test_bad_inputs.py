@@ -17,7 +17,18 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 from trl import SFTConfig
 
-from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig, train_distributions
+import dem_hf.search
+from dem_hf import (
+    DEMConfig,
+    DEMMerger,
+    DistributionVector,
+    PartitionPool,
+    SearchConfig,
+    evaluate_mixtures,
+    split_partitions,
+    train_distributions,
+    validate_proxy,
+)
 from dem_hf.card import build_model_card
 from dem_hf.cli import main
 from dem_hf.commands.push import push_saved_folder
@@ -86,6 +97,24 @@ def train(w, datasets, peft_config=None):
     """A one-step full or LoRA run per dataset into `out` (never reached: every case is refused first)."""
     config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", max_steps=1, save_strategy="no")
     return train_distributions(w["base"], datasets, config, peft_config, w["out"])
+
+
+CORPUS = Dataset.from_dict({"text": ["w1 w2", "w3 w4"], "source": ["a", "b"]})
+VALIDATION = {"val_a": ["w1 w2 w3", "w4 w5"], "val_b": ["w6 w7 w8"]}
+
+
+def pool(w) -> PartitionPool:
+    """The three saved vectors (math, chat, code) as a pool of partition models."""
+    return PartitionPool.from_vectors(w["base"], list(w["vectors"].values()))
+
+
+def ablate(candidates, **kwargs):
+    return lambda w: evaluate_mixtures(pool(w), candidates, VALIDATION, show_progress=False, **kwargs)
+
+
+def validate(candidates, **kwargs):
+    config = lambda w: SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", max_steps=1, save_strategy="no")  # noqa: E731
+    return lambda w: validate_proxy(pool(w), candidates, VALIDATION, sft_config=config(w), output_dir=w["out"], **kwargs)
 
 
 CASES = {
@@ -215,6 +244,70 @@ CASES = {
     ),
     "search: bounds with low > high": (lambda w: SearchConfig(bounds=(2.0, 1.0)), ValueError, "low > high"),
     "search: unknown strategy": (lambda w: SearchConfig(strategy="annealing"), ValueError, "Unknown search strategy 'annealing'"),
+    # data-ablation simulation (also refused before any model is loaded)
+    "ablation: candidate names an unknown partition": (
+        ablate(["math,poetry"]), ValueError, "unknown partitions ['poetry']; the pool's partitions are ['math', 'chat', 'code']",
+    ),
+    "ablation: weights name an unknown partition": (
+        ablate({"mix": {"math": 0.5, "poetry": 0.5}}), ValueError, "'mix' names unknown partitions ['poetry']",
+    ),
+    "ablation: no candidates": (ablate([]), ValueError, "No candidates given"),
+    "ablation: empty partition list": (ablate(["math", []]), ValueError, "#1 ([]) is empty"),
+    "ablation: empty weight mapping": (ablate({"nothing": {}}), ValueError, "'nothing' is empty"),
+    "ablation: empty item in a candidate string": (ablate(["math,,chat"]), ValueError, "'math,,chat') has an empty item"),
+    "ablation: negative weight": (
+        ablate([{"math": -0.5, "chat": 1.5}]), ValueError, "weight of 'math' must be a finite number >= 0, got -0.5",
+    ),
+    "ablation: NaN weight": (ablate([{"math": math.nan, "chat": 1.0}]), ValueError, "must be a finite number >= 0, got nan"),
+    "ablation: infinite weight": (ablate(["math=inf,chat=1"]), ValueError, "must be a finite number >= 0, got inf"),
+    "ablation: non-numeric weight": (ablate(["math=heavy,chat=1"]), ValueError, "'math=heavy' is not NAME=WEIGHT"),
+    "ablation: weight missing in a weighted candidate": (ablate(["math=0.5,chat"]), ValueError, "'chat' has no weight"),
+    "ablation: all weights zero": (ablate([{"math": 0, "chat": 0.0}]), ValueError, "all weights are 0"),
+    "ablation: duplicate candidate names": (
+        ablate(["math,chat", ["math", "chat"]]), ValueError, "Duplicate candidate name 'math+chat'",
+    ),
+    "ablation: partition repeated in a candidate": (ablate([["math", "math"]]), ValueError, "repeats a partition"),
+    "ablation: partition weighted twice in a candidate": (
+        ablate(["math=1,math=2"]), ValueError, "'math=1,math=2') repeats a partition: 'math'",
+    ),
+    "ablation: candidates given as one string": (ablate("math,chat"), ValueError, "got 'math,chat'"),
+    "ablation: no validation sets": (
+        lambda w: evaluate_mixtures(pool(w), ["math"], {}), ValueError, "eval_datasets must be a non-empty dict",
+    ),
+    "ablation: objective weights name an unknown set": (
+        ablate(["math"], objective="weighted_mean", objective_weights={"val_c": 1.0}), ValueError, "unknown validation sets ['val_c']",
+    ),
+    "ablation: unknown objective": (ablate(["math"], objective="median"), ValueError, "Unknown objective 'median'"),
+    "ablation: pool over an in-memory model instead of a folder": (
+        lambda w: PartitionPool.train(make_llama(), CORPUS, output_dir=w["out"], partition_by="source"),
+        ValueError, "got LlamaForCausalLM",
+    ),
+    "ablation: pool with two vectors of one name": (
+        lambda w: PartitionPool.from_vectors(w["base"], [w["vectors"]["math"]] * 2), ValueError, "share a name: ['math', 'math']",
+    ),
+    "ablation: split by a column the corpus lacks": (
+        lambda w: split_partitions(CORPUS, by="topic"), ValueError, "'topic' is not in the corpus",
+    ),
+    "ablation: more shards than examples": (
+        lambda w: split_partitions(CORPUS, num_partitions=3), ValueError, "corpus size 2, got 3",
+    ),
+    "ablation: split both by column and into shards": (
+        lambda w: split_partitions(CORPUS, by="source", num_partitions=2), ValueError, "exactly one of by=",
+    ),
+    "ablation: partition value unusable as a name": (
+        lambda w: split_partitions(CORPUS.map(lambda r: {"source": r["source"] + "/x"}), by="source"),
+        ValueError, "value 'a/x' cannot name a partition",
+    ),
+    "ablation: validate with fewer than three candidates": (
+        validate(["math", "chat"], corpus_partitions={}), ValueError, "at least 3 candidates",
+    ),
+    "ablation: validate without the partitions' training data": (
+        validate(["math", "chat", "code"]), ValueError, "needs each partition's training data",
+    ),
+    "ablation: validate with training data missing a partition": (
+        validate(["math", "chat", "code"], corpus_partitions={"math": CORPUS, "chat": CORPUS}),
+        ValueError, "lacks the training data of partitions ['code']",
+    ),
 }
 
 
@@ -224,6 +317,8 @@ def test_bad_input_is_refused_clearly_and_early(case, world, monkeypatch):
     writes = []
     monkeypatch.setattr(ShardedWriter, "add", lambda self, name, tensor: writes.append(name))
     monkeypatch.setattr(Trainer, "train", lambda self, *args, **kwargs: writes.append("a training run"))
+    if case.startswith("ablation"):
+        monkeypatch.setattr(dem_hf.search, "load_search_model", lambda *args, **kwargs: writes.append("a model load"))
     with pytest.raises(error, match=re.escape(message)):
         call(world)
     assert not writes
@@ -262,6 +357,11 @@ CLI_CASES = {
     ),
     "cli push: invalid repo id": (
         lambda w: ["push", "--model", str(w["base"]), "--repo-id", "not a repo id!"], "repo id",
+    ),
+    "cli ablate: candidate naming an unknown partition": (
+        lambda w: ["ablate", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"), "--candidate", "math,poetry",
+                   "--eval", f"val={w['tmp'] / 'missing.jsonl'}", "--output", str(w["out"])],
+        "poetry",
     ),
     "cli card: folder that is not a DEM model": (lambda w: ["card", str(w["base"])], "dem_config.json"),
 }

@@ -13,6 +13,7 @@ HELP = {
     "merge": "Merge distribution vectors into a base model (streaming).",
     "train": "Fine-tune the base once per dataset with TRL and save one distribution vector per dataset.",
     "search": "Choose merging coefficients by validation perplexity.",
+    "ablate": "Rank candidate data mixtures by the proxy perplexity of averaged partition models.",
     "push": "Push a saved (DEM) model folder to the Hub in one commit.",
     "card": "Write the model card (README.md) of a saved DEM folder.",
     "demo": "Run DEM end to end on a real model and real data (offline).",

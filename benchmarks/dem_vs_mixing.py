@@ -1,0 +1,252 @@
+"""DEM against data mixing on a real model and real data, at measured training compute (the paper's comparison).
+
+Three contenders, scored on the same held-out test splits (token-weighted perplexity per distribution):
+
+(a) DEM: the demo's runs (`dem-hf demo`, one LoRA run per distribution, `--max_steps` each) plus its
+    coefficient search on the validation splits; reused from the demo's cache when the settings match.
+(b) Data mixing: one run per mixture of the same training splits, each trained on as many tokens as DEM's
+    runs together (stopped by a token budget, so every mixture sees the same number of tokens), for a
+    grid of mixtures: uniform, proportional to each dataset's tokens, proportional to DEM's coefficients,
+    and tilted towards the datasets the base model finds hardest (its validation loss).
+(c) The base model.
+
+Compute is what the runs measured (non-padding tokens seen; FLOPs as Transformers counts them and as
+6·N·tokens); DEM's search adds its forward passes (2·N·tokens per validation pass). The report prints a
+Markdown table for `benchmarks/RESULTS.md` and saves a bar chart.
+
+Run from the repository root (it installs nothing; `bash examples/run_demo.sh` once sets everything up):
+
+    python benchmarks/dem_vs_mixing.py                    # the demo's defaults (its cached runs are reused)
+    python benchmarks/dem_vs_mixing.py --max_steps 100    # any `dem-hf demo` option scales it
+
+Runs and results are cached in benchmarks/.work/dem_vs_mixing/ (git-ignored); the chart is written to
+benchmarks/dem_vs_mixing.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import MISSING, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, _test_perplexities, run_demo  # noqa: E402
+
+WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
+
+
+class StopAtTokenBudget(TrainerCallback):
+    """Stop training once the run has seen `budget` non-padding tokens (the step that crosses it completes)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.num_input_tokens_seen >= self.budget:
+            control.should_training_stop = True
+        return control
+
+
+def parse_args() -> DemoConfig:
+    """Every `dem-hf demo` option; with the defaults the demo's own cached runs and search are reused."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(DemoConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name in ("output_dir", "cache_dir"):
+            continue
+        if isinstance(default, list):
+            parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=f.metadata["help"])
+    config = DemoConfig(**vars(parser.parse_args()))
+    if config != DemoConfig():
+        config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
+    return config
+
+
+def _settings_tag(config: DemoConfig) -> str:
+    return f"{len(config.distributions)}d-n{config.n_train}-s{config.max_steps}-l{config.max_length}-r{config.lora_r}-seed{config.seed}"
+
+
+def mixture_grid(names: list[str], train_tokens: dict[str, int], coefficients: dict[str, float],
+                 base_val_loss: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The grid of mixture weights (need not sum to 1)."""
+    grid = {
+        "uniform": {n: 1.0 for n in names},
+        "proportional to tokens": {n: float(train_tokens[n]) for n in names},
+        "proportional to DEM's coefficients": {n: max(coefficients[n], 0.0) for n in names},
+        "tilted to the hardest (base val loss^2)": {n: base_val_loss[n] ** 2 for n in names},
+    }
+    if sum(grid["proportional to DEM's coefficients"].values()) == 0:
+        del grid["proportional to DEM's coefficients"]
+    return grid
+
+
+def training_tokens(dataset, tokenizer, max_length: int) -> int:
+    from dem_hf.evaluation import tokenize_for_evaluation
+
+    return tokenize_for_evaluation(dataset, tokenizer, max_length=max_length).num_tokens
+
+
+def evaluation_tokens(dataset, tokenizer, max_length: int) -> int:
+    """Every input token of a validation pass (prompts included: the forward pass processes them)."""
+    from dem_hf.evaluation import tokenize_for_evaluation
+
+    return sum(len(ids) for ids in tokenize_for_evaluation(dataset, tokenizer, max_length=max_length).input_ids)
+
+
+def mixture_model(model_dir: Path, run):
+    """The base with the mixture run's LoRA adapter merged in (weight 1)."""
+    from dem_hf import DEMMerger, DistributionVector
+
+    vector = DistributionVector.from_peft(run.model_dir, name="mixture")
+    return DEMMerger.from_pretrained(model_dir, vectors=[vector]).merge({"mixture": 1.0})
+
+
+def run_benchmark(config: DemoConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    from dem_hf import train_mixture
+    from dem_hf.demo import prepare_distributions, prepare_smollm2
+    from dem_hf.demo.distributions import to_prompt_completion
+
+    demo = run_demo(config)
+    model_dir = prepare_smollm2(config.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
+    names = list(data)
+    train = {n: to_prompt_completion(s["train"]) for n, s in data.items()}  # one format for mixing; same loss
+    tests = {n: s["test"] for n, s in data.items()}
+    dem_tokens = sum(c["tokens_seen"] for c in demo["compute"].values())
+    base_val_loss = _base_validation_losses(model_dir, tokenizer, data, config)
+    grid = mixture_grid(names, {n: training_tokens(train[n], tokenizer, config.max_length) for n in names},
+                        demo["coefficients"], base_val_loss)
+    mixtures = {}
+    output_dir = WORK / f"mixtures-{_settings_tag(config)}"
+    for label, weights in grid.items():
+        sft_config = _sft_config(config, output_dir)
+        sft_config.max_steps = 4 * config.max_steps * len(names)  # a cap; the token budget stops the run
+        run = train_mixture(model_dir, train, weights, sft_config, _lora_config(config), output_dir,
+                            callbacks=[StopAtTokenBudget(dem_tokens)])
+        results_file = run.run_dir / "test_perplexity.json"
+        if not results_file.is_file():
+            ppl = _test_perplexities(mixture_model(model_dir, run), tokenizer, tests, config)
+            results_file.write_text(json.dumps(ppl))
+        mixtures[label] = {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
+                           "compute": run.info["compute"]}
+
+    n_params = next(iter(demo["compute"].values()))["num_parameters"]
+    val_tokens = sum(evaluation_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
+    search_flops = demo["search"]["compute_forward_passes"] * 2 * n_params * val_tokens
+    return {
+        "config": {f.name: getattr(config, f.name) for f in fields(DemoConfig)},
+        "distributions": names, "base": demo["test_perplexity"]["base"], "dem": demo["test_perplexity"]["DEM"],
+        "singles": {k: v for k, v in demo["test_perplexity"].items() if k.endswith(" only")},
+        "dem_coefficients": demo["coefficients"], "dem_search": demo["search"], "dem_runs": demo["compute"],
+        "dem_search_flops": search_flops, "validation_tokens": val_tokens, "mixtures": mixtures,
+        "base_validation_loss": base_val_loss, "dem_token_budget": dem_tokens,
+    }
+
+
+def _base_validation_losses(model_dir: Path, tokenizer, data, config: DemoConfig) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    from dem_hf.evaluation import compute_perplexities
+
+    results = compute_perplexities(AutoModelForCausalLM.from_pretrained(model_dir), {n: s["validation"] for n, s in data.items()},
+                                   tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length)
+    return {n: r.loss for n, r in results.items()}
+
+
+def _means(row: dict[str, float], names: list[str]) -> tuple[float, float]:
+    values = [row[n] for n in names]
+    return sum(values) / len(values), math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def report_markdown(result: dict) -> str:
+    names = result["distributions"]
+    dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
+    dem_tokens = sum(c["tokens_seen"] for c in result["dem_runs"].values())
+    grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
+    rows = [("base model", result["base"], None, None)]
+    for label, m in result["mixtures"].items():
+        rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
+    rows.append(("**DEM** (runs + search)", result["dem"], dem_tokens, dem_flops + result["dem_search_flops"]))
+    lines = ["| model | " + " | ".join(names) + " | mean ppl | geo-mean ppl | train tokens | FLOPs |",
+             "|---|" + "---|" * (len(names) + 4)]
+    for label, row, tokens, flops in rows:
+        mean, geo = _means(row, names)
+        lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {mean:.3f} | {geo:.3f} | "
+                     + (f"{tokens:,}" if tokens else "-") + " | " + (f"{flops:.3g}" if flops else "-") + " |")
+    best_label, best = min(result["mixtures"].items(), key=lambda kv: _means(kv[1]["test_perplexity"], names)[0])
+    best_mean = _means(best["test_perplexity"], names)[0]
+    dem_mean = _means(result["dem"], names)[0]
+    lines += [
+        "",
+        f"DEM mean test perplexity {dem_mean:.3f} vs best mixture ({best_label}) {best_mean:.3f}: "
+        f"{100 * (dem_mean / best_mean - 1):+.2f}%.",
+        f"Training compute: DEM {dem_flops:.3g} FLOPs (+ search {result['dem_search_flops']:.3g}) vs the mixing grid "
+        f"{grid_flops:.3g} FLOPs ({len(result['mixtures'])} runs): DEM needs "
+        f"{(dem_flops + result['dem_search_flops']) / grid_flops:.2f}x the grid's compute "
+        f"({(dem_flops + result['dem_search_flops']) / best['compute']['total_flos']:.2f}x one mixture run).",
+        "DEM coefficients: " + ", ".join(f"{n}={w:.3g}" for n, w in result["dem_coefficients"].items())
+        + f" ({result['dem_search']['strategy']}, {result['dem_search']['candidates']} candidates).",
+    ]
+    return "\n".join(lines)
+
+
+def bar_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result["distributions"]
+    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in result["mixtures"].items()},
+              "DEM": result["dem"]}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))
+    for i, (label, row) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [row[n] for n in names], width, label=label, color="black" if label == "DEM" else None)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title("DEM vs data mixing at equal training tokens (LoRA, SmolLM2-135M-Instruct)")
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    os.chdir(ROOT)  # the demo's cache keys hold its relative default folders
+    config = parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    result = run_benchmark(config)
+    result["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
+    result["command"] = "python " + " ".join(sys.argv)
+    result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    (WORK / f"result-{_settings_tag(config)}.json").write_text(json.dumps(result, indent=2))
+    chart = ROOT / "benchmarks" / "dem_vs_mixing.png"
+    bar_chart(result, chart)
+    print(f"\n## DEM vs data mixing (LoRA)\n\n{result['machine']}; `{result['command']}` ({result['date']})\n")
+    print(report_markdown(result))
+    print(f"\nChart: {chart.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

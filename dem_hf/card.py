@@ -22,13 +22,13 @@ The facts a card states are gathered in [`dem_hf.card_data`]; this module render
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers.utils import logging
 
 from .card_data import CARD_NAME, CardFacts, SearchSummary, framework_versions, hub_id_of, is_hub_dataset_id
 from .config import DEMConfig
@@ -40,7 +40,7 @@ __all__ = [
     "is_hub_dataset_id", "write_model_card",
 ]
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "dem_card.md.j2"
 CARD_TAGS = ("dem", "merge", "dem_hf")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -22,13 +23,12 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, try_to_load_from_cache
-from transformers.utils import logging
 
 from . import __version__
 from .config import DEMConfig
 from .hub import validate_repo_id
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 CARD_NAME = "README.md"
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip", ".zst")

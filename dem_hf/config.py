@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from transformers.utils import logging
-
 from . import __version__
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 WEIGHTINGS = ("sum", "average")
 

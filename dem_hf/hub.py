@@ -14,6 +14,7 @@ Everything goes through the real `huggingface_hub` client, so `HF_ENDPOINT`, `HF
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +43,8 @@ from huggingface_hub.utils import (
     httpx,  # the HTTP library huggingface_hub itself uses
 )
 from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
-from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 REPO_TYPES = ("model", "dataset", "space")
 REPO_ID_RULES = (

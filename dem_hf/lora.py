@@ -14,18 +14,18 @@ indices, `target_parameters`) are refused with a clear error rather than merged 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.utils import logging
 
-from .tensors import TensorSource, fingerprint, open_weights, untied_state_dict, TensorDict
+from .tensors import TensorDict, TensorSource, fingerprint, open_weights, untied_state_dict
 from .vectors import LORA_A, LORA_B, LoraModule
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 PEFT_PREFIX = "base_model.model."
 FACTOR_KEYS = {

@@ -12,6 +12,7 @@ shapes), so mistakes surface before any heavy work. Two ways to merge:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import CommitInfo
-from transformers.utils import logging
 
 from .card import CARD_NAME, build_model_card
 from .config import DEMConfig, check_coefficients
@@ -42,7 +42,7 @@ from .outputs import (
 from .tensors import fingerprint
 from .vectors import DistributionVector
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 VECTORS_FOLDER = "vectors"
 NOT_COPIED_FROM_BASE = {"README.md", DEMConfig.config_name}

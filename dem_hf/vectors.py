@@ -13,6 +13,7 @@ Dense deltas are stored under the base tensor's own name, LoRA factors under `<n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging
 
 from . import __version__
 from .io import (
@@ -40,7 +40,7 @@ from .tensors import (
     open_weights,
 )
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 VECTOR_CONFIG_NAME = "vector_config.json"
 VECTOR_STEM = "vector"

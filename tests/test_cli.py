@@ -52,13 +52,14 @@ def test_cli_rejects_a_non_numeric_weight(tmp_path, base_dir, capsys):
 
 
 def test_merge_command_does_not_import_the_training_stack():
-    """`dem-hf merge` starts fast: only the chosen subcommand's module (and what it needs) is imported."""
+    """`dem-hf merge` starts fast: only the chosen subcommand's module (and what it needs) is imported; not even
+    transformers (about a second of start-up), since the streaming merge needs only torch and safetensors."""
     import subprocess
     import sys
 
     code = (
         "import sys; from dem_hf.cli import build_parser; build_parser(['merge']); "
-        "print(sorted(m for m in ('trl', 'peft', 'dem_hf.training', 'dem_hf.search') if m in sys.modules))"
+        "print(sorted(m for m in ('trl', 'peft', 'transformers', 'dem_hf.training', 'dem_hf.search') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

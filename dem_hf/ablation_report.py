@@ -12,13 +12,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .outputs import write_file_atomic
 
 __all__ = [
     "AblationResult", "MixtureScore", "ProxyValidation", "pearson", "plot_ablation", "plot_proxy_validation",
@@ -146,7 +146,7 @@ class AblationResult:
         """Write the ranked table as CSV, atomically (a temporary file renamed into place). Returns the path."""
         rows = self.rows()
         header = list(rows[0]) if rows else ["rank", "candidate", "objective"]
-        return write_text_atomic(path, lambda handle: _write_csv(handle, header, rows))
+        return write_file_atomic(path, lambda handle: _write_csv(handle, header, rows))
 
 
 @dataclass
@@ -282,7 +282,7 @@ def plot_ablation(result: AblationResult, path: str | os.PathLike | None = None,
     axes.set_title(f"Data-ablation proxy: {len(result.scores)} candidate mixtures", fontsize=9)
     figure.tight_layout()
     if path is not None:
-        figure.savefig(os.fspath(path), format="png", dpi=120)
+        write_file_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), binary=True)
     return figure
 
 
@@ -313,28 +313,11 @@ def plot_proxy_validation(validation: ProxyValidation, path: str | os.PathLike |
     )
     figure.tight_layout()
     if path is not None:
-        figure.savefig(os.fspath(path), format="png", dpi=120)
+        write_file_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), binary=True)
     return figure
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def write_text_atomic(path: str | os.PathLike, write) -> Path:
-    """Call `write(handle)` on a temporary text file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", newline="") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _write_csv(handle, header: list[str], rows: list[dict[str, Any]]) -> None:

@@ -2,7 +2,8 @@
 
 Every output folder of dem_hf (merged models, vectors, cards) is built under a temporary name beside its
 target by [`atomic_directory`] and renamed into place only when complete, so a crash, a full disk or
-Ctrl-C never leaves half a result and never destroys the previous one.
+Ctrl-C never leaves half a result and never destroys the previous one. Single files (search results,
+plots, ablation tables) go through [`write_file_atomic`] the same way.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 WEIGHT_FILE_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack)(\.index\.json)?$")
 
@@ -96,3 +98,30 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[Any]], Any], *, binary: bool = False) -> Path:
+    """Call `write(handle)` on a temporary file beside `path`, sync it, then rename it into place.
+
+    A failure (including `KeyboardInterrupt` or a full disk) removes the temporary file and leaves the
+    previous `path`, if any, untouched. Returns `path`.
+
+    Example:
+        ```python
+        >>> write_file_atomic("result.json", lambda handle: handle.write(json.dumps(result)))
+        >>> write_file_atomic("plot.png", lambda handle: figure.savefig(handle, format="png"), binary=True)
+        ```
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb" if binary else "w", **({} if binary else {"newline": ""})) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .outputs import write_file_atomic
+
 if TYPE_CHECKING:
     from .search import SearchResult
 
@@ -70,7 +72,7 @@ def plot_search(result: SearchResult | Mapping[str, Any], path: str | os.PathLik
     axes.set_title(title or f"{result.strategy} search: {len(result.candidates)} candidates\n{result.objective}", fontsize=9)
     figure.tight_layout()
     if path is not None:
-        figure.savefig(os.fspath(path), format="png", dpi=120)
+        write_file_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), binary=True)
     return figure
 
 

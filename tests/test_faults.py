@@ -189,3 +189,23 @@ def test_interrupted_search_restores_the_model_and_records_nothing(fault, base_d
     assert merger.config.search_result is None and merger.config.coefficients == recorded
     result = merger.search({"math": data}, config, model=model, show_progress=False)
     assert len(result.candidates) == 2 ** len(vectors)
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC mid-write", "KeyboardInterrupt mid-write"])
+def test_interrupted_file_write_keeps_the_previous_file(fault, tmp_path):
+    """Search results (`--result-json`), plots and ablation tables are single files written by
+    `write_file_atomic`: a failure mid-write leaves the previous file whole and no temporary behind."""
+    from dem_hf.outputs import write_file_atomic
+
+    error = OSError(errno.ENOSPC, "No space left on device") if fault.startswith("ENOSPC") else KeyboardInterrupt()
+    target = write_file_atomic(tmp_path / "result.json", lambda handle: handle.write('{"best": 1}'))
+
+    def write_half(handle):
+        handle.write('{"best": 2, "candidates": [')
+        raise error
+
+    with pytest.raises(type(error)):
+        write_file_atomic(target, write_half)
+    assert target.read_text() == '{"best": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    write_file_atomic(target, lambda handle: handle.write('{"best": 2}'))  # the retry succeeds
+    assert target.read_text() == '{"best": 2}'

@@ -14,9 +14,9 @@ from __future__ import annotations
 from . import HELP
 
 import json
-from pathlib import Path
 
 from ..config import WEIGHTINGS, DEMConfig, SearchConfig
+from ..outputs import write_file_atomic
 
 _HELP = {f.name: f.metadata.get("help", "") for f in SearchConfig.__dataclass_fields__.values()}
 
@@ -110,7 +110,7 @@ def run(args) -> int:
     )
     print(result.table(top=args.top))
     if args.result_json:
-        Path(args.result_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_file_atomic(args.result_json, lambda handle: handle.write(json.dumps(result.to_dict(), indent=2) + "\n"))
         print(f"Search result written to {args.result_json}")
     if args.plot:
         from ..plotting import plot_search

@@ -59,9 +59,13 @@ class StopAtTokenBudget(TrainerCallback):
         return control
 
 
-def parse_args() -> DemoConfig:
+def parse_args() -> tuple[DemoConfig, list[str], int]:
     """Every `dem-hf demo` option; with the defaults the demo's own cached runs and search are reused."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dem-strategies", nargs="*", default=[], metavar="STRATEGY",
+                        help="Also search DEM's coefficients with these strategies (same vectors and validation sets).")
+    parser.add_argument("--dem-budget", type=int, default=8,
+                        help="Gradient evaluations (gradient) or candidates (others) for --dem-strategies.")
     for f in fields(DemoConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.name in ("output_dir", "cache_dir"):
@@ -70,10 +74,12 @@ def parse_args() -> DemoConfig:
             parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default, help=f.metadata["help"])
         else:
             parser.add_argument(f"--{f.name}", type=type(default), default=default, help=f.metadata["help"])
-    config = DemoConfig(**vars(parser.parse_args()))
+    args = vars(parser.parse_args())
+    strategies, budget = args.pop("dem_strategies"), args.pop("dem_budget")
+    config = DemoConfig(**args)
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
-    return config
+    return config, strategies, budget
 
 
 def _settings_tag(config: DemoConfig) -> str:
@@ -160,6 +166,35 @@ def run_benchmark(config: DemoConfig) -> dict:
     }
 
 
+def dem_variants(config: DemoConfig, strategies: list[str], budget: int) -> dict[str, dict]:
+    """DEM with the same vectors, coefficients searched by other strategies; test perplexity of each (cached)."""
+    from transformers import AutoTokenizer
+
+    from dem_hf import DEMMerger, DistributionVector, SearchConfig
+    from dem_hf.demo import prepare_distributions, prepare_smollm2
+
+    model_dir = prepare_smollm2(config.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
+    vectors = [DistributionVector.from_pretrained(Path(config.output_dir) / "runs" / name / "vector") for name in data]
+    merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
+    variants = {}
+    for strategy in strategies:
+        cache = WORK / f"dem-{strategy}-{budget}-{_settings_tag(config)}.json"
+        if not cache.is_file():
+            search_config = SearchConfig(
+                strategy=strategy, metric=config.metric, bounds=tuple(config.bounds), seed=config.seed,
+                batch_size=config.eval_batch_size, max_length=config.max_length, n_trials=budget, gradient_steps=budget,
+            )
+            result = merger.search({n: s["validation"] for n, s in data.items()}, search_config, tokenizer=tokenizer)
+            ppl = _test_perplexities(merger.merge(), tokenizer, {n: s["test"] for n, s in data.items()}, config)
+            cache.write_text(json.dumps({"coefficients": result.best_coefficients, "test_perplexity": ppl,
+                                         "best_objective": result.best_objective, "compute_forward_passes": result.compute,
+                                         "candidates": len(result.candidates)}))
+        variants[f"{strategy} ({budget})"] = json.loads(cache.read_text())
+    return variants
+
+
 def _base_validation_losses(model_dir: Path, tokenizer, data, config: DemoConfig) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
@@ -184,6 +219,9 @@ def report_markdown(result: dict) -> str:
     for label, m in result["mixtures"].items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
     rows.append(("**DEM** (runs + search)", result["dem"], dem_tokens, dem_flops + result["dem_search_flops"]))
+    for label, variant in result.get("dem_variants", {}).items():
+        rows.append((f"DEM, {label} search: " + ", ".join(f"{n}={w:.2f}" for n, w in variant["coefficients"].items()),
+                     variant["test_perplexity"], dem_tokens, None))
     lines = ["| model | " + " | ".join(names) + " | mean ppl | geo-mean ppl | train tokens | FLOPs |",
              "|---|" + "---|" * (len(names) + 4)]
     for label, row, tokens, flops in rows:
@@ -233,9 +271,10 @@ def bar_chart(result: dict, path: Path) -> None:
 
 def main() -> None:
     os.chdir(ROOT)  # the demo's cache keys hold its relative default folders
-    config = parse_args()
+    config, strategies, budget = parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     result = run_benchmark(config)
+    result["dem_variants"] = dem_variants(config, strategies, budget)
     result["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     result["command"] = "python " + " ".join(sys.argv)

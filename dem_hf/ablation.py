@@ -49,8 +49,6 @@ __all__ = ["AblationResult", "PartitionPool", "evaluate_mixtures", "score_mixtur
 
 logger = logging.get_logger(__name__)
 
-MIN_VALIDATION_CANDIDATES = 3
-
 
 # ---------------------------------------------------------------------------------------------- the pool
 

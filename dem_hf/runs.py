@@ -9,8 +9,6 @@ atomically ([`write_json_atomic`]), so the marker is never half-written.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from transformers.utils import logging
 
 from . import __version__
 from .callbacks import VECTOR_FOLDER
+from .outputs import write_file_atomic
 from .tensors import fingerprint, open_weights
 from .vectors import VECTOR_CONFIG_NAME
 
@@ -79,16 +78,7 @@ def warn_if_changed(name: str, run_dir: Path, info: dict[str, Any], setup: dict[
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
     """Write a JSON file under a temporary name and rename it into place (complete or absent)."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(json.dumps(content, indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, lambda handle: handle.write(json.dumps(content, indent=2) + "\n"))
 
 
 def library_versions() -> dict[str, str]:

@@ -101,7 +101,7 @@ def _load_adapter(adapter, adapter_name: str, **hub_kwargs):
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}, config, _peft_model_base(adapter), None
     from safetensors.torch import load_file
 
-    from .hub import resolve_pretrained
+    from .hub_download import resolve_pretrained
 
     folder = Path(resolve_pretrained(adapter, **hub_kwargs))
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"

@@ -24,7 +24,8 @@ from huggingface_hub import CommitInfo
 
 from .card import CARD_NAME, build_model_card
 from .config import DEMConfig, check_coefficients
-from .hub import check_push_target, prepare_repo, push_folder, resolve_pretrained
+from .hub import check_push_target, prepare_repo, push_folder
+from .hub_download import resolve_pretrained
 from .io import BufferPool, CheckpointReader, ShardedWriter
 from .merge_utils import (
     apply_vectors_,

@@ -87,7 +87,7 @@ def open_weights(model_or_path, **hub_kwargs) -> tuple[TensorSource, str | None,
         raise ValueError(
             f"Expected a model folder, a Hub id or a PreTrainedModel, got {type(model_or_path).__name__}."
         )
-    from .hub import resolve_pretrained
+    from .hub_download import resolve_pretrained
 
     folder = resolve_pretrained(model_or_path, **hub_kwargs)
     config_file = Path(folder) / "config.json"

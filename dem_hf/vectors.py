@@ -272,7 +272,7 @@ class DistributionVector:
 
         Tensors stay on disk and are read one at a time when a merge needs them.
         """
-        from .hub import resolve_pretrained
+        from .hub_download import resolve_pretrained
 
         folder = Path(resolve_pretrained(path_or_repo_id, **hub_kwargs))
         config_file = folder / VECTOR_CONFIG_NAME

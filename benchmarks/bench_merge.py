@@ -129,7 +129,7 @@ def write_checkpoint(folder: Path, config_kwargs: dict, dtype_name: str, tensors
     """A Transformers folder (config.json + safetensors shards) from `(name, tensor)` pairs, atomically."""
     from transformers import LlamaConfig
 
-    from dem_hf.io import ShardedWriter
+    from dem_hf.shards import ShardedWriter
     from dem_hf.outputs import atomic_directory
 
     with atomic_directory(folder, overwrite=True) as staging:

@@ -1,25 +1,36 @@
-"""Pure tensor math of a DEM merge: θ + Σ ω_i Δ_i, one tensor at a time.
+"""Pure tensor math of a DEM merge: θ + Σ ω_i Δ_i, one tensor (or one block of rows) at a time.
 
-Nothing here opens files or builds models: [`merged_blocks`] reads through a tensor source (a
-`CheckpointReader` reads rows straight from disk) and [`dem_hf.merger`] streams its blocks to the writer.
-Accumulation is always in float32, the weighted deltas first and the base last, and the result is rounded
-once to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the exact (float32) merge.
+Nothing here opens files or builds models. Two engines compute the same sum:
+
+- [`merged_blocks`], on NumPy arrays, block by block: the streaming merge of `DEMMerger.save_pretrained`
+  (which needs no torch for saved full vectors) and the in-memory `DEMMerger.merge`, so that a saved folder
+  and the in-memory model are bitwise identical;
+- [`merge_tensor`], on torch tensors on any device: the exact re-anchoring of a coefficient search on GPU.
+
+Both do the same float32 operations in the same order, so they agree bit for bit: the weighted deltas are
+summed first (`w·Δ` rounded to float32, then added), the base is added last, and the result is rounded once
+to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the exact (float32) merge.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .config import WEIGHTINGS
-from .io import BufferPool, TensorBlocks, read_rows
-from .tensors import untied_state_dict
+from .dtypes import FLOAT_DTYPES, STORAGE_DTYPES, from_float32, to_float32
+from .io import BufferPool, to_torch
+from .shards import TensorBlocks
+from .tensors import TensorDict, untied_state_dict
 
 if TYPE_CHECKING:
+    import torch
+
     from .vectors import DistributionVector
 
 Terms = Sequence[tuple["DistributionVector", float]]
@@ -53,71 +64,70 @@ def effective_weights(coefficients: dict[str, float], weighting: str = "sum") ->
 
 
 def merge_tensor(base: torch.Tensor, name: str, terms: Terms) -> torch.Tensor:
-    """`base + Σ w · Δ[name]` over the vectors in `terms`, accumulated in float32, rounded once.
+    """`base + Σ w · Δ[name]` over the vectors in `terms`, with torch on `base`'s device, accumulated in
+    float32, rounded once.
 
     Returns a new tensor in `base`'s dtype and device; `base` is left unchanged. Vectors that do not
     change `name` are skipped, and non-float tensors are returned as they are.
     """
+    import torch
+
     if not base.dtype.is_floating_point:
         return base
     accumulator = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
     for vector, weight in terms:
         if weight != 0.0:
             vector.add_to_(accumulator, name, weight, check_finite=False)
-    check_merged(accumulator, name, terms)
+    if accumulator.numel():
+        low, high = torch.aminmax(accumulator.reshape(-1))  # one pass; NaN propagates to both
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+            raise_for_non_finite(name, terms)
     accumulator.add_(base)  # last: Σ w·Δ is summed at the deltas' small scale, so only this addition rounds at the base's
     return accumulator.to(base.dtype)
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no value is NaN or ±inf; one pass, no tensor-sized temporary (unlike `isfinite().all()`)."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor.reshape(-1))  # NaN propagates to both
-    return math.isfinite(low.item()) and math.isfinite(high.item())
-
-
-def check_merged(accumulator: torch.Tensor, name: str, terms: Terms, rows: tuple[int, int] | None = None) -> None:
-    """Raise `ValueError` naming the vector if a non-finite delta went into `accumulator` (Σ w · Δ).
+def raise_for_non_finite(name: str, terms: Terms, rows: tuple[int, int] | None = None) -> None:
+    """Called when Σ w · Δ has NaN or inf: raise `ValueError` naming the vector with a non-finite delta.
 
     A NaN or inf in any delta added with a non-zero weight leaves a NaN or inf in the sum, so one cheap check
-    of the sum replaces a check of every delta; only when it fails are the deltas examined to name the
-    culprit (an overflow of finite deltas passes). The base is not checked: a non-finite base value is passed
-    through, as before.
+    of the sum replaces a check of every delta; only when it fails are the deltas examined (an overflow of
+    finite deltas passes). The base is not checked: a non-finite base value is passed through.
     """
-    if all_finite(accumulator):
-        return
     for vector, weight in terms:
         if weight != 0.0:
             vector.check_delta_finite(name, rows)
 
 
-def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_values: int = MERGE_BLOCK_VALUES) -> TensorBlocks:
-    """Tensor `name` of `source` plus Σ w · Δ[name], as [`TensorBlocks`] of about `block_values` values.
+def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_values: int | None = None) -> TensorBlocks:
+    """Tensor `name` of `source` plus Σ w · Δ[name], as [`TensorBlocks`] of NumPy arrays of about `block_values`
+    values (rows `row_blocks(shape, block_values)`; default `MERGE_BLOCK_VALUES`), in the base's storage dtype.
 
-    Every block is read from disk into `pool`'s buffers, summed in float32 and rounded once to the base dtype,
-    exactly as [`merge_tensor`] does for the whole tensor. Tensors that no vector changes, and non-float
+    Every block is read into `pool`'s buffers, the weighted deltas summed in float32, checked for NaN/inf, the
+    base added last, and the block rounded once to the base dtype. Tensors that no vector changes, and non-float
     tensors, are copied block by block. Each block reuses the previous block's memory.
     """
-    shape, dtype = tuple(source.shape(name)), source.dtype(name)
-    active = [(vector, weight) for vector, weight in terms if weight != 0.0] if dtype.is_floating_point else []
+    shape, dtype = tuple(source.shape(name)), source.dtype_name(name)
+    storage, block_values = STORAGE_DTYPES[dtype], block_values or MERGE_BLOCK_VALUES
+    active = [(vector, weight) for vector, weight in terms if weight != 0.0] if dtype in FLOAT_DTYPES else []
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def blocks() -> Iterator[np.ndarray]:
         for start, stop in row_blocks(shape, block_values):
             block_shape = (stop - start, *shape[1:]) if shape else ()
             count = math.prod(block_shape)
+            base = source.read_array(name, start, stop, pool.take("base", storage, count))
             if not active:
-                yield read_rows(source, name, start, stop, pool.take("base", dtype, count))
+                yield base
                 continue
-            accumulator = pool.take("accumulator", torch.float32, count).view(block_shape).zero_()
+            accumulator = pool.take("accumulator", np.float32, count).reshape(block_shape)
+            accumulator.fill(0.0)
             for vector, weight in active:
-                vector.add_to_(accumulator, name, weight, rows=(start, stop), pool=pool, check_finite=False)
-            check_merged(accumulator, name, active, (start, stop))
-            accumulator.add_(read_rows(source, name, start, stop, pool.take("base", dtype, count)))  # as in merge_tensor
-            if dtype == torch.float32:
-                yield accumulator
-            else:
-                yield pool.take("out", dtype, count).view(block_shape).copy_(accumulator)
+                vector.add_rows_to(accumulator, name, weight, (start, stop), pool)
+            if not math.isfinite(float(accumulator.sum(dtype=np.float32))):  # any NaN/inf makes the sum one
+                raise_for_non_finite(name, active, (start, stop))
+            if dtype == "BF16":  # NumPy has no bfloat16: widen the bit patterns exactly
+                base = to_float32(base, dtype, out=pool.take("base32", np.float32, count).reshape(block_shape))
+            np.add(accumulator, base, out=accumulator, casting="same_kind")  # as in merge_tensor: the base last
+            yield from_float32(accumulator, dtype, out=pool.take("out", storage, count).reshape(block_shape))
 
     return TensorBlocks(shape, dtype, blocks())
 
@@ -131,13 +141,19 @@ def row_blocks(shape: tuple[int, ...], block_values: int) -> Iterator[tuple[int,
 
 
 @contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch's CPU ops on one thread for a while (restored afterwards).
+def single_threaded(import_torch: bool = False) -> Iterator[None]:
+    """Run torch's CPU ops on one thread for a while (restored afterwards); nothing to do if torch is not
+    loaded, unless `import_torch` (the work inside will load it, e.g. to form LoRA deltas).
 
-    A streaming merge is memory- and I/O-bound on small blocks: a second intra-op thread gains nothing, and
-    when the cores are busy with other work the threads' synchronisation made the adds many times slower
-    (measured: 10 s instead of 0.3 s for a 265M-parameter merge on a loaded 2-core machine).
+    A streaming merge is memory- and I/O-bound on small blocks and runs its own worker threads: torch's
+    intra-op threads on top gain nothing, and when the cores are busy their synchronisation made the adds
+    many times slower (measured: 10 s instead of 0.3 s for a 265M-parameter merge on a loaded 2-core machine).
     """
+    if not import_torch and "torch" not in sys.modules:
+        yield
+        return
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -146,20 +162,29 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def terms_for(name: str, terms: Terms) -> list[tuple["DistributionVector", float]]:
+def terms_for(name: str, terms: Terms) -> list[tuple[DistributionVector, float]]:
     """The subset of `terms` whose vector changes tensor `name`."""
     return [(vector, weight) for vector, weight in terms if vector.changes(name)]
 
 
 def apply_vectors_(model: torch.nn.Module, terms: Terms) -> torch.nn.Module:
-    """Add Σ w·Δ to an in-memory model's parameters, in place (float32 accumulation, one rounding).
+    """Add Σ w·Δ to an in-memory model's parameters, in place, with the streaming merge's arithmetic
+    ([`merged_blocks`]), so the result is bitwise what `DEMMerger.save_pretrained` writes.
 
     Tied parameters are updated once. Tensors whose names no vector changes are left untouched.
     """
+    import torch
+
     state = untied_state_dict(model)
-    with torch.no_grad():
+    source, pool = TensorDict(state), BufferPool()
+    with torch.no_grad(), single_threaded():
         for name, tensor in state.items():
             relevant = terms_for(name, terms)
-            if relevant:
-                tensor.copy_(merge_tensor(tensor, name, relevant))
+            if not relevant:
+                continue
+            block_values = MERGE_BLOCK_VALUES  # read once: the blocks and their row ranges must agree
+            merged = merged_blocks(source, name, relevant, pool, block_values)
+            for (start, stop), block in zip(row_blocks(merged.shape, block_values), merged.blocks):
+                rows = tensor if tensor.dim() == 0 else tensor[start:stop]
+                rows.copy_(to_torch(block, merged.dtype))  # the base rows were read before this block was formed
     return model

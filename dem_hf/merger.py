@@ -13,20 +13,21 @@ shapes), so mistakes surface before any heavy work. Two ways to merge:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
-from huggingface_hub import CommitInfo
+from typing import TYPE_CHECKING
 
 from .card import CARD_NAME, build_model_card
 from .config import DEMConfig, check_coefficients
 from .hub import check_push_target, prepare_repo, push_folder
 from .hub_download import resolve_pretrained
-from .io import BufferPool, CheckpointReader, ShardedWriter
+from .io import BufferPool, CheckpointReader
 from .merge_utils import (
     apply_vectors_,
     effective_weights,
@@ -40,8 +41,13 @@ from .outputs import (
     check_output_directory,
     is_weight_file,
 )
+from .shards import ShardedWriter
 from .tensors import fingerprint
 from .vectors import DistributionVector
+
+if TYPE_CHECKING:
+    import torch
+    from huggingface_hub import CommitInfo
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
@@ -57,6 +63,8 @@ STALE_REMOTE_PATTERNS = (
     f"{VECTORS_FOLDER}/*",
 )
 DEFAULT_PUSH_MESSAGE = "Upload DEM model with dem_hf"
+# Threads of a streaming merge: reads, adds and writes of different tensors overlap (each releases the GIL).
+MERGE_WORKERS = min(4, os.cpu_count() or 1)
 
 VectorLike = DistributionVector | str | os.PathLike
 
@@ -100,7 +108,7 @@ class DEMMerger:
         config: DEMConfig | None = None,
         base_model_name_or_path: str | os.PathLike | None = None,
         **hub_kwargs,
-    ) -> "DEMMerger":
+    ) -> DEMMerger:
         """A merger over a base model, or restored from a folder saved by [`~DEMMerger.save_pretrained`].
 
         Given a plain model (folder or Hub id), it becomes the base. Given a saved DEM folder (it has a
@@ -128,7 +136,7 @@ class DEMMerger:
         return merger
 
     @classmethod
-    def _restore(cls, folder: Path, base_override, **hub_kwargs) -> "DEMMerger":
+    def _restore(cls, folder: Path, base_override, **hub_kwargs) -> DEMMerger:
         config = DEMConfig.from_pretrained(folder)
         base = base_override or config.base_model_name_or_path
         if base is None:
@@ -261,18 +269,43 @@ class DEMMerger:
             model_card = self._model_card(save_directory, save_vectors, regenerate_card, model_card_kwargs)
         with atomic_directory(save_directory, overwrite=overwrite) as staging:
             self._copy_base_files(staging)
-            layout = [(name, self.base.shape(name), self.base.dtype(name)) for name in self.base.keys()]
+            layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
             writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout)
-            pool = BufferPool()
-            with single_threaded():  # block by block: memory holds a few small buffers, never a tensor or shard
-                for name in self.base.keys():
-                    writer.add(name, merged_blocks(self.base, name, terms_for(name, terms), pool))
+            self._stream_merge(writer, terms)
             writer.close()
             self._save_vectors(staging, save_vectors)
             self.config.save_pretrained(staging)
             if card:
                 self._write_card(staging, Path(save_directory), model_card)
         return Path(save_directory)
+
+    def _stream_merge(self, writer: ShardedWriter, terms, workers: int | None = None) -> None:
+        """Merge every base tensor into `writer`, block by block, on `workers` threads (default `MERGE_WORKERS`),
+        largest tensors first.
+
+        Memory holds a few block buffers per thread, never a tensor or a shard. The first error stops the
+        merge: tensors not yet started are cancelled, and the error is raised once the running ones end.
+        """
+        local = threading.local()
+
+        def merge_one(name: str) -> None:
+            if not hasattr(local, "pool"):
+                local.pool = BufferPool()
+            writer.add(name, merged_blocks(self.base, name, terms_for(name, terms), local.pool))
+
+        workers = workers or MERGE_WORKERS
+        names = sorted(self.base.keys(), key=lambda name: -math.prod(self.base.shape(name)))
+        with single_threaded(import_torch=any(vector.lora_modules for vector, _ in terms)):
+            if workers <= 1:
+                for name in names:
+                    merge_one(name)
+                return
+            executor = ThreadPoolExecutor(workers, thread_name_prefix="dem_hf-merge")
+            try:
+                for future in [executor.submit(merge_one, name) for name in names]:
+                    future.result()
+            finally:
+                executor.shutdown(wait=True, cancel_futures=True)
 
     def search(
         self,

@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
 
-from .io import CheckpointReader
+from .dtypes import FLOAT_DTYPES, dtype_name_of_torch, to_float32, torch_dtype_label
+from .io import CheckpointReader, to_numpy
+
+if TYPE_CHECKING:
+    import torch
 
 FINGERPRINT_SAMPLED_TENSORS = 4
 FINGERPRINT_SAMPLED_VALUES = 64
@@ -26,8 +30,11 @@ class TensorSource(Protocol):
     def __contains__(self, name: str) -> bool: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> torch.dtype: ...
+    def dtype_name(self, name: str) -> str: ...
     def get(self, name: str) -> torch.Tensor: ...
     def head(self, name: str, count: int) -> torch.Tensor: ...
+    def read_array(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray: ...
+    def head_float32(self, name: str, count: int) -> np.ndarray: ...
 
 
 class TensorDict:
@@ -48,11 +55,28 @@ class TensorDict:
     def dtype(self, name: str) -> torch.dtype:
         return self.tensors[name].dtype
 
+    def dtype_name(self, name: str) -> str:
+        return dtype_name_of_torch(self.tensors[name].dtype)
+
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
     def head(self, name: str, count: int) -> torch.Tensor:
         return self.tensors[name].reshape(-1)[:count]
+
+    def read_array(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `start:stop` as NumPy (storage dtype, see [`dem_hf.dtypes`]): a view on CPU, copied into `out` if given."""
+        tensor = self.tensors[name]
+        rows = to_numpy(tensor if tensor.dim() == 0 else tensor[start:stop])
+        if out is None:
+            return rows
+        flat = out.reshape(-1)[: rows.size]
+        np.copyto(flat, rows.reshape(-1))
+        return flat.reshape(rows.shape)
+
+    def head_float32(self, name: str, count: int) -> np.ndarray:
+        values = to_numpy(self.tensors[name].reshape(-1)[:count])
+        return to_float32(values, self.dtype_name(name))
 
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,7 +103,7 @@ def open_weights(model_or_path, **hub_kwargs) -> tuple[TensorSource, str | None,
     Returns the tensor source, the name or path it came from (or None for an anonymous in-memory model)
     and the model's config as a dict (empty if unknown).
     """
-    if isinstance(model_or_path, torch.nn.Module):
+    if hasattr(model_or_path, "state_dict"):  # a torch module (checked without importing torch)
         config = getattr(model_or_path, "config", None)
         name = getattr(config, "_name_or_path", None) or None
         return model_tensors(model_or_path), name, (config.to_dict() if config is not None else {})
@@ -99,10 +123,6 @@ def open_weights(model_or_path, **hub_kwargs) -> tuple[TensorSource, str | None,
     return CheckpointReader(folder), str(model_or_path), config
 
 
-def is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
-
-
 def _digest(parts: list[bytes]) -> str:
     hasher = hashlib.sha256()
     for part in parts:
@@ -119,17 +139,14 @@ def fingerprint(source: TensorSource) -> dict[str, str | int]:
     part tells dtypes apart).
     """
     names = sorted(source.keys())
-    float_names = [n for n in names if is_float(source.dtype(n)) and source.shape(n)]
+    float_names = [n for n in names if source.dtype_name(n) in FLOAT_DTYPES and source.shape(n)]
     step = max(1, len(float_names) // FINGERPRINT_SAMPLED_TENSORS)
     sampled = float_names[::step][:FINGERPRINT_SAMPLED_TENSORS]
-    values = [
-        source.head(name, FINGERPRINT_SAMPLED_VALUES).to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
-        for name in sampled
-    ]
+    values = [source.head_float32(name, FINGERPRINT_SAMPLED_VALUES).tobytes() for name in sampled]
     return {
         "num_tensors": len(names),
         "structure": _digest([f"{n}:{list(source.shape(n))}".encode() for n in names]),
-        "dtypes": _digest([f"{n}:{source.dtype(n)}".encode() for n in names]),
+        "dtypes": _digest([f"{n}:{torch_dtype_label(source.dtype_name(n))}".encode() for n in names]),
         "values": _digest([n.encode() for n in sampled] + values),
     }
 

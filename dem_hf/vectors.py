@@ -8,6 +8,9 @@ silently applied to another model.
 On disk a vector is a folder with `vector.safetensors` (sharded when large) and `vector_config.json`.
 Dense deltas are stored under the base tensor's own name, LoRA factors under `<name>.lora_A` and
 `<name>.lora_B`.
+
+torch is imported where tensors are handled, not with the module: a streaming merge of saved vectors
+(`dem-hf merge`) reads and adds them as NumPy arrays and never needs it.
 """
 
 from __future__ import annotations
@@ -18,27 +21,25 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from . import __version__
-from .io import (
-    DEFAULT_MAX_SHARD_SIZE,
-    BufferPool,
-    CheckpointReader,
-    ShardedWriter,
-    read_rows,
-)
+from .dtypes import FLOAT_DTYPES, STORAGE_DTYPES, to_float32, torch_dtype_label
+from .io import BufferPool, CheckpointReader, read_rows
 from .outputs import atomic_directory, check_output_directory
+from .shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from .tensors import (
     TensorDict,
     TensorSource,
     fingerprint,
     fingerprint_mismatch,
-    is_float,
     open_weights,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
@@ -147,47 +148,63 @@ class DistributionVector:
         weight: float = 1.0,
         *,
         rows: tuple[int, int] | None = None,
-        pool: BufferPool | None = None,
         check_finite: bool = True,
     ) -> torch.Tensor:
-        """Add `weight` times this vector's delta for base tensor `name` to `target`, in place.
+        """Add `weight` times this vector's delta for base tensor `name` to the torch tensor `target`, in place.
 
         LoRA deltas are formed by one `addmm_`, never stored dense. `target` should be float32 for exact
-        accumulation. Raises `ValueError` on a non-finite delta.
+        accumulation; it may live on any device. Raises `ValueError` on a non-finite delta.
 
         Args:
             rows: `(start, stop)` to add only those rows (along dim 0) of the delta, `target` holding just them.
-            pool: reusable read buffers for block-wise merges (see [`~dem_hf.io.BufferPool`]).
-            check_finite: check the delta for NaN/inf; merges that check their float32 sum instead (see
-                [`~dem_hf.merge_utils.check_merged`]) pass False.
+            check_finite: check the delta for NaN/inf.
         """
         if name in self._dense:
-            if rows is None:
-                delta = self.tensors.get(name)
-            else:
-                count = target.numel()
-                buffer = pool.take("delta", self.tensors.dtype(name), count) if pool is not None else None
-                delta = read_rows(self.tensors, name, rows[0], rows[1], buffer)
+            delta = self.tensors.get(name) if rows is None else read_rows(self.tensors, name, rows[0], rows[1])
             if delta.device != target.device:
                 delta = delta.to(target.device)
             if check_finite:
                 self._check_finite(delta, name)
-            target.add_(delta, alpha=weight)  # a lower-precision delta is promoted on the fly, without a copy
-        module = self.lora_modules.get(name)
-        if module is not None:
-            a, b = self._lora_factors(name, target.dtype, target.device, cache=rows is not None)
-            alpha = weight * module.scaling
-            start, stop = rows if rows is not None else (0, None)
-            if module.transpose:
-                target.addmm_(a[:, start:stop].T, b.T, alpha=alpha)
-            else:
-                target.addmm_(b[start:stop], a, alpha=alpha)
+            # w·Δ rounded to float32, then added: the NumPy engine's arithmetic (`add_(alpha=)` may fuse the two)
+            target.add_(delta if weight == 1.0 else delta.to(target.dtype) * weight)
+        if name in self.lora_modules:
+            self._add_lora_(target, name, weight, rows)
         return target
+
+    def add_rows_to(self, accumulator: np.ndarray, name: str, weight: float, rows: tuple[int, int], pool: BufferPool) -> None:
+        """Add `weight` times rows `rows` of the delta for `name` to a float32 NumPy `accumulator`, in place.
+
+        This is the streaming merge's arithmetic: a dense delta is read into `pool`'s buffers and added as
+        `accumulator += weight * delta` (without importing torch); a LoRA block is formed by torch's `addmm_`
+        on the same memory. Nothing is checked for NaN/inf here (see [`~dem_hf.merge_utils.raise_for_non_finite`]).
+        """
+        if name in self._dense:
+            count, dtype = accumulator.size, self.tensors.dtype_name(name)
+            delta = self.tensors.read_array(name, *rows, out=pool.take("delta", STORAGE_DTYPES[dtype], count))
+            delta = to_float32(delta.reshape(accumulator.shape), dtype, out=pool.take("delta32", np.float32, count).reshape(accumulator.shape))
+            if weight != 1.0:
+                delta = np.multiply(delta, np.float32(weight), out=pool.take("scaled", np.float32, count).reshape(accumulator.shape))
+            accumulator += delta
+        if name in self.lora_modules:
+            import torch
+
+            self._add_lora_(torch.from_numpy(accumulator), name, weight, rows)
+
+    def _add_lora_(self, target: torch.Tensor, name: str, weight: float, rows: tuple[int, int] | None) -> None:
+        module = self.lora_modules[name]
+        a, b = self._lora_factors(name, target.dtype, target.device, cache=rows is not None)
+        alpha = weight * module.scaling
+        start, stop = rows if rows is not None else (0, None)
+        if module.transpose:
+            target.addmm_(a[:, start:stop].T, b.T, alpha=alpha)
+        else:
+            target.addmm_(b[start:stop], a, alpha=alpha)
 
     def _lora_factors(self, name: str, dtype: torch.dtype, device, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         key = (name, dtype, device)
-        if cache and self._factors_cache is not None and self._factors_cache[0] == key:
-            return self._factors_cache[1], self._factors_cache[2]
+        cached = self._factors_cache  # read once: merge threads may replace it meanwhile
+        if cache and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         a = self.tensors.get(name + LORA_A).to(device=device, dtype=dtype)
         b = self.tensors.get(name + LORA_B).to(device=device, dtype=dtype)
         self._check_finite(a, name + LORA_A)
@@ -201,13 +218,19 @@ class DistributionVector:
             delta = self.tensors.get(name) if rows is None else read_rows(self.tensors, name, rows[0], rows[1])
             self._check_finite(delta, name)
         if name in self.lora_modules:
+            import torch
+
             self._lora_factors(name, torch.float32, torch.device("cpu"))
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense float32 delta for one base tensor (formed from factors for LoRA modules)."""
+        import torch
+
         return self.add_to_(torch.zeros(self.delta_shape(name), dtype=torch.float32), name)
 
     def _check_finite(self, tensor: torch.Tensor, name: str) -> None:
+        import torch
+
         if not torch.isfinite(tensor).all():
             raise ValueError(f"Vector {self.name!r} has NaN or infinite values in {name!r}; refusing to merge it.")
 
@@ -241,10 +264,16 @@ class DistributionVector:
                     f"Vector {self.name!r} has shape {list(self.delta_shape(name))} for {name!r}, "
                     f"the base has {list(base.shape(name))}."
                 )
-            if not is_float(base.dtype(name)):
-                raise ValueError(f"Vector {self.name!r} changes {name!r}, a {base.dtype(name)} tensor; only float tensors can be merged.")
-            if name in self._dense and not is_float(self.tensors.dtype(name)):
-                raise ValueError(f"Vector {self.name!r} stores a {self.tensors.dtype(name)} delta for {name!r}; deltas must be float.")
+            if base.dtype_name(name) not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"Vector {self.name!r} changes {name!r}, a {torch_dtype_label(base.dtype_name(name))} tensor; only "
+                    "float tensors can be merged."
+                )
+            if name in self._dense and self.tensors.dtype_name(name) not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"Vector {self.name!r} stores a {torch_dtype_label(self.tensors.dtype_name(name))} delta for {name!r}; "
+                    "deltas must be float."
+                )
 
     # ----------------------------------------------------------------------------------------- persistence
 
@@ -267,7 +296,7 @@ class DistributionVector:
         return write_vector_folder(save_directory, items, self.config_dict(), overwrite=overwrite, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, name: str | None = None, **hub_kwargs) -> "DistributionVector":
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, name: str | None = None, **hub_kwargs) -> DistributionVector:
         """Load a saved vector from a folder or a Hub repo (`subfolder=`, `revision=`, `token=`, ...).
 
         Tensors stay on disk and are read one at a time when a merge needs them.
@@ -306,7 +335,7 @@ class DistributionVector:
         overwrite: bool = False,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: dict[str, Any] | None = None,
-    ) -> "DistributionVector":
+    ) -> DistributionVector:
         """The full vector θ_ft − θ of a fine-tuned model.
 
         `base` and `finetuned` are folders, Hub ids or in-memory `PreTrainedModel`s. Folders are streamed
@@ -333,10 +362,12 @@ class DistributionVector:
         vector_fingerprint = fingerprint(base_source)
 
         def deltas():
+            import torch
+
             for tensor_name in base_source.keys():
                 base_tensor = base_source.get(tensor_name).detach().to("cpu")
                 tuned = tuned_source.get(tensor_name).detach().to("cpu")
-                if not is_float(base_source.dtype(tensor_name)):
+                if base_source.dtype_name(tensor_name) not in FLOAT_DTYPES:
                     if not torch.equal(base_tensor, tuned):
                         raise ValueError(f"Non-float tensor {tensor_name!r} differs between base and fine-tuned model.")
                     continue
@@ -363,7 +394,7 @@ class DistributionVector:
         adapter_name: str = "default",
         metadata: dict[str, Any] | None = None,
         **hub_kwargs,
-    ) -> "DistributionVector":
+    ) -> DistributionVector:
         """A LoRA vector from a PEFT adapter folder, Hub repo or in-memory `PeftModel`, kept low-rank.
 
         Scalings honour `lora_alpha`, `alpha_pattern`, `rank_pattern` and rsLoRA; `modules_to_save` become
@@ -426,7 +457,7 @@ def check_same_tensors(base: TensorSource, tuned: TensorSource) -> None:
     for name in base.keys():
         if base.shape(name) != tuned.shape(name):
             raise ValueError(f"Shape of {name!r} differs: base {list(base.shape(name))}, fine-tuned {list(tuned.shape(name))}.")
-        if is_float(base.dtype(name)) != is_float(tuned.dtype(name)):
+        if (base.dtype_name(name) in FLOAT_DTYPES) != (tuned.dtype_name(name) in FLOAT_DTYPES):
             raise ValueError(
                 f"Dtype of {name!r} differs: base {base.dtype(name)}, fine-tuned {tuned.dtype(name)}; a float tensor "
                 "can only be compared with a float tensor (float dtypes may differ: deltas are taken in float32)."

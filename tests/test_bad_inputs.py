@@ -32,7 +32,7 @@ from dem_hf import (
 from dem_hf.card import build_model_card
 from dem_hf.cli import main
 from dem_hf.commands.push import push_saved_folder
-from dem_hf.io import ShardedWriter
+from dem_hf.shards import ShardedWriter
 from dem_hf.tensors import TensorDict
 
 from .conftest import make_llama, perturbed, save_model

@@ -51,15 +51,23 @@ def test_cli_rejects_a_non_numeric_weight(tmp_path, base_dir, capsys):
     assert "PATH=WEIGHT" in capsys.readouterr().err
 
 
-def test_merge_command_does_not_import_the_training_stack():
-    """`dem-hf merge` starts fast: only the chosen subcommand's module (and what it needs) is imported; not even
-    transformers (about a second of start-up), since the streaming merge needs only torch and safetensors."""
+def test_merge_command_runs_without_importing_torch(tmp_path, base_dir, finetuned_dirs):
+    """`dem-hf merge` of saved full vectors starts fast: only the chosen subcommand's module (and what it needs)
+    is imported, and the streaming merge works on NumPy arrays, so not even torch (about 2 s of start-up) loads."""
     import subprocess
     import sys
 
+    assert main(["extract", "--base", str(base_dir), "--finetuned", str(finetuned_dirs["math"]), "--name", "math",
+                 "--output", str(tmp_path / "vec")]) == 0
     code = (
-        "import sys; from dem_hf.cli import build_parser; build_parser(['merge']); "
-        "print(sorted(m for m in ('trl', 'peft', 'transformers', 'dem_hf.training', 'dem_hf.search') if m in sys.modules))"
+        "import sys; from dem_hf.cli import main; "
+        f"code = main(['merge', '--base', {str(base_dir)!r}, '--vector', {str(tmp_path / 'vec')!r} + '=0.5', "
+        f"'--output', {str(tmp_path / 'out')!r}]); "
+        "print(code, sorted(m for m in ('torch', 'trl', 'peft', 'transformers', 'dem_hf.training', 'dem_hf.search') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip().splitlines()[-1] == "0 []"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = DEMMerger.from_pretrained(tmp_path / "out").merge()
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), expected.state_dict().values()))

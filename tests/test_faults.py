@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMMerger, DistributionVector
-from dem_hf.io import ShardedWriter
+from dem_hf.shards import ShardedWriter
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dem_hf import DEMMerger, DistributionVector
 from dem_hf.cli import main
 from dem_hf.hub import HubPushError
-from dem_hf.io import ShardedWriter
+from dem_hf.shards import ShardedWriter
 
 from .hub_server import skip_retry_waits
 

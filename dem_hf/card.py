@@ -1,7 +1,10 @@
 """Model cards for DEM models: pure, offline, deterministic.
 
 [`build_model_card`] turns a [`DEMMerger`] (or just its [`DEMConfig`]) into a `huggingface_hub.ModelCard`, rendered
-with `ModelCard.from_template` from the Jinja template shipped in `dem_hf/templates/dem_card.md.j2`.
+as `ModelCard.from_template` renders it from the Jinja template shipped in `dem_hf/templates/dem_card.md.j2`.
+[`render_model_card`] gives the card's text without importing `huggingface_hub.repocard`, which imports the whole
+Hub client (about 0.4 s of a merge's start-up): `save_pretrained` and `dem-hf card` write cards with it and
+[`save_card_text`].
 
 - **YAML header**: `base_model` (when the base is a Hub id), `datasets` (only Hub dataset ids found in the vectors'
   metadata), `library_name: transformers`, `license` (read from the base's own model card when it is on disk),
@@ -26,18 +29,29 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+import jinja2
+from huggingface_hub.repocard_data import EvalResult, ModelCardData
 
-from .card_data import CARD_NAME, CardFacts, SearchSummary, framework_versions, hub_id_of, is_hub_dataset_id
+from .card_data import (
+    CARD_NAME,
+    CardFacts,
+    SearchSummary,
+    framework_versions,
+    hub_id_of,
+    is_hub_dataset_id,
+)
 from .config import DEMConfig
 from .merge_utils import effective_weights
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 # The API of this module; the facts a card states are gathered in card_data.
 __all__ = [
     "CARD_NAME", "CARD_TAGS", "build_model_card", "card_for_folder", "framework_versions", "hub_id_of",
-    "is_hub_dataset_id", "write_model_card",
+    "is_hub_dataset_id", "render_model_card", "save_card_text", "write_model_card",
 ]
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
@@ -82,6 +96,8 @@ def build_model_card(
 ) -> ModelCard:
     """Build the model card of a DEM model, offline.
 
+    Its text is [`render_model_card`]'s, rendered without importing the Hub client (`huggingface_hub.repocard`).
+
     Args:
         source ([`DEMMerger`] or [`DEMConfig`]):
             The merger (gives the most detail: LoRA ranks, tensor counts, the base folder) or a saved model's config.
@@ -125,6 +141,56 @@ def build_model_card(
     >>> card.save("dem-model/README.md")
     ```
     """
+    # heavy: huggingface_hub.repocard imports the Hub client (hf_api, httpx); only the card object needs it
+    from huggingface_hub import ModelCard
+
+    text = render_model_card(
+        source,
+        model_id=model_id,
+        base_model=base_model,
+        base_folder=base_folder,
+        license=license,
+        vectors_included=vectors_included,
+        vectors=vectors,
+        versions=versions,
+        template_path=template_path,
+        **template_kwargs,
+    )
+    return ModelCard(text)
+
+
+def render_model_card(
+    source: Any,
+    *,
+    model_id: str | None = None,
+    base_model: str | None = None,
+    base_folder: str | os.PathLike | None = None,
+    license: str | None = None,
+    vectors_included: bool = False,
+    vectors: Mapping[str, Any] | None = None,
+    versions: Mapping[str, str] | None = None,
+    template_path: str | os.PathLike | None = None,
+    **template_kwargs: Any,
+) -> str:
+    """The text of the model card of a DEM model, offline, without importing `huggingface_hub.repocard` (which
+    imports the Hub client): the `README.md` that `save_pretrained` writes. With the default template it is exactly
+    `str(build_model_card(...))`; a custom template's text is kept as rendered.
+
+    Takes the arguments of [`build_model_card`], with the same defaults.
+
+    Returns:
+        `str`: the whole `README.md`, YAML metadata block included, ending with a newline.
+
+    Raises:
+        `ValueError`: as [`build_model_card`].
+
+    Example:
+
+    ```python
+    >>> from dem_hf.card import render_model_card, save_card_text
+    >>> save_card_text(render_model_card(merger, model_id="my-org/dem-smollm"), "dem-model/README.md")
+    ```
+    """
     config, merger = _config_and_merger(source)
     if vectors is None and merger is not None:
         vectors = merger.vectors
@@ -136,10 +202,27 @@ def build_model_card(
         **_template_context(config, facts, search, model_id, vectors_included, versions),
         **template_kwargs,
     }
-    card = ModelCard.from_template(card_data, template_path=str(template_path or TEMPLATE_PATH), **context)
-    if not card.text.endswith("\n"):
-        card.text += "\n"  # Jinja drops the template's final newline
-    return card
+    return _render_template(Path(template_path or TEMPLATE_PATH), card_data, context)
+
+
+def save_card_text(text: str, path: str | os.PathLike) -> Path:
+    """Write the text of a card (from [`render_model_card`]) to `path` as `huggingface_hub.ModelCard.save` does: UTF-8,
+    line breaks as they are, parent folders created.
+
+    Args:
+        text (`str`):
+            The whole `README.md`.
+        path (`str` or `os.PathLike`):
+            Where to write it, e.g. `"dem-model/README.md"`.
+
+    Returns:
+        `pathlib.Path`: `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as file:
+        file.write(text)
+    return path
 
 
 def card_for_folder(folder: str | os.PathLike, **card_kwargs: Any) -> ModelCard:
@@ -154,11 +237,7 @@ def card_for_folder(folder: str | os.PathLike, **card_kwargs: Any) -> ModelCard:
             Passed to [`build_model_card`]; `model_id` defaults to the folder's name and `vectors_included` to
             whether the folder has a `vectors/` subfolder.
     """
-    folder = Path(folder)
-    config = DEMConfig.from_pretrained(folder)
-    card_kwargs.setdefault("model_id", folder.resolve().name)
-    card_kwargs.setdefault("vectors_included", (folder / "vectors").is_dir())
-    card_kwargs.setdefault("vectors", _available_vectors(folder, config))
+    config, card_kwargs = _folder_card_arguments(folder, card_kwargs)
     return build_model_card(config, **card_kwargs)
 
 
@@ -185,9 +264,19 @@ def write_model_card(folder: str | os.PathLike, *, regenerate: bool = False, **c
     if target.exists() and not regenerate:
         logger.warning(f"Kept the existing {target}; pass regenerate=True (--regenerate) to replace it.")
         return None
-    card = card_for_folder(folder, **card_kwargs)
-    card.save(target)
-    return target
+    config, card_kwargs = _folder_card_arguments(folder, card_kwargs)
+    return save_card_text(render_model_card(config, **card_kwargs), target)
+
+
+def _folder_card_arguments(folder: str | os.PathLike, card_kwargs: dict[str, Any]) -> tuple[DEMConfig, dict[str, Any]]:
+    """The config of the DEM model saved in `folder` and the card arguments [`card_for_folder`] documents."""
+    folder = Path(folder)
+    config = DEMConfig.from_pretrained(folder)
+    card_kwargs = dict(card_kwargs)
+    card_kwargs.setdefault("model_id", folder.resolve().name)
+    card_kwargs.setdefault("vectors_included", (folder / "vectors").is_dir())
+    card_kwargs.setdefault("vectors", _available_vectors(folder, config))
+    return config, card_kwargs
 
 
 def _available_vectors(folder: Path, config: DEMConfig) -> dict[str, Any]:
@@ -212,6 +301,14 @@ def _config_and_merger(source: Any) -> tuple[DEMConfig, Any | None]:
 
 
 # ------------------------------------------------------------------------------------------------ rendering
+
+
+def _render_template(template_path: Path, card_data: ModelCardData, context: dict[str, Any]) -> str:
+    """Render a card template as `ModelCard.from_template` does (the metadata as YAML in `card_data`, its fields and
+    `context` as variables), with the final newline Jinja drops from the template."""
+    template = jinja2.Template(template_path.read_text(encoding="utf-8"))
+    text = template.render(card_data=card_data.to_yaml(), **{**card_data.to_dict(), **context})
+    return text if text.endswith("\n") else text + "\n"
 
 
 def _card_data(
@@ -364,9 +461,11 @@ def _display_path(reference: str | None) -> str | None:
     """A reference as shown on the card: Hub ids as they are, local paths by their last component only."""
     if reference is None:
         return None
-    if hub_id_of(reference) == reference:
+    last = Path(reference).name or reference
+    # A bare name reads the same either way: only `namespace/name` asks the validator (it imports the Hub client).
+    if last != reference and hub_id_of(reference) == reference:
         return reference
-    return Path(reference).name or reference
+    return last
 
 
 def _format_number(value: float) -> str:

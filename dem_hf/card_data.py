@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard, try_to_load_from_cache
 
 from . import __version__
 from .config import DEMConfig
@@ -88,6 +87,24 @@ def hub_id_of(path_or_id: str | os.PathLike | None) -> str | None:
     return text
 
 
+def card_metadata(text: str) -> dict[str, Any]:
+    """The YAML metadata block at the top of a model card (between two `---` lines), as a dict; `{}` without one.
+
+    Only the base's license is read this way (`huggingface_hub.ModelCard` would import the whole Hub client, about
+    0.4 s of a merge's start-up). Raises `yaml.YAMLError` or `ValueError` for a block that is not a YAML mapping.
+    """
+    lines = text.lstrip().splitlines()
+    if not lines or lines[0].rstrip() != "---":
+        return {}
+    end = next((i for i, line in enumerate(lines[1:], start=1) if line.rstrip() == "---"), None)
+    if end is None:
+        return {}
+    metadata = yaml.safe_load("\n".join(lines[1:end])) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"The metadata block is a {type(metadata).__name__}, expected a mapping.")
+    return metadata
+
+
 # ------------------------------------------------------------------------------------------------ facts
 
 
@@ -106,7 +123,7 @@ class CardFacts:
     @classmethod
     def collect(
         cls, config: DEMConfig, merger: Any | None, vectors: Mapping[str, Any], *, base_model: str | None, base_folder
-    ) -> "CardFacts":
+    ) -> CardFacts:
         reference = config.base_model_name_or_path
         if base_model is not None:
             validate_repo_id(base_model)
@@ -144,12 +161,15 @@ def _base_license(folder: Path | None, hub_id: str | None) -> dict[str, str]:
     the base folder, else in the Hugging Face cache for the base's Hub id (never downloaded)."""
     readme = folder / CARD_NAME if folder is not None else None
     if (readme is None or not readme.is_file()) and hub_id is not None:
+        # heavy: huggingface_hub.file_download pulls in httpx; only a base known by its Hub id needs it
+        from huggingface_hub import try_to_load_from_cache
+
         cached = try_to_load_from_cache(hub_id, CARD_NAME)
         readme = Path(cached) if isinstance(cached, str) else None
     if readme is None or not readme.is_file():
         return {}
     try:
-        data = ModelCard.load(readme, ignore_metadata_errors=True).data
+        data = card_metadata(readme.read_text(encoding="utf-8-sig"))
     except (ValueError, OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         logger.info(f"Could not read the base model's card {readme}: {error}")
         return {}
@@ -224,7 +244,7 @@ class SearchSummary:
     set_tokens: dict[str, int]
 
     @classmethod
-    def read(cls, result: Mapping[str, Any] | None) -> "SearchSummary | None":
+    def read(cls, result: Mapping[str, Any] | None) -> SearchSummary | None:
         if not isinstance(result, Mapping):
             return None
         candidates = [_candidate(c) for c in _first(result, "candidates", "history", "trials", default=[]) or []]

@@ -19,26 +19,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from huggingface_hub import (
-    CommitInfo,
-    CommitOperationAdd,
-    CommitOperationDelete,
-    HfApi,
-    constants,
-    get_token,
-)
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    HFValidationError,
-    LocalTokenNotFoundError,
-)
-from huggingface_hub.utils import (
-    DEFAULT_IGNORE_PATTERNS,
-    filter_repo_objects,
-    httpx,  # the HTTP library huggingface_hub itself uses
-)
-from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
+# Only the light parts of huggingface_hub at import time: `hf_api`, `errors` and the HTTP client they pull in
+# (about 0.4 s) are imported by the functions that talk to the Hub, so `dem-hf merge` of local folders skips them.
+from huggingface_hub import constants
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
@@ -78,6 +67,10 @@ def validate_repo_id(repo_id: str) -> None:
     ValueError: Invalid Hub repo id 'my org/model': expected 'namespace/name' ...
     ```
     """
+    # heavy: huggingface_hub.errors pulls in httpx; only an actual id needs the validator
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
+
     if not isinstance(repo_id, str):
         raise ValueError(f"Invalid Hub repo id {repo_id!r} (a {type(repo_id).__name__}): {REPO_ID_RULES}.")
     try:
@@ -193,6 +186,9 @@ def push_folder(
     repo_id = prepare_repo(
         repo_id, token=token, private=private, repo_type=repo_type, revision=revision, create_pr=create_pr
     )
+    # heavy: the Hub client and httpx (about 0.4 s); only pushes need it
+    from huggingface_hub import HfApi
+
     api = HfApi(library_name="dem_hf")
     try:
         remote = None
@@ -209,7 +205,7 @@ def push_folder(
             revision=revision,
             create_pr=create_pr,
         )
-    except (LocalTokenNotFoundError, HfHubHTTPError, httpx.TransportError) as error:
+    except _push_failures() as error:
         raise _push_error(error, folder, repo_id, token) from error
     logger.info(f"Pushed {folder} to {repo_id}: {commit.commit_url}")
     return commit
@@ -251,12 +247,15 @@ def prepare_repo(
         [`HubPushError`]: the Hub or the network failed.
     """
     check_push_target(repo_id, repo_type=repo_type, revision=revision, create_pr=create_pr)
+    # heavy: the Hub client and httpx (about 0.4 s); only pushes need it
+    from huggingface_hub import HfApi
+
     api = HfApi(library_name="dem_hf")
     try:
         full_id = api.create_repo(repo_id, token=token, private=private, repo_type=repo_type, exist_ok=True).repo_id
         if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
             api.create_branch(full_id, branch=revision, token=token, repo_type=repo_type, exist_ok=True)
-    except (LocalTokenNotFoundError, HfHubHTTPError, httpx.TransportError) as error:
+    except _push_failures() as error:
         raise _push_error(error, None, repo_id, token) from error
     return full_id
 
@@ -275,6 +274,9 @@ def _commit_operations(
     keep_existing: str | Sequence[str] | None,
 ) -> list[CommitOperationAdd | CommitOperationDelete]:
     """The additions and deletions of one commit: every local file, minus those kept remotely, plus stale deletes."""
+    # heavy: part of the Hub client; only pushes need it
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
     kept = sorted(set(_as_list(keep_existing) or []) & set(local_paths) & (remote or set()))
     if kept:
         logger.warning(f"Kept the repo's own {', '.join(kept)} (not overwritten by the push).")
@@ -294,8 +296,24 @@ def _as_list(patterns: str | Sequence[str] | None) -> list[str] | None:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
+def _push_failures() -> tuple[type[Exception], ...]:
+    """The client errors that [`_push_error`] translates: no token, an HTTP error from the Hub, a network failure.
+
+    Imported on demand (`huggingface_hub.errors` pulls in httpx); an `except` clause only evaluates this when an
+    exception reaches it.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.utils import httpx  # huggingface_hub's own HTTP library
+
+    return (LocalTokenNotFoundError, HfHubHTTPError, httpx.TransportError)
+
+
 def _push_error(error: Exception, folder: Path | None, repo_id: str, token: str | bool | None) -> Exception:
     """The error to raise for a failed push: `PermissionError` for auth problems, [`HubPushError`] otherwise."""
+    # heavy: huggingface_hub.errors pulls in httpx; only a failed push gets here
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
     status = error.response.status_code if isinstance(error, HfHubHTTPError) and error.response is not None else None
     target = f"{repo_id!r} on {constants.ENDPOINT}"
     if isinstance(error, LocalTokenNotFoundError) or status == 401:

@@ -11,14 +11,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+# `snapshot_download` and the client's errors (they pull in httpx, about 0.4 s with the rest of the client) are
+# imported by [`_download_snapshot`]: a local folder needs neither.
+from huggingface_hub import constants
 
 from .hub import LOGIN_HINT, REPO_ID_RULES, _as_list, _first_line, validate_repo_id
 
@@ -89,14 +84,46 @@ def resolve_pretrained(
             f"{repo_id!r} is not a local folder, and not a Hub repo id either ({REPO_ID_RULES})."
         ) from error
 
+    snapshot = _download_snapshot(
+        repo_id,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        allow_patterns=_patterns_under(subfolder, allow_patterns),
+    )
+    return _subfolder_of(Path(snapshot), subfolder, f"the Hub repo {repo_id!r}")
+
+
+def _download_snapshot(
+    repo_id: str,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+    allow_patterns: list[str] | None,
+) -> str:
+    """`huggingface_hub.snapshot_download`, with its errors turned into ones that say what to do (see
+    [`resolve_pretrained`])."""
+    # heavy: the download client and its errors pull in httpx; only a Hub id needs them
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     try:
-        snapshot = snapshot_download(
+        return snapshot_download(
             repo_id,
             revision=revision,
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
-            allow_patterns=_patterns_under(subfolder, allow_patterns),
+            allow_patterns=allow_patterns,
         )
     except LocalEntryNotFoundError as error:
         raise _not_cached_error(repo_id, revision, cache_dir, local_files_only) from error
@@ -117,7 +144,6 @@ def resolve_pretrained(
                 f"The Hub refused access to {repo_id!r}: {_first_line(error)}. {LOGIN_HINT}"
             ) from error
         raise
-    return _subfolder_of(Path(snapshot), subfolder, f"the Hub repo {repo_id!r}")
 
 
 def _subfolder_of(root: Path, subfolder: str | None, origin: str) -> Path:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .card import CARD_NAME, build_model_card
+from .card import CARD_NAME, render_model_card, save_card_text
 from .config import DEMConfig, check_coefficients
 from .hub import check_push_target, prepare_repo, push_folder
 from .hub_download import resolve_pretrained
@@ -264,9 +264,9 @@ class DEMMerger:
             save_directory,
             {"base model": self.base_folder, **{f"vector {v.name!r}": v.path for v, _ in terms}},
         )
-        model_card = None
+        card_text = None
         if card:  # built before the merge, so that a bad card argument fails early
-            model_card = self._model_card(save_directory, save_vectors, regenerate_card, model_card_kwargs)
+            card_text = self._model_card(save_directory, save_vectors, regenerate_card, model_card_kwargs)
         with atomic_directory(save_directory, overwrite=overwrite) as staging:
             self._copy_base_files(staging)
             layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
@@ -276,7 +276,7 @@ class DEMMerger:
             self._save_vectors(staging, save_vectors)
             self.config.save_pretrained(staging)
             if card:
-                self._write_card(staging, Path(save_directory), model_card)
+                self._write_card(staging, Path(save_directory), card_text)
         return Path(save_directory)
 
     def _stream_merge(self, writer: ShardedWriter, terms, workers: int | None = None) -> None:
@@ -364,18 +364,18 @@ class DEMMerger:
                 vector.save_pretrained(staging / VECTORS_FOLDER / name)
 
     def _model_card(self, save_directory, save_vectors: bool | None, regenerate: bool, card_kwargs: dict | None):
-        """The card for `save_pretrained`; `None` when the folder's existing card is to be kept."""
+        """The text of the card for `save_pretrained`; `None` when the folder's existing card is to be kept."""
         existing = Path(save_directory) / CARD_NAME
         if existing.is_file() and not regenerate:
             return None
         vectors_included = any(save_vectors or (save_vectors is None and v.path is None) for v in self.vectors.values())
         kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": vectors_included}
-        return build_model_card(self, **{**kwargs, **(card_kwargs or {})})
+        return render_model_card(self, **{**kwargs, **(card_kwargs or {})})
 
     @staticmethod
-    def _write_card(staging: Path, target: Path, model_card) -> None:
-        if model_card is not None:
-            model_card.save(staging / CARD_NAME)
+    def _write_card(staging: Path, target: Path, card_text: str | None) -> None:
+        if card_text is not None:
+            save_card_text(card_text, staging / CARD_NAME)
             return
         shutil.copy2(target / CARD_NAME, staging / CARD_NAME)
         logger.warning(

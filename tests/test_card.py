@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -19,8 +20,11 @@ from dem_hf.card import (
     framework_versions,
     hub_id_of,
     is_hub_dataset_id,
+    render_model_card,
+    save_card_text,
     write_model_card,
 )
+from dem_hf.card_data import card_metadata
 from dem_hf.cli import main
 from dem_hf.hub import validate_repo_id
 
@@ -159,6 +163,49 @@ def test_card_from_a_merger_never_touches_the_network(merger, tmp_path, monkeypa
     assert "| `math` | 100 | 7.6 | 5.6 | -26.3% |" in card.text
     assert "| Strategy | grid |" in card.text and "| Candidates evaluated | 2 |" in card.text
     assert "| Best objective | 7.1 |" in card.text and "12.5 s" in card.text
+
+
+def test_rendered_text_is_the_model_card_s_text(merger, tmp_path):
+    """`render_model_card` + `save_card_text` (what `save_pretrained` uses, without the Hub client) write exactly
+    the bytes `build_model_card(...).save` writes."""
+    card = build_model_card(merger, model_id="org/dem", vectors_included=True)
+    text = render_model_card(merger, model_id="org/dem", vectors_included=True)
+    assert text == str(card) and text.endswith("\n")
+    card.save(tmp_path / "card" / "README.md")
+    assert save_card_text(text, tmp_path / "text" / "README.md") == tmp_path / "text" / "README.md"
+    assert (tmp_path / "text" / "README.md").read_bytes() == (tmp_path / "card" / "README.md").read_bytes()
+
+
+def test_custom_templates_get_the_card_data_and_the_extra_arguments(tmp_path):
+    """As in `ModelCard.from_template`: `card_data` is the YAML metadata, the card data's fields and the extra keyword
+    arguments are variables; the rendered text is written as it is."""
+    config = DEMConfig(base_model_name_or_path="org/base", vectors={"math": {"vector_type": "full"}})
+    template = tmp_path / "card.md.j2"
+    template.write_text("---\n{{ card_data }}\nlanguage: en\n---\n# {{ model_title }} for {{ base_model }}: {{ note }}")
+    text = render_model_card(config, versions={}, template_path=template, note="custom")
+    metadata = build_model_card(config, versions={}).data.to_yaml()
+    assert text == f"---\n{metadata}\nlanguage: en\n---\n# dem-model for org/base: custom\n"
+    assert ModelCard(text).data.language == "en"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("---\nlicense: mit\ntags: [a, b]\n---\n# body\n", {"license": "mit", "tags": ["a", "b"]}),
+        ("---\r\nlicense: mit\r\n---\r\n# body\r\n", {"license": "mit"}),
+        ("\n---\nlicense: other\nlicense_name: tiny\n---   \nbody", {"license": "other", "license_name": "tiny"}),
+        ("---\n---\nempty metadata", {}),
+        ("# no metadata block\n---\nlicense: mit\n---\n", {}),
+    ],
+)
+def test_card_metadata_reads_the_yaml_block_the_hub_reads(content, expected):
+    assert card_metadata(content) == expected == ModelCard(content).data.to_dict()
+
+
+@pytest.mark.parametrize("content", ["---\n- a list\n---\n", "---\nlicense: [\n---\n"])
+def test_card_metadata_refuses_a_block_that_is_not_a_mapping(content):
+    with pytest.raises((ValueError, yaml.YAMLError)):
+        card_metadata(content)
 
 
 def test_card_is_deterministic(merger):

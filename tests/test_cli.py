@@ -51,20 +51,28 @@ def test_cli_rejects_a_non_numeric_weight(tmp_path, base_dir, capsys):
     assert "PATH=WEIGHT" in capsys.readouterr().err
 
 
-def test_merge_command_runs_without_importing_torch(tmp_path, base_dir, finetuned_dirs):
-    """`dem-hf merge` of saved full vectors starts fast: only the chosen subcommand's module (and what it needs)
-    is imported, and the streaming merge works on NumPy arrays, so not even torch (about 2 s of start-up) loads."""
+def test_merge_command_imports_neither_torch_nor_the_hub_client(tmp_path, base_dir, finetuned_dirs):
+    """`dem-hf merge` of saved full vectors into a local base starts fast: only the chosen subcommand's module (and
+    what it needs) is imported, the streaming merge works on NumPy arrays, so not even torch (about 2 s of start-up)
+    loads, and the card is rendered without `huggingface_hub.ModelCard`, so neither does the Hub client (`hf_api`,
+    `file_download`, `repocard` and the HTTP library they pull in: about 0.4 s), which only Hub ids and pushes need."""
     import subprocess
     import sys
 
+    # the HTTP library huggingface_hub uses (httpx, or a fork of it under another name)
+    from huggingface_hub.utils import httpx
+
     assert main(["extract", "--base", str(base_dir), "--finetuned", str(finetuned_dirs["math"]), "--name", "math",
                  "--output", str(tmp_path / "vec")]) == 0
+    absent = (
+        "torch", "trl", "peft", "transformers", "dem_hf.training", "dem_hf.search",
+        "huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub.repocard", "httpx", httpx.__name__,
+    )
     code = (
         "import sys; from dem_hf.cli import main; "
         f"code = main(['merge', '--base', {str(base_dir)!r}, '--vector', {str(tmp_path / 'vec')!r} + '=0.5', "
         f"'--output', {str(tmp_path / 'out')!r}]); "
-        "print(code, sorted(m for m in ('torch', 'trl', 'peft', 'transformers', 'dem_hf.training', 'dem_hf.search') "
-        "if m in sys.modules))"
+        f"print(code, sorted(m for m in {absent!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "0 []"

@@ -30,8 +30,8 @@ class CheckpointReader:
     """Lazy, tensor-at-a-time view of a safetensors checkpoint folder.
 
     Works with `<stem>.safetensors` or with shards listed in `<stem>.safetensors.index.json`, the layout
-    Transformers writes. Only headers are read up front. Reads are positioned (`os.preadv`), so one reader
-    can serve several threads at once.
+    Transformers writes. Only headers are read up front. Reads are positioned (`os.preadv`) on a descriptor per
+    thread, so one reader can serve several threads at once.
 
     Args:
         folder: the checkpoint folder.
@@ -53,7 +53,9 @@ class CheckpointReader:
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, str] = {}  # safetensors dtype names ("F32", "BF16", ...)
         self._offset: dict[str, int] = {}  # where each tensor's bytes start in its file
-        self._descriptors: dict[Path, int] = {}  # files opened by `read_array`, kept open until `close`
+        # Files opened by `read_array`, kept open until `close`: one descriptor per file and thread, so that the
+        # kernel's readahead follows each thread's sequential reads instead of seeing them interleaved.
+        self._descriptors: dict[tuple[int, Path], int] = {}
         self._lock = threading.Lock()
         for file in self._files(stem):
             self._read_header(file)
@@ -175,10 +177,11 @@ class CheckpointReader:
         return to_torch(self.read_array(name, start, stop), self._dtype[name])
 
     def _descriptor(self, file: Path) -> int:
+        key = (threading.get_ident(), file)
         with self._lock:
-            if file not in self._descriptors:
-                self._descriptors[file] = os.open(file, os.O_RDONLY)
-            return self._descriptors[file]
+            if key not in self._descriptors:
+                self._descriptors[key] = os.open(file, os.O_RDONLY)
+            return self._descriptors[key]
 
     def close(self) -> None:
         """Close the files `read_array` keeps open (reopened on demand)."""

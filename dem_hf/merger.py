@@ -306,6 +306,9 @@ class DEMMerger:
                     future.result()
             finally:
                 executor.shutdown(wait=True, cancel_futures=True)
+                for source in [self.base, *(vector.tensors for vector, _ in terms)]:
+                    if isinstance(source, CheckpointReader):
+                        source.close()  # the threads' file descriptors
 
     def search(
         self,

@@ -81,7 +81,36 @@ WEIGHTING_EXPLANATIONS = {
 # ------------------------------------------------------------------------------------------------ public API
 
 
-def build_model_card(
+def build_model_card(source: Any, **card_kwargs: Any) -> ModelCard:
+    """Build the model card of a DEM model, offline, as a `huggingface_hub.ModelCard`.
+
+    Takes the arguments of [`render_model_card`] (the merger or config, then `model_id`, `base_model`,
+    `base_folder`, `license`, `vectors_included`, `vectors`, `versions`, `template_path` and template variables);
+    the card's text is that function's.
+
+    Returns:
+        `huggingface_hub.ModelCard`: `card.data` is the YAML metadata; `str(card)` the whole `README.md`.
+
+    Raises:
+        `ValueError`: `source` is neither a `DEMMerger` nor a `DEMConfig`, or `base_model` is not a Hub repo id.
+
+    Example:
+
+    ```python
+    >>> from dem_hf.card import build_model_card
+    >>> card = build_model_card(merger, model_id="my-org/dem-smollm")
+    >>> card.data.tags
+    ['dem', 'merge', 'dem_hf']
+    >>> card.save("dem-model/README.md")
+    ```
+    """
+    # heavy: huggingface_hub.repocard imports the Hub client (hf_api, httpx); only the card object needs it
+    from huggingface_hub import ModelCard
+
+    return ModelCard(render_model_card(source, **card_kwargs))
+
+
+def render_model_card(
     source: Any,
     *,
     model_id: str | None = None,
@@ -93,10 +122,10 @@ def build_model_card(
     versions: Mapping[str, str] | None = None,
     template_path: str | os.PathLike | None = None,
     **template_kwargs: Any,
-) -> ModelCard:
-    """Build the model card of a DEM model, offline.
-
-    Its text is [`render_model_card`]'s, rendered without importing the Hub client (`huggingface_hub.repocard`).
+) -> str:
+    """The text of the model card of a DEM model (the `README.md` that `save_pretrained` writes), offline, without
+    importing `huggingface_hub.repocard` (which imports the Hub client). With the default template it is exactly
+    `str(build_model_card(...))`; a custom template's text is kept as rendered.
 
     Args:
         source ([`DEMMerger`] or [`DEMConfig`]):
@@ -126,63 +155,10 @@ def build_model_card(
             Extra variables for the template (they override the computed ones).
 
     Returns:
-        `huggingface_hub.ModelCard`: `card.data` is the YAML metadata; `str(card)` the whole `README.md`.
-
-    Raises:
-        `ValueError`: `source` is neither a `DEMMerger` nor a `DEMConfig`, or `base_model` is not a Hub repo id.
-
-    Example:
-
-    ```python
-    >>> from dem_hf.card import build_model_card
-    >>> card = build_model_card(merger, model_id="my-org/dem-smollm")
-    >>> card.data.tags
-    ['dem', 'merge', 'dem_hf']
-    >>> card.save("dem-model/README.md")
-    ```
-    """
-    # heavy: huggingface_hub.repocard imports the Hub client (hf_api, httpx); only the card object needs it
-    from huggingface_hub import ModelCard
-
-    text = render_model_card(
-        source,
-        model_id=model_id,
-        base_model=base_model,
-        base_folder=base_folder,
-        license=license,
-        vectors_included=vectors_included,
-        vectors=vectors,
-        versions=versions,
-        template_path=template_path,
-        **template_kwargs,
-    )
-    return ModelCard(text)
-
-
-def render_model_card(
-    source: Any,
-    *,
-    model_id: str | None = None,
-    base_model: str | None = None,
-    base_folder: str | os.PathLike | None = None,
-    license: str | None = None,
-    vectors_included: bool = False,
-    vectors: Mapping[str, Any] | None = None,
-    versions: Mapping[str, str] | None = None,
-    template_path: str | os.PathLike | None = None,
-    **template_kwargs: Any,
-) -> str:
-    """The text of the model card of a DEM model, offline, without importing `huggingface_hub.repocard` (which
-    imports the Hub client): the `README.md` that `save_pretrained` writes. With the default template it is exactly
-    `str(build_model_card(...))`; a custom template's text is kept as rendered.
-
-    Takes the arguments of [`build_model_card`], with the same defaults.
-
-    Returns:
         `str`: the whole `README.md`, YAML metadata block included, ending with a newline.
 
     Raises:
-        `ValueError`: as [`build_model_card`].
+        `ValueError`: `source` is neither a `DEMMerger` nor a `DEMConfig`, or `base_model` is not a Hub repo id.
 
     Example:
 

@@ -30,7 +30,7 @@ class CheckpointReader:
     """Lazy, tensor-at-a-time view of a safetensors checkpoint folder.
 
     Works with `<stem>.safetensors` or with shards listed in `<stem>.safetensors.index.json`, the layout
-    Transformers writes. Only headers are read up front. Reads are positioned (`os.preadv`) on a descriptor per
+    Transformers writes. Only headers are read up front. Reads are positioned ([`read_at`]) on a descriptor per
     thread, so one reader can serve several threads at once.
 
     Args:
@@ -141,7 +141,7 @@ class CheckpointReader:
             position = self._offset[name] + start * row_values * dtype.itemsize
             done = 0
             while done < len(target):
-                got = os.preadv(descriptor, [target[done:]], position + done)
+                got = read_at(descriptor, target[done:], position + done)
                 if not got:
                     raise ValueError(f"{str(self._file_of[name])!r} ended inside tensor {name!r} (truncated?).")
                 done += got
@@ -180,7 +180,7 @@ class CheckpointReader:
         key = (threading.get_ident(), file)
         with self._lock:
             if key not in self._descriptors:
-                self._descriptors[key] = os.open(file, os.O_RDONLY)
+                self._descriptors[key] = os.open(file, os.O_RDONLY | BINARY)
             return self._descriptors[key]
 
     def close(self) -> None:
@@ -195,6 +195,23 @@ class CheckpointReader:
             self.close()
         except Exception:
             pass
+
+
+BINARY = getattr(os, "O_BINARY", 0)  # Windows opens descriptors in text mode without it
+
+
+def read_at(descriptor: int, target: memoryview, position: int) -> int:
+    """Read into `target` from `position` of a file; returns the bytes read (0 at the end of the file).
+
+    A positioned read (`os.preadv`) where the platform has one; elsewhere (Windows) a seek and a read, so the
+    descriptor must then belong to one thread, as [`CheckpointReader`]'s do.
+    """
+    if hasattr(os, "preadv"):
+        return os.preadv(descriptor, [target], position)
+    os.lseek(descriptor, position, os.SEEK_SET)
+    data = os.read(descriptor, len(target))
+    target[: len(data)] = data
+    return len(data)
 
 
 def _flat_prefix(buffer: np.ndarray, dtype: np.dtype, count: int) -> np.ndarray:

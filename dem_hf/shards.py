@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dtypes import STORAGE_DTYPES, dtype_name_of_torch, itemsize
+from .io import BINARY
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +201,7 @@ class ShardedWriter:
             if position + len(data) > end:
                 raise ValueError(f"Tensor {name!r} came as more than its {slot.size} bytes.")
             while data:
-                written = os.pwrite(descriptor, data, position)
+                written = self._write_at(descriptor, data, position)
                 data, position = data[written:], position + written
         if position != end:
             raise ValueError(f"Tensor {name!r} came as {position - slot.position} bytes, expected {slot.size}.")
@@ -211,11 +212,23 @@ class ShardedWriter:
     def _open(self, shard: _Shard) -> int:
         """The shard's file descriptor; the first call creates the file at its full size with its header."""
         if shard.descriptor is None:
-            descriptor = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(descriptor, shard.header, 0)
+            descriptor = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | BINARY, 0o644)
+            os.write(descriptor, shard.header)  # at 0: nothing else has this descriptor yet
             os.ftruncate(descriptor, len(shard.header) + shard.data_bytes)
             shard.descriptor = descriptor
         return shard.descriptor
+
+    def _write_at(self, descriptor: int, data: memoryview, position: int) -> int:
+        """Write `data` at `position` (all of it or a prefix); returns the bytes written.
+
+        A positioned write (`os.pwrite`) where the platform has one; elsewhere (Windows) a seek and a write under
+        the writer's lock, since the shard's descriptor is shared by the merge threads.
+        """
+        if hasattr(os, "pwrite"):
+            return os.pwrite(descriptor, data, position)
+        with self._lock:
+            os.lseek(descriptor, position, os.SEEK_SET)
+            return os.write(descriptor, data)
 
     def _close_files(self) -> None:
         for shard in self._shards or []:

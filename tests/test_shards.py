@@ -76,3 +76,29 @@ def test_a_planned_writer_refuses_what_the_layout_does_not_say(tmp_path):
         writer.add("b", TensorBlocks((4,), "BF16", [np.zeros(2, np.uint16)]))
     with pytest.raises(ValueError, match="never added"):
         writer.close()
+
+
+def test_platforms_without_positioned_io_get_the_same_bytes(tmp_path, base_dir, finetuned_dirs, monkeypatch):
+    """Where `os.preadv` / `os.pwrite` do not exist (Windows), reads seek on per-thread descriptors and writes seek
+    under the writer's lock: a threaded merge writes the same files."""
+    import dem_hf.merge_utils
+    import dem_hf.merger
+    from dem_hf import DEMMerger, DistributionVector
+
+    vectors = [
+        DistributionVector.from_models(base_dir, folder, name=name, save_directory=tmp_path / "vectors" / name)
+        for name, folder in finetuned_dirs.items()
+    ]
+    weights = {name: 0.3 * (i + 1) for i, name in enumerate(finetuned_dirs)}
+    monkeypatch.setattr(dem_hf.merger, "MERGE_WORKERS", 3)
+    monkeypatch.setattr(dem_hf.merge_utils, "MERGE_BLOCK_VALUES", 500)
+    outputs = []
+    for positioned in (True, False):
+        if not positioned:
+            monkeypatch.delattr("os.preadv")
+            monkeypatch.delattr("os.pwrite")
+        out = DEMMerger.from_pretrained(base_dir, vectors=vectors).save_pretrained(
+            tmp_path / str(positioned), weights, max_shard_size=40_000
+        )
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("model*"))})
+    assert len(outputs[0]) > 2 and outputs[0] == outputs[1]

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,12 +75,6 @@ class _Slot:
     size: int
 
 
-@dataclass
-class _Progress:
-    started: set[str] = field(default_factory=set)
-    written: set[str] = field(default_factory=set)
-
-
 class ShardedWriter:
     """Write tensors into size-capped safetensors shards plus an index.
 
@@ -94,6 +88,15 @@ class ShardedWriter:
         metadata: string metadata stored in every shard's header.
         layout: `(name, shape, dtype)` of every tensor (dtype as a safetensors name such as `"BF16"`, or a
             `torch.dtype`) to stream instead of buffering; shards follow the layout's order.
+
+    Example:
+        ```python
+        >>> layout = [(name, reader.shape(name), reader.dtype_name(name)) for name in reader.keys()]
+        >>> writer = ShardedWriter(staging, "model", "2GB", layout=layout)
+        >>> for name in reversed(reader.keys()):  # any order, or from several threads
+        ...     writer.add(name, reader.read_array(name, 0, reader.shape(name)[0]))
+        >>> writer.close()  # the shards (and the index when there are several)
+        ```
     """
 
     def __init__(
@@ -114,7 +117,8 @@ class ShardedWriter:
         self._queued_shards: list[tuple[Path, list[str]]] = []
         self._shards: list[_Shard] | None = None
         self._slots: dict[str, _Slot] = {}
-        self._progress = _Progress()
+        self._started: set[str] = set()  # tensors whose writing began (a second `add` is an error)
+        self._written: set[str] = set()  # tensors written whole
         self._lock = threading.Lock()
         if layout is not None:
             self._plan(list(layout))
@@ -189,9 +193,9 @@ class ShardedWriter:
         if shape != slot.shape or dtype != slot.dtype:
             raise ValueError(f"Tensor {name!r} is {dtype} {list(shape)}; the layout says {slot.dtype} {list(slot.shape)}.")
         with self._lock:
-            if name in self._progress.started:
+            if name in self._started:
                 raise ValueError(f"Tensor {name!r} was added twice.")
-            self._progress.started.add(name)
+            self._started.add(name)
             descriptor = self._open(slot.shard)
         position, end = slot.position, slot.position + slot.size
         for block in tensor.blocks if isinstance(tensor, TensorBlocks) else [tensor]:
@@ -206,7 +210,7 @@ class ShardedWriter:
         if position != end:
             raise ValueError(f"Tensor {name!r} came as {position - slot.position} bytes, expected {slot.size}.")
         with self._lock:
-            self._progress.written.add(name)
+            self._written.add(name)
             self.total_size += slot.size
 
     def _open(self, shard: _Shard) -> int:
@@ -237,7 +241,7 @@ class ShardedWriter:
                 shard.descriptor = None
 
     def _close_planned(self) -> list[Path]:
-        missing = [name for name in self._slots if name not in self._progress.written]
+        missing = [name for name in self._slots if name not in self._written]
         if missing:
             self._close_files()
             raise ValueError(f"{len(missing)} tensors of the layout were never added: {missing[:5]}")

@@ -15,8 +15,11 @@ to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the e
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -24,8 +27,8 @@ import numpy as np
 
 from .config import WEIGHTINGS
 from .dtypes import FLOAT_DTYPES, STORAGE_DTYPES, from_float32, to_float32
-from .io import BufferPool, to_torch
-from .shards import TensorBlocks
+from .io import BufferPool, CheckpointReader, to_torch
+from .shards import ShardedWriter, TensorBlocks
 from .tensors import TensorDict, untied_state_dict
 
 if TYPE_CHECKING:
@@ -38,6 +41,8 @@ Terms = Sequence[tuple["DistributionVector", float]]
 # Values per block of a streaming merge: a 1 MiB float32 accumulator stays in cache while every vector is added
 # to it, and reads and writes of this size are cheap; larger blocks were slower on the 2-core benchmark machine.
 MERGE_BLOCK_VALUES = 1 << 18
+# Threads of a streaming merge: reads, adds and writes of different tensors overlap (each releases the GIL).
+MERGE_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def effective_weights(coefficients: dict[str, float], weighting: str = "sum") -> dict[str, float]:
@@ -188,3 +193,35 @@ def apply_vectors_(model: torch.nn.Module, terms: Terms) -> torch.nn.Module:
                 rows = tensor if tensor.dim() == 0 else tensor[start:stop]
                 rows.copy_(to_torch(block, merged.dtype))  # the base rows were read before this block was formed
     return model
+
+
+def write_merged(base: CheckpointReader, terms: Terms, writer: ShardedWriter, workers: int | None = None) -> None:
+    """Stream θ + Σ w·Δ into `writer` (planned with the base's layout), tensor by tensor and block by block, on
+    `workers` threads (default `MERGE_WORKERS`), largest tensors first.
+
+    Memory holds a few block buffers per thread, never a tensor or a shard. The first error stops the merge:
+    tensors not yet started are cancelled, and the error is raised once the running ones end.
+    """
+    local = threading.local()
+
+    def merge_one(name: str) -> None:
+        if not hasattr(local, "pool"):
+            local.pool = BufferPool()
+        writer.add(name, merged_blocks(base, name, terms_for(name, terms), local.pool))
+
+    workers = workers or MERGE_WORKERS
+    names = sorted(base.keys(), key=lambda name: -math.prod(base.shape(name)))
+    with single_threaded(import_torch=any(vector.lora_modules for vector, _ in terms)):
+        if workers <= 1:
+            for name in names:
+                merge_one(name)
+            return
+        executor = ThreadPoolExecutor(workers, thread_name_prefix="dem_hf-merge")
+        try:
+            for future in [executor.submit(merge_one, name) for name in names]:
+                future.result()
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            for source in [base, *(vector.tensors for vector, _ in terms)]:
+                if isinstance(source, CheckpointReader):
+                    source.close()  # the threads' file descriptors

@@ -13,13 +13,10 @@ shapes), so mistakes surface before any heavy work. Two ways to merge:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,14 +24,8 @@ from .card import CARD_NAME, render_model_card, save_card_text
 from .config import DEMConfig, check_coefficients
 from .hub import check_push_target, prepare_repo, push_folder
 from .hub_download import resolve_pretrained
-from .io import BufferPool, CheckpointReader
-from .merge_utils import (
-    apply_vectors_,
-    effective_weights,
-    merged_blocks,
-    single_threaded,
-    terms_for,
-)
+from .io import CheckpointReader
+from .merge_utils import apply_vectors_, effective_weights, write_merged
 from .outputs import (
     atomic_directory,
     check_not_inside,
@@ -63,8 +54,6 @@ STALE_REMOTE_PATTERNS = (
     f"{VECTORS_FOLDER}/*",
 )
 DEFAULT_PUSH_MESSAGE = "Upload DEM model with dem_hf"
-# Threads of a streaming merge: reads, adds and writes of different tensors overlap (each releases the GIL).
-MERGE_WORKERS = min(4, os.cpu_count() or 1)
 
 VectorLike = DistributionVector | str | os.PathLike
 
@@ -271,44 +260,13 @@ class DEMMerger:
             self._copy_base_files(staging)
             layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
             writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout)
-            self._stream_merge(writer, terms)
+            write_merged(self.base, terms, writer)
             writer.close()
             self._save_vectors(staging, save_vectors)
             self.config.save_pretrained(staging)
             if card:
                 self._write_card(staging, Path(save_directory), card_text)
         return Path(save_directory)
-
-    def _stream_merge(self, writer: ShardedWriter, terms, workers: int | None = None) -> None:
-        """Merge every base tensor into `writer`, block by block, on `workers` threads (default `MERGE_WORKERS`),
-        largest tensors first.
-
-        Memory holds a few block buffers per thread, never a tensor or a shard. The first error stops the
-        merge: tensors not yet started are cancelled, and the error is raised once the running ones end.
-        """
-        local = threading.local()
-
-        def merge_one(name: str) -> None:
-            if not hasattr(local, "pool"):
-                local.pool = BufferPool()
-            writer.add(name, merged_blocks(self.base, name, terms_for(name, terms), local.pool))
-
-        workers = workers or MERGE_WORKERS
-        names = sorted(self.base.keys(), key=lambda name: -math.prod(self.base.shape(name)))
-        with single_threaded(import_torch=any(vector.lora_modules for vector, _ in terms)):
-            if workers <= 1:
-                for name in names:
-                    merge_one(name)
-                return
-            executor = ThreadPoolExecutor(workers, thread_name_prefix="dem_hf-merge")
-            try:
-                for future in [executor.submit(merge_one, name) for name in names]:
-                    future.result()
-            finally:
-                executor.shutdown(wait=True, cancel_futures=True)
-                for source in [self.base, *(vector.tensors for vector, _ in terms)]:
-                    if isinstance(source, CheckpointReader):
-                        source.close()  # the threads' file descriptors
 
     def search(
         self,

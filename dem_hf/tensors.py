@@ -1,6 +1,8 @@
-"""Uniform, tensor-at-a-time views of weights, whether in a folder or in memory, and base fingerprints.
+"""Uniform, tensor-at-a-time views of weights, whether in a folder or in memory; base fingerprints; and the checks
+that two models can be subtracted.
 
-A *tensor source* answers `keys()`, `shape(name)`, `dtype(name)`, `get(name)` and `head(name, count)`.
+A *tensor source* answers `keys()`, `shape(name)`, `dtype(name)` / `dtype_name(name)`, `get(name)` and
+`head(name, count)` (torch), and `read_array(name, start, stop)` / `head_float32(name, count)` (NumPy).
 [`CheckpointReader`] is the on-disk source; [`TensorDict`] wraps tensors already in memory, and
 [`model_tensors`] turns a `PreTrainedModel` into one, dropping tied duplicates exactly as
 `save_pretrained` does so that the names match the model's checkpoint.
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 FINGERPRINT_SAMPLED_TENSORS = 4
 FINGERPRINT_SAMPLED_VALUES = 64
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
 
 
 class TensorSource(Protocol):
@@ -167,3 +170,31 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
     if expected.get("values") != actual.get("values"):
         return "weight values differ (same architecture, different weights)"
     return None  # only the storage dtypes differ (e.g. a bf16 checkpoint loaded in float32): same weights
+
+
+def check_same_architecture(base_config: dict, tuned_config: dict) -> None:
+    """Compare the config keys that decide whether two checkpoints can be subtracted."""
+    for key in ARCHITECTURE_KEYS:
+        if key in base_config and key in tuned_config and base_config[key] != tuned_config[key]:
+            what = "vocab-size mismatch" if key == "vocab_size" else f"{key} differs"
+            raise ValueError(
+                f"Base and fine-tuned model are not the same architecture ({what}): "
+                f"base {key}={base_config[key]!r}, fine-tuned {key}={tuned_config[key]!r}."
+            )
+
+
+def check_same_tensors(base: TensorSource, tuned: TensorSource) -> None:
+    """Same tensor names and shapes on both sides, and float where the other is float, or a `ValueError`."""
+    base_names, tuned_names = set(base.keys()), set(tuned.keys())
+    if missing := sorted(base_names - tuned_names):
+        raise ValueError(f"The fine-tuned model lacks tensors of the base: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+    if extra := sorted(tuned_names - base_names):
+        raise ValueError(f"The fine-tuned model has tensors the base lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}.")
+    for name in base.keys():
+        if base.shape(name) != tuned.shape(name):
+            raise ValueError(f"Shape of {name!r} differs: base {list(base.shape(name))}, fine-tuned {list(tuned.shape(name))}.")
+        if (base.dtype_name(name) in FLOAT_DTYPES) != (tuned.dtype_name(name) in FLOAT_DTYPES):
+            raise ValueError(
+                f"Dtype of {name!r} differs: base {base.dtype(name)}, fine-tuned {tuned.dtype(name)}; a float tensor "
+                "can only be compared with a float tensor (float dtypes may differ: deltas are taken in float32)."
+            )

@@ -33,6 +33,8 @@ from .shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from .tensors import (
     TensorDict,
     TensorSource,
+    check_same_architecture,
+    check_same_tensors,
     fingerprint,
     fingerprint_mismatch,
     open_weights,
@@ -48,7 +50,6 @@ VECTOR_STEM = "vector"
 VECTOR_TYPES = ("full", "lora")
 LORA_A, LORA_B = ".lora_A", ".lora_B"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings")
 
 
 def check_vector_name(name: Any) -> str:
@@ -434,31 +435,3 @@ def write_vector_folder(
         writer.close()
         (staging / VECTOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(save_directory)
-
-
-def check_same_architecture(base_config: dict, tuned_config: dict) -> None:
-    """Compare the config keys that decide whether two checkpoints can be subtracted."""
-    for key in ARCHITECTURE_KEYS:
-        if key in base_config and key in tuned_config and base_config[key] != tuned_config[key]:
-            what = "vocab-size mismatch" if key == "vocab_size" else f"{key} differs"
-            raise ValueError(
-                f"Base and fine-tuned model are not the same architecture ({what}): "
-                f"base {key}={base_config[key]!r}, fine-tuned {key}={tuned_config[key]!r}."
-            )
-
-
-def check_same_tensors(base: TensorSource, tuned: TensorSource) -> None:
-    """Same tensor names and shapes on both sides, and float where the other is float, or a `ValueError`."""
-    base_names, tuned_names = set(base.keys()), set(tuned.keys())
-    if missing := sorted(base_names - tuned_names):
-        raise ValueError(f"The fine-tuned model lacks tensors of the base: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
-    if extra := sorted(tuned_names - base_names):
-        raise ValueError(f"The fine-tuned model has tensors the base lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}.")
-    for name in base.keys():
-        if base.shape(name) != tuned.shape(name):
-            raise ValueError(f"Shape of {name!r} differs: base {list(base.shape(name))}, fine-tuned {list(tuned.shape(name))}.")
-        if (base.dtype_name(name) in FLOAT_DTYPES) != (tuned.dtype_name(name) in FLOAT_DTYPES):
-            raise ValueError(
-                f"Dtype of {name!r} differs: base {base.dtype(name)}, fine-tuned {tuned.dtype(name)}; a float tensor "
-                "can only be compared with a float tensor (float dtypes may differ: deltas are taken in float32)."
-            )

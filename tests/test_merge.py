@@ -184,13 +184,12 @@ def test_streaming_merge_does_not_depend_on_threads_or_block_size(tmp_path, base
     """Worker threads and block sizes change how a merge is scheduled, never its bytes; every variant also equals
     the in-memory merge exactly (full and LoRA vectors, many blocks per tensor, several shards)."""
     import dem_hf.merge_utils
-    import dem_hf.merger
 
     vectors = [DistributionVector.from_pretrained(path) for path in vector_dirs.values()] + [lora_vector(2, "lora")]
     weights = {"math": 0.6, "chat": -0.3, "code": 0.9, "lora": 0.7}
     outputs = {}
     for workers, block_values in [(1, 1 << 18), (3, 1 << 18), (3, 1000)]:
-        monkeypatch.setattr(dem_hf.merger, "MERGE_WORKERS", workers)
+        monkeypatch.setattr(dem_hf.merge_utils, "MERGE_WORKERS", workers)
         monkeypatch.setattr(dem_hf.merge_utils, "MERGE_BLOCK_VALUES", block_values)
         merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
         out = merger.save_pretrained(tmp_path / f"dem-{workers}-{block_values}", weights, max_shard_size=50_000)

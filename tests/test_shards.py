@@ -82,7 +82,6 @@ def test_platforms_without_positioned_io_get_the_same_bytes(tmp_path, base_dir, 
     """Where `os.preadv` / `os.pwrite` do not exist (Windows), reads seek on per-thread descriptors and writes seek
     under the writer's lock: a threaded merge writes the same files."""
     import dem_hf.merge_utils
-    import dem_hf.merger
     from dem_hf import DEMMerger, DistributionVector
 
     vectors = [
@@ -90,7 +89,7 @@ def test_platforms_without_positioned_io_get_the_same_bytes(tmp_path, base_dir, 
         for name, folder in finetuned_dirs.items()
     ]
     weights = {name: 0.3 * (i + 1) for i, name in enumerate(finetuned_dirs)}
-    monkeypatch.setattr(dem_hf.merger, "MERGE_WORKERS", 3)
+    monkeypatch.setattr(dem_hf.merge_utils, "MERGE_WORKERS", 3)
     monkeypatch.setattr(dem_hf.merge_utils, "MERGE_BLOCK_VALUES", 500)
     outputs = []
     for positioned in (True, False):

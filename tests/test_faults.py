@@ -374,6 +374,23 @@ def test_temporary_folder_of_a_killed_merge_is_removed_by_the_next_run(signal_na
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_sigterm_of_a_merge_command_leaves_nothing(tmp_path, base_dir, vectors):
+    """`dem-hf merge` turns SIGTERM into a clean exit (status 143): its temporary folder is removed at once."""
+    import time
+
+    out = tmp_path / "merged"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, *_merge_argv(base_dir, vectors, out)],
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".merged.tmp-") for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert "terminated; no partial output was left" in process.stderr.read()
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
 def test_stale_temporary_file_of_a_killed_write_is_removed(tmp_path):
     """`write_file_atomic`'s temporaries left by a killed process are removed by the next write of that file
     (and only that file's)."""

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -152,6 +153,20 @@ def _check_bound_pair(label: str, pair: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|mlu|musa)(:\d+)?|auto")
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device torch cannot name, before any model is loaded (`None` is the default CPU)."""
+    if device is None or (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
+        return
+    if type(device).__name__ == "device" and type(device).__module__ == "torch":
+        return
+    raise ValueError(
+        f"device: expected a torch device such as cpu, cuda, cuda:0, mps or auto, got {device!r}."
+    )
+
+
 def _check_values(label: str, values: Any) -> list[float]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ValueError(f"Grid values{label} must be a list of numbers, got {values!r}.")
@@ -211,7 +226,8 @@ class SearchConfig(JsonConfigMixin):
             less per candidate unless the validation sets are tiny (see benchmarks/RESULTS.md).
         cache_deltas: keep deltas in memory (float32, one copy per vector; LoRA deltas of `"update"` formed
             once) for fast switching; default: when they fit in half the available memory.
-        device: device to load the base model on when `DEMMerger.search` is given no model.
+        device: device to load the base model on when `DEMMerger.search` is given no model (`cpu`, `cuda`,
+            `cuda:0`, `mps`, ..., or `auto`: an accelerator when there is one).
 
     Example:
         ```python
@@ -306,6 +322,7 @@ class SearchConfig(JsonConfigMixin):
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"Unknown lora_mode {self.lora_mode!r}; expected one of {list(LORA_MODES)}.")
         _check_positive_int("seed", self.seed, minimum=0)
+        check_device(self.device)
 
     def _check_objective_weights(self) -> None:
         if self.objective == "weighted_mean" and not self.objective_weights:

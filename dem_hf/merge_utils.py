@@ -41,6 +41,8 @@ Terms = Sequence[tuple["DistributionVector", float]]
 # Values per block of a streaming merge: a 1 MiB float32 accumulator stays in cache while every vector is added
 # to it, and reads and writes of this size are cheap; larger blocks were slower on the 2-core benchmark machine.
 MERGE_BLOCK_VALUES = 1 << 18
+# Exponent bits of the half-precision storage dtypes: all set means inf or NaN.
+HALF_EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
 # Threads of a streaming merge: reads, adds and writes of different tensors overlap (each releases the GIL).
 MERGE_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -103,12 +105,39 @@ def raise_for_non_finite(name: str, terms: Terms, rows: tuple[int, int] | None =
             vector.check_delta_finite(name, rows)
 
 
+def all_finite(block: np.ndarray, dtype: str, pool: BufferPool) -> bool:
+    """Whether a block in storage dtype `dtype` holds no NaN or inf, in one cheap pass into a pooled buffer.
+
+    Half-precision blocks are tested on their bit patterns (all exponent bits set means inf or NaN; NumPy has no
+    bfloat16), wider ones with `np.isfinite` (about as fast as one float32 add of the block).
+    """
+    if dtype in HALF_EXPONENT_BITS:
+        mask = HALF_EXPONENT_BITS[dtype]
+        bits = np.bitwise_and(block.view(np.uint16), mask, out=pool.take("exponent", np.uint16, block.size).reshape(block.shape))
+        return int(bits.max(initial=0)) != mask
+    return bool(np.isfinite(block, out=pool.take("finite", np.bool_, block.size).reshape(block.shape)).all())
+
+
+def raise_for_non_finite_result(name: str, terms: Terms, rows: tuple[int, int], dtype: str, base: np.ndarray) -> None:
+    """Raise the `ValueError` for a merged block with NaN or inf: the tensor, its rows, the weights, and why."""
+    weights = {vector.name: weight for vector, weight in terms}
+    cause = (
+        "the base model's own values there are not finite" if not bool(np.isfinite(base).all())
+        else f"the sum overflows {dtype}; use smaller coefficients (or a base in a wider dtype)"
+    )
+    raise ValueError(
+        f"Merged tensor {name!r} (rows {rows[0]}:{rows[1]}) has NaN or infinite values with the weights {weights}: "
+        f"{cause}. Nothing was saved."
+    )
+
+
 def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_values: int | None = None) -> TensorBlocks:
     """Tensor `name` of `source` plus Σ w · Δ[name], as [`TensorBlocks`] of NumPy arrays of about `block_values`
     values (rows `row_blocks(shape, block_values)`; default `MERGE_BLOCK_VALUES`), in the base's storage dtype.
 
     Every block is read into `pool`'s buffers, the weighted deltas summed in float32, checked for NaN/inf, the
-    base added last, and the block rounded once to the base dtype. Tensors that no vector changes, and non-float
+    base added last, and the block rounded once to the base dtype and checked again (a coefficient too large
+    for the dtype overflows to inf there: `ValueError` naming the tensor and the weights). Tensors that no vector changes, and non-float
     tensors, are copied block by block. Each block reuses the previous block's memory.
     """
     shape, dtype = tuple(source.shape(name)), source.dtype_name(name)
@@ -132,7 +161,10 @@ def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_value
             if dtype == "BF16":  # NumPy has no bfloat16: widen the bit patterns exactly
                 base = to_float32(base, dtype, out=pool.take("base32", np.float32, count).reshape(block_shape))
             np.add(accumulator, base, out=accumulator, casting="same_kind")  # as in merge_tensor: the base last
-            yield from_float32(accumulator, dtype, out=pool.take("out", storage, count).reshape(block_shape))
+            merged = from_float32(accumulator, dtype, out=pool.take("out", storage, count).reshape(block_shape))
+            if not all_finite(merged, dtype, pool):  # an overflow of the base's dtype, or a non-finite base value
+                raise_for_non_finite_result(name, active, (start, stop), dtype, base)
+            yield merged
 
     return TensorBlocks(shape, dtype, blocks())
 

@@ -307,10 +307,22 @@ def _load_tokenizer(merger: DEMMerger) -> Any:
 
 
 def load_search_model(merger: DEMMerger, config: SearchConfig) -> torch.nn.Module:
-    """The base model, in its checkpoint dtype, in eval mode, on `config.device` (default CPU)."""
+    """The base model, in its checkpoint dtype, in eval mode, on `config.device` (default CPU; `"auto"`: an
+    accelerator when there is one)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(merger.base_folder, dtype="auto")
     if config.device is not None:
-        model = model.to(config.device)
+        model = model.to(resolve_device(config.device))
     return model.eval()
+
+
+def resolve_device(device):
+    """`"auto"` as the first accelerator present (CUDA, then MPS), else CPU; other values as they are."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"

@@ -143,10 +143,20 @@ class ShardedWriter:
         self.total_size += size
 
     def _flush(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        from .outputs import file_mode
+
         path = self.folder / f"{self.stem}-{len(self._queued_shards) + 1:05d}.safetensors.part"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        try:
+            save_file(self._pending, str(path), metadata=self.metadata)
+        except SafetensorError as error:  # a full disk, a quota: an OSError like any other write's
+            os_error = _os_error_of(error, path)
+            if os_error is None:
+                raise
+            raise os_error from error
+        os.chmod(path, file_mode())  # safetensors writes 0600 files; a plain open() would follow the umask
         self._queued_shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -216,7 +226,7 @@ class ShardedWriter:
     def _open(self, shard: _Shard) -> int:
         """The shard's file descriptor; the first call creates the file at its full size with its header."""
         if shard.descriptor is None:
-            descriptor = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | BINARY, 0o644)
+            descriptor = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | BINARY, 0o666)
             os.write(descriptor, shard.header)  # at 0: nothing else has this descriptor yet
             os.ftruncate(descriptor, len(shard.header) + shard.data_bytes)
             shard.descriptor = descriptor
@@ -278,6 +288,15 @@ class ShardedWriter:
             files.append(final)
             weight_map.update({name: final.name for name in names})
         return files + [self._write_index(weight_map)]
+
+
+def _os_error_of(error: Exception, path: Path) -> OSError | None:
+    """safetensors' `SafetensorError` for an I/O failure (`... (os error 28)`) as the `OSError` it stands for."""
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return OSError(number, f"{os.strerror(number)} (writing {path.name})", str(path))
 
 
 def _dtype_name(tensor) -> str:

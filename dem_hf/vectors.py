@@ -28,7 +28,7 @@ import numpy as np
 from . import __version__
 from .dtypes import FLOAT_DTYPES, STORAGE_DTYPES, to_float32, torch_dtype_label
 from .io import BufferPool, CheckpointReader, read_rows
-from .outputs import atomic_directory, check_output_directory
+from .outputs import atomic_directory, check_not_inside, check_output_directory, local_folder
 from .shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from .tensors import (
     TensorDict,
@@ -292,7 +292,10 @@ class DistributionVector:
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
     ) -> Path:
-        """Save as `vector.safetensors` (+ shards) and `vector_config.json`, atomically. Returns the folder."""
+        """Save as `vector.safetensors` (+ shards) and `vector_config.json`, atomically. Returns the folder.
+
+        Never onto or inside the vector's own folder or its base model's (`ValueError`)."""
+        check_not_inside(save_directory, {"vector": self.path, "base model": local_folder(self.base_model_name_or_path)})
         items = ((name, self.tensors.get(name)) for name in self.tensors.keys())
         return write_vector_folder(save_directory, items, self.config_dict(), overwrite=overwrite, max_shard_size=max_shard_size)
 
@@ -356,6 +359,7 @@ class DistributionVector:
         check_vector_name(name)
         if save_directory is not None:
             check_output_directory(save_directory, overwrite)
+            check_not_inside(save_directory, {"base model": local_folder(base), "fine-tuned model": local_folder(finetuned)})
         base_source, base_id, base_config = open_weights(base)
         tuned_source, _, tuned_config = open_weights(finetuned)
         check_same_architecture(base_config, tuned_config)

@@ -308,6 +308,10 @@ CASES = {
         validate(["math", "chat", "code"], corpus_partitions={"math": CORPUS, "chat": CORPUS}),
         ValueError, "lacks the training data of partitions ['code']",
     ),
+    # devices and outputs (issue 14)
+    "search: unknown device": (lambda w: SearchConfig(device="gpu0"), ValueError, "got 'gpu0'"),
+    "search: device with a bad index": (lambda w: SearchConfig(device="cuda:x"), ValueError, "cuda:0"),
+    "ablation: unknown device": (ablate(["math"], device="tpu"), ValueError, "got 'tpu'"),
 }
 
 
@@ -364,6 +368,37 @@ CLI_CASES = {
         "poetry",
     ),
     "cli card: folder that is not a DEM model": (lambda w: ["card", str(w["base"])], "dem_config.json"),
+    # devices and outputs (issue 14)
+    "cli search: unknown device": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--device", "gpu0"],
+        "expected a torch device such as cpu, cuda, cuda:0, mps or auto, got 'gpu0'",
+    ),
+    "cli search: result JSON inside the base model": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--result-json", str(w["base"] / "search.json")],
+        "overlaps the input base model",
+    ),
+    "cli search: plot over a vector's file": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--plot", str(w["tmp"] / "vec" / "math" / "vector.safetensors")],
+        "overlaps the input vector",
+    ),
+    "cli search: --output inside a vector": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--output", str(w["tmp"] / "vec" / "math" / "merged")],
+        "overlaps the input vector",
+    ),
+    "cli ablate: CSV output over a validation file": (
+        lambda w: ["ablate", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"), "--candidate", "math",
+                   "--eval", f"val={w['occupied'] / 'keep.txt'}", "--output", str(w["occupied"] / "keep.txt")],
+        "overlaps the input validation set 'val'",
+    ),
+    "cli ablate: unknown device": (
+        lambda w: ["ablate", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"), "--candidate", "math",
+                   "--eval", f"val={w['tmp'] / 'missing.jsonl'}", "--device", "tpu"],
+        "got 'tpu'",
+    ),
 }
 
 

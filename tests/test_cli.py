@@ -79,3 +79,21 @@ def test_merge_command_imports_neither_torch_nor_the_hub_client(tmp_path, base_d
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     expected = DEMMerger.from_pretrained(tmp_path / "out").merge()
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), expected.state_dict().values()))
+
+
+def test_unexpected_errors_are_one_line_with_a_hint_unless_debug(tmp_path, base_dir, finetuned_dirs, monkeypatch, capsys):
+    """An exception no documented class covers (a bug, a library's own error type) is still one line, exit status 1,
+    with a hint to rerun with --debug; --debug shows the traceback."""
+    from dem_hf import vectors
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nunexpected")
+
+    monkeypatch.setattr(vectors.DistributionVector, "from_models", broken)
+    argv = ["extract", "--base", str(base_dir), "--finetuned", str(finetuned_dirs["math"]), "--name", "m",
+            "--output", str(tmp_path / "v")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "dem-hf extract: failed: RuntimeError: something unexpected (rerun with --debug for the traceback)\n"
+    with pytest.raises(RuntimeError):
+        main(["--debug", *argv])

@@ -8,6 +8,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMMerger, DistributionVector
+from dem_hf.cli import main
 from dem_hf.shards import ShardedWriter
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -209,3 +216,233 @@ def test_interrupted_file_write_keeps_the_previous_file(fault, tmp_path):
     assert target.read_text() == '{"best": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
     write_file_atomic(target, lambda handle: handle.write('{"best": 2}'))  # the retry succeeds
     assert target.read_text() == '{"best": 2}'
+
+
+# ---------------------------------------------------------------------------------------------- data loss (issue 14)
+
+def _peft_adapter(folder: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from .conftest import make_llama
+
+    model = get_peft_model(make_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(folder)
+    return folder
+
+
+OVERLAPS = {
+    "cli extract --output the fine-tuned model --overwrite": lambda w: main([
+        "extract", "--base", str(w["base"]), "--finetuned", str(w["tuned"]), "--name", "x", "--output", str(w["tuned"]),
+        "--overwrite"]),
+    "cli extract --output the base model --overwrite": lambda w: main([
+        "extract", "--base", str(w["base"]), "--finetuned", str(w["tuned"]), "--name", "x", "--output", str(w["base"]),
+        "--overwrite"]),
+    "cli extract --output inside the adapter": lambda w: main([
+        "extract", "--base", str(w["base"]), "--adapter", str(w["adapter"]), "--name", "x", "--output",
+        str(w["adapter"] / "vector")]),
+    "from_models(save_directory=the fine-tuned model, overwrite=True)": lambda w: DistributionVector.from_models(
+        w["base"], w["tuned"], name="x", save_directory=w["tuned"], overwrite=True),
+    "from_models(save_directory inside the base)": lambda w: DistributionVector.from_models(
+        w["base"], w["tuned"], name="x", save_directory=w["base"] / "vector"),
+    "vector.save_pretrained onto its own folder": lambda w: DistributionVector.from_pretrained(w["vector"]).save_pretrained(
+        w["vector"], overwrite=True),
+    "vector.save_pretrained onto its base": lambda w: DistributionVector.from_peft(
+        w["adapter"], name="x", base=str(w["base"])).save_pretrained(w["base"], overwrite=True),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAPS), ids=list(OVERLAPS))
+def test_outputs_never_overlap_an_input(case, tmp_path, base_dir, finetuned_dirs, capsys):
+    """Extracting or saving a vector onto or inside one of its inputs is refused before anything is written: the
+    inputs are byte for byte untouched (on the command line: one line, exit status 2)."""
+    w = dict(base=base_dir, tuned=finetuned_dirs["math"], adapter=_peft_adapter(tmp_path / "adapter"))
+    w["vector"] = DistributionVector.from_models(base_dir, w["tuned"], name="v", save_directory=tmp_path / "vector").path
+    inputs = {p: tree_digest(p) for p in [base_dir, w["tuned"], w["adapter"], w["vector"]]}
+    if case.startswith("cli"):
+        assert OVERLAPS[case](w) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "overlaps the input" in err and "Traceback" not in err, err
+    else:
+        with pytest.raises(ValueError, match="overlaps the input"):
+            OVERLAPS[case](w)
+    assert {p: tree_digest(p) for p in inputs} == inputs
+    assert [p.name for p in tmp_path.rglob(".*tmp-*")] == []
+
+
+def test_folder_appearing_during_save_is_left_untouched(tmp_path, base_dir, vectors, monkeypatch):
+    """Another program creates the target while `save_pretrained(overwrite=False)` runs: its files stay, the call
+    fails clearly, nothing temporary is left, and a retry elsewhere succeeds."""
+    out = tmp_path / "merged"
+    original = ShardedWriter.close
+
+    def close_after_someone_else_wrote(self):
+        out.mkdir()
+        (out / "precious.txt").write_text("theirs")
+        return original(self)
+
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardedWriter, "close", close_after_someone_else_wrote)
+        with pytest.raises(FileExistsError, match="appeared while"):
+            merger.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"] and (out / "precious.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+    AutoModelForCausalLM.from_pretrained(merger.save_pretrained(tmp_path / "elsewhere"))
+
+
+def _merge_argv(base_dir, vectors, out) -> list[str]:
+    argv = ["merge", "--base", str(base_dir), "--output", str(out)]
+    for vector in vectors:
+        argv += ["--vector", f"{vector.path}=0.5"]
+    return argv
+
+
+# `dem-hf merge` in a process whose writer pauses before finishing, so that two started together overlap
+SLOW_MERGE = """
+import sys, time
+from dem_hf.cli import main
+from dem_hf.shards import ShardedWriter
+original = ShardedWriter.close
+def close_slowly(self):
+    time.sleep(2)
+    return original(self)
+ShardedWriter.close = close_slowly
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_concurrent_merge_processes_on_one_output(tmp_path, base_dir, vectors):
+    """Two `dem-hf merge` processes started together on one `--output`: exactly one succeeds, the other exits
+    non-zero with one line, and the output is a complete, valid model (the winner's)."""
+    out = tmp_path / "merged"
+    argv = [sys.executable, "-c", SLOW_MERGE, *_merge_argv(base_dir, vectors, out)]
+    processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=REPO) for _ in range(2)]
+    results = [(p.wait(timeout=240), *p.communicate()) for p in processes]
+    codes = sorted(code for code, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser_err = next(err for code, _, err in results if code != 0)
+    assert loser_err.count("\n") == 1 and "Traceback" not in loser_err, loser_err
+    assert "being written by another" in loser_err or "not empty" in loser_err, loser_err
+    expected = DEMMerger.from_pretrained(base_dir, vectors=vectors).merge({v.name: 0.5 for v in vectors})
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), expected.state_dict().values()))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_a_merge_into_an_output_locked_by_another_writer_fails_at_once(tmp_path, base_dir, vectors, capsys):
+    """The deterministic half of the race above: while another writer holds the output's lock, a merge fails
+    before any heavy work with one line naming the lock, and leaves nothing."""
+    from dem_hf.outputs import output_lock
+
+    out = tmp_path / "merged"
+    with output_lock(out):
+        assert main(_merge_argv(base_dir, vectors, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "being written by another" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+KILLED_MERGE = """
+import sys, time
+from dem_hf import DEMMerger
+from dem_hf.shards import ShardedWriter
+original = ShardedWriter.add
+def add_then_hang(self, name, tensor):
+    original(self, name, tensor)
+    print("writing", flush=True)
+    time.sleep(120)
+ShardedWriter.add = add_then_hang
+DEMMerger.from_pretrained(sys.argv[1], vectors=sys.argv[3:]).save_pretrained(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_temporary_folder_of_a_killed_merge_is_removed_by_the_next_run(signal_name, tmp_path, base_dir, vectors):
+    """A merge process killed mid-write (SIGTERM, SIGKILL: no Python cleanup runs) leaves its hidden temporary
+    folder; the next run on the same output removes it and succeeds."""
+    out = tmp_path / "merged"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MERGE, str(base_dir), str(out), *(str(v.path) for v in vectors)],
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert process.stdout.readline().startswith("writing")  # (worker threads may print on one line)
+    process.send_signal(getattr(signal, signal_name))
+    process.wait(timeout=60)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp-")]
+    assert len(leftovers) == 1 and any(leftovers[0].iterdir()) and not out.exists()
+    DEMMerger.from_pretrained(base_dir, vectors=vectors).save_pretrained(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_sigterm_of_a_merge_command_leaves_nothing(tmp_path, base_dir, vectors):
+    """`dem-hf merge` turns SIGTERM into a clean exit (status 143): its temporary folder is removed at once."""
+    import time
+
+    out = tmp_path / "merged"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, *_merge_argv(base_dir, vectors, out)],
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".merged.tmp-") for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert "terminated; no partial output was left" in process.stderr.read()
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_stale_temporary_file_of_a_killed_write_is_removed(tmp_path):
+    """`write_file_atomic`'s temporaries left by a killed process are removed by the next write of that file
+    (and only that file's)."""
+    from dem_hf.outputs import write_file_atomic
+
+    (tmp_path / ".result.json.tmp-k1ll3d_x").write_text('{"best": ')
+    (tmp_path / ".other.json.tmp-k1ll3d_x").write_text("not ours")
+    write_file_atomic(tmp_path / "result.json", lambda handle: handle.write("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-k1ll3d_x", "result.json"]
+
+
+def test_disk_full_during_extract_is_one_line_and_leaves_nothing(tmp_path, base_dir, finetuned_dirs, monkeypatch, capsys):
+    """`save_file` of safetensors reports a full disk as its own `SafetensorError`: on the command line that is one
+    line (exit status 1, an environment failure), no partial output, and the retry succeeds."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    argv = ["extract", "--base", str(base_dir), "--finetuned", str(finetuned_dirs["math"]), "--name", "math",
+            "--output", str(tmp_path / "vec"), "--max-shard-size", "20KB"]
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", full_disk)
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft_chat", "ft_code", "ft_math"]
+    assert main(argv) == 0
+
+
+# ------------------------------------------------------------------------------------- non-finite merges (issue 14)
+
+NON_FINITE = {"float16 base, coefficient 1e7": (torch.float16, 1e7), "float32 base, coefficient 1e39": (torch.float32, 1e39)}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE), ids=list(NON_FINITE))
+def test_merge_overflowing_the_dtype_stops_without_output(case, tmp_path, tokenizer):
+    """Finite vectors with a coefficient too large for the base's dtype give inf weights: the streaming merge and
+    the in-memory `merge()` stop with a ValueError naming the tensor and the coefficients; no folder appears."""
+    from .conftest import make_llama, perturbed, save_model
+
+    dtype, weight = NON_FINITE[case]
+    base = make_llama(seed=0).to(dtype)
+    base_dir = save_model(base, tmp_path / "base", tokenizer)
+    tuned_dir = save_model(perturbed(base, 1).to(dtype), tmp_path / "tuned", tokenizer)
+    vector = DistributionVector.from_models(base_dir, tuned_dir, name="math", save_directory=tmp_path / "vec")
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector])
+    message = rf"Merged tensor '[\w.]+' \(rows \d+:\d+\) has NaN or infinite values with the weights " + re.escape(f"{{'math': {weight!r}}}")
+    with pytest.raises(ValueError, match=message):
+        merger.save_pretrained(tmp_path / "merged", {"math": weight})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned", "vec"]
+    with pytest.raises(ValueError, match=message):
+        merger.merge({"math": weight})
+    merger.save_pretrained(tmp_path / "merged", {"math": 1.0})  # a sane coefficient still merges

@@ -12,7 +12,7 @@ to 1). Prints the candidates best first; `--output` writes the table as CSV, `--
 from __future__ import annotations
 
 from . import HELP
-from .search import _HELP, _weighted
+from .search import _HELP, _weighted, input_paths
 
 
 def register(subparsers) -> None:
@@ -51,6 +51,12 @@ def run(args) -> int:
     from ..ablation_report import plot_ablation
     from ..training_data import load_training_dataset
 
+    from ..config import check_device
+    from ..outputs import check_output_file
+
+    check_device(args.device)
+    for output in (args.output, args.plot):
+        check_output_file(output, input_paths(args))
     if args.plot:
         from ..plotting import _matplotlib
 

@@ -6,6 +6,7 @@ from . import HELP
 
 from pathlib import Path
 
+from ..outputs import check_not_inside, local_folder
 from ..vectors import DistributionVector
 
 
@@ -23,6 +24,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    inputs = {"base model": args.base, "fine-tuned model": args.finetuned, "adapter": args.adapter}
+    check_not_inside(args.output, {label: local_folder(source) for label, source in inputs.items()})
     if args.finetuned:
         vector = DistributionVector.from_models(
             args.base, args.finetuned, name=args.name, save_directory=args.output,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from . import HELP
 
 import json
+from pathlib import Path
 
 from ..config import WEIGHTINGS, DEMConfig, SearchConfig
 from ..outputs import write_file_atomic
@@ -81,15 +82,29 @@ def search_config_from_args(args) -> SearchConfig:
     )
 
 
+def input_paths(args) -> dict[str, Path | None]:
+    """The local files and folders a search or an ablation reads, which none of its outputs may overlap."""
+    from ..outputs import local_folder
+
+    inputs = {"base model": local_folder(args.base)}
+    inputs.update({f"vector {str(path)!r}": local_folder(path) for path in args.vector})
+    inputs.update({f"validation set {name!r}": local_folder(path) for name, path in args.eval})
+    return inputs
+
+
 def run(args) -> int:
-    from ..outputs import check_output_directory
+    from ..outputs import check_not_inside, check_output_directory, check_output_file
     from ..merger import DEMMerger
     from ..training_data import load_training_dataset
     from ..vectors import DistributionVector
 
     config = search_config_from_args(args)  # validated before anything is loaded
+    inputs = input_paths(args)
     if args.output:
         check_output_directory(args.output, args.overwrite)
+        check_not_inside(args.output, inputs)
+    check_output_file(args.result_json, inputs)
+    check_output_file(args.plot, inputs)
     if args.plot:
         from ..plotting import _matplotlib
 

@@ -121,6 +121,28 @@ def truncate_factor(w) -> DistributionVector:
     return DistributionVector.from_pretrained(folder)
 
 
+def peft_vector(lora_config: LoraConfig, move_trained=False, **model_kwargs) -> DistributionVector:
+    """A vector from an in-memory PeftModel on the base (seed 0); `move_trained` shifts its non-LoRA trainable tensors."""
+    peft_model = get_peft_model(make_llama(seed=0, **model_kwargs), lora_config)
+    if move_trained:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if param.requires_grad and "lora_" not in name:
+                    param.add_(0.1)
+    return DistributionVector.from_peft(peft_model, name="x")
+
+
+def edited_adapter(w, edit) -> DistributionVector:
+    """A saved q_proj adapter whose adapter_config.json `edit(config)` changed in place, read as a vector."""
+    peft_model = get_peft_model(make_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    folder = w["tmp"] / "adapter"
+    peft_model.save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    edit(config)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return DistributionVector.from_peft(folder, name="x", base=w["base"])
+
+
 def shape_mismatch_vector(w):
     return DistributionVector("odd", TensorDict({"model.norm.weight": torch.ones(31)}))
 
@@ -257,6 +279,34 @@ CASES = {
     ),
     "vector config: LoRA factors of different ranks": (
         truncate_factor, ValueError, "rank 2 in lora_A [2, 32] but 1 in lora_B [32, 1]",
+    ),
+    # PEFT adapters that do not merge as a plain LoRA delta, or whose config and weights disagree
+    "PEFT adapter: trained biases from a PeftModel without the base": (
+        lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], bias="all"), attention_bias=True),
+        ValueError, "trains biases (bias='all') in the PeftModel's own base layers",
+    ),
+    "PEFT adapter: modules_to_save unties tied embeddings": (
+        lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), move_trained=True),
+        ValueError, "modules_to_save ['model.embed_tokens.weight'] unties it from ['lm_head.weight']",
+    ),
+    "PEFT adapter: LoRA on both tied embeddings": (
+        lambda w: peft_vector(LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True, init_lora_weights=False)),
+        ValueError, "LoRA factors on both tied tensors 'lm_head.weight' and 'model.embed_tokens.weight'",
+    ),
+    "PEFT adapter: DoRA": (lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], use_dora=True)), ValueError, "use_dora=True"),
+    "PEFT adapter: PiSSA initialisation (changes the base)": (
+        lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")),
+        ValueError, "init_lora_weights='pissa' changes the base weights",
+    ),
+    "PEFT adapter: config rank differs from the factors": (
+        lambda w: edited_adapter(w, lambda c: c.update(r=4)), ValueError, "have rank 2 (A) and 2 (B); its config gives that module rank 4",
+    ),
+    "PEFT adapter: factors for a module the config does not target": (
+        lambda w: edited_adapter(w, lambda c: c.update(target_modules=["v_proj"])),
+        ValueError, "LoRA factors for modules its config does not target: ['model.layers.0.self_attn.q_proj'",
+    ),
+    "PEFT adapter: lora_alpha that is not a number": (
+        lambda w: edited_adapter(w, lambda c: c.update(lora_alpha="16")), ValueError, "the lora_alpha '16'; expected a finite number",
     ),
     # merge
     "unknown vector in coefficients": (

@@ -308,10 +308,15 @@ def _whole_tensor_deltas(whole: dict[str, torch.Tensor], base: _Base, source: st
         is_base_layer = ".base_layer." in key  # an adapted layer's own weight or bias, loaded in place by PEFT
         if name not in base.source:
             twin = base.tied.get(name)
-            if not (is_base_layer and twin in base.source):
+            if not (is_base_layer and twin is not None and twin in base.source):
                 _check_tied_copy(name, trained, values, base)
                 continue
             name = twin  # the adapted layer's weight is the shared tensor itself
+        if tuple(trained.shape) != tuple(base.source.shape(name)):
+            raise ValueError(
+                f"The adapter saves {key!r} with shape {list(trained.shape)}, the base's {name!r} has shape "
+                f"{list(base.source.shape(name))} (a resized vocabulary, or another base?)."
+            )
         delta = trained.detach().to("cpu", torch.float32) - base.source.get(name).detach().to("cpu", torch.float32)
         if delta.any():
             if not is_base_layer:

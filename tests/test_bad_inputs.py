@@ -293,6 +293,13 @@ CASES = {
         lambda w: peft_vector(LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True, init_lora_weights=False)),
         ValueError, "LoRA factors on both tied tensors 'lm_head.weight' and 'model.embed_tokens.weight'",
     ),
+    "PEFT adapter: saved module of another shape than the base's": (
+        lambda w: DistributionVector.from_peft(
+            get_peft_model(make_llama(vocab_size=80), LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+            name="x", base=w["base"],
+        ),
+        ValueError, "saves 'model.embed_tokens.weight' with shape [80, 32], the base's 'model.embed_tokens.weight' has shape [64, 32]",
+    ),
     "PEFT adapter: DoRA": (lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], use_dora=True)), ValueError, "use_dora=True"),
     "PEFT adapter: PiSSA initialisation (changes the base)": (
         lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")),

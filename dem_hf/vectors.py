@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,14 @@ from .tensors import (
     fingerprint_mismatch,
     open_weights,
 )
+from .vector_config import (  # noqa: F401 - check_vector_name and VECTOR_TYPES are part of this module's API
+    LORA_A,
+    LORA_B,
+    VECTOR_TYPES,
+    check_lora_factors,
+    check_vector_name,
+    read_vector_config,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -47,19 +54,6 @@ logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import t
 
 VECTOR_CONFIG_NAME = "vector_config.json"
 VECTOR_STEM = "vector"
-VECTOR_TYPES = ("full", "lora")
-LORA_A, LORA_B = ".lora_A", ".lora_B"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-
-
-def check_vector_name(name: Any) -> str:
-    """A vector or dataset name must be usable as a folder name and a CLI token."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in {".", ".."}:
-        raise ValueError(
-            f"Invalid name {name!r}: expected 1-96 characters from letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit (it becomes a folder name)."
-        )
-    return name
 
 
 @dataclass
@@ -106,6 +100,10 @@ class DistributionVector:
         self.base_model_name_or_path = base_model_name_or_path
         self.metadata = dict(metadata or {})
         self.path = Path(path) if path is not None else None
+        for module_name, module in self.lora_modules.items():
+            scaling = module.scaling
+            if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not np.isfinite(scaling):
+                raise ValueError(f"Vector {name!r} gives LoRA module {module_name!r} the scaling {scaling!r}; expected a finite number.")
         factor_names = {m + suffix for m in self.lora_modules for suffix in (LORA_A, LORA_B)}
         missing = sorted(factor_names - set(tensors.keys()))
         if missing:
@@ -312,17 +310,16 @@ class DistributionVector:
         if not config_file.is_file():
             hint = " It looks like a PEFT adapter: use DistributionVector.from_peft." if (folder / "adapter_config.json").is_file() else ""
             raise FileNotFoundError(f"{str(folder)!r} has no {VECTOR_CONFIG_NAME}; it is not a saved distribution vector.{hint}")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{str(config_file)!r} is not valid JSON: {error}") from error
+        config = read_vector_config(config_file)
+        tensors = CheckpointReader(folder, stem=VECTOR_STEM)
+        check_lora_factors(config_file, config.lora_modules, tensors)
         return cls(
-            name or config["name"],
-            CheckpointReader(folder, stem=VECTOR_STEM),
-            lora_modules={n: LoraModule(**m) for n, m in config.get("lora_modules", {}).items()},
-            base_fingerprint=config.get("base_fingerprint"),
-            base_model_name_or_path=config.get("base_model_name_or_path"),
-            metadata=config.get("metadata"),
+            name or config.name,
+            tensors,
+            lora_modules={n: LoraModule(scaling, transpose) for n, (scaling, transpose) in config.lora_modules.items()},
+            base_fingerprint=config.base_fingerprint,
+            base_model_name_or_path=config.base_model_name_or_path,
+            metadata=config.metadata,
             path=folder,
         )
 
@@ -402,10 +399,12 @@ class DistributionVector:
     ) -> DistributionVector:
         """A LoRA vector from a PEFT adapter folder, Hub repo or in-memory `PeftModel`, kept low-rank.
 
-        Scalings honour `lora_alpha`, `alpha_pattern`, `rank_pattern` and rsLoRA; `modules_to_save` become
-        dense deltas against the base. The base is `base` if given, else the `PeftModel`'s own base
-        weights, else the adapter config's `base_model_name_or_path` when it can be found locally.
-        See [`dem_hf.lora`] for the details.
+        The result merges to the model PEFT's `merge_and_unload()` gives. Scalings honour `lora_alpha`,
+        `alpha_pattern`, `rank_pattern` and rsLoRA (matched by PEFT's own helpers); `modules_to_save` and trained
+        biases (`bias="lora_only"`/`"all"`) become dense deltas against the base. The base is `base` if given,
+        else the `PeftModel`'s own base weights (not for trained biases, which it no longer holds), else the
+        adapter config's `base_model_name_or_path` when it can be found locally. What PEFT's merge would untie
+        on a base with tied embeddings is refused. See [`dem_hf.lora`] for the details.
         """
         from .lora import vector_parts_from_peft
 

@@ -6,8 +6,10 @@ New features add their cases here (see CONTRIBUTING.md).
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,71 @@ def missing_module_adapter(w):
     renamed = {k.replace("q_proj", "qkv_proj"): v for k, v in vector.tensors.tensors.items()}
     modules = {k.replace("q_proj", "qkv_proj"): m for k, m in vector.lora_modules.items()}
     return DistributionVector("x", TensorDict(renamed), lora_modules=modules)
+
+
+def saved_lora_vector(w) -> Path:
+    """A LoRA vector (q_proj and v_proj factors of a random adapter on the base) saved under the temporary folder."""
+    from safetensors.torch import save_file
+
+    peft_model = get_peft_model(make_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    vector = DistributionVector.from_peft(peft_model, name="lora", base=w["base"])
+    folder = w["tmp"] / "vec_lora"
+    folder.mkdir()  # written by hand: the test counts the ShardedWriter's writes
+    save_file({name: vector.tensors.get(name).contiguous() for name in vector.tensors.keys()}, folder / "vector.safetensors")
+    (folder / "vector_config.json").write_text(json.dumps(vector.config_dict()))
+    return folder
+
+
+def load_edited_vector(w, edit=None, lora: bool = True, text: str | None = None) -> DistributionVector:
+    """Copy a saved vector, change its vector_config.json in place with `edit(config)` (or replace it by `text`), load it."""
+    source = saved_lora_vector(w) if lora else w["vectors"]["math"].path
+    folder = w["tmp"] / "edited_vector"
+    shutil.copytree(source, folder)
+    config_file = folder / "vector_config.json"
+    config = json.loads(config_file.read_text())
+    if edit is not None:
+        edit(config)
+    config_file.write_text(json.dumps(config) if text is None else text)
+    return DistributionVector.from_pretrained(folder)
+
+
+def first_module(config: dict) -> dict:
+    return next(iter(config["lora_modules"].values()))
+
+
+def truncate_factor(w) -> DistributionVector:
+    """A saved LoRA vector whose lora_B factor of one module has rank 1 while its lora_A has rank 2."""
+    from safetensors.torch import load_file, save_file
+
+    folder = w["tmp"] / "truncated"
+    shutil.copytree(saved_lora_vector(w), folder)
+    tensors = load_file(folder / "vector.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight.lora_B"
+    tensors[name] = tensors[name][:, :1].contiguous()
+    save_file(tensors, folder / "vector.safetensors")
+    return DistributionVector.from_pretrained(folder)
+
+
+def peft_vector(lora_config: LoraConfig, move_trained=False, **model_kwargs) -> DistributionVector:
+    """A vector from an in-memory PeftModel on the base (seed 0); `move_trained` shifts its non-LoRA trainable tensors."""
+    peft_model = get_peft_model(make_llama(seed=0, **model_kwargs), lora_config)
+    if move_trained:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if param.requires_grad and "lora_" not in name:
+                    param.add_(0.1)
+    return DistributionVector.from_peft(peft_model, name="x")
+
+
+def edited_adapter(w, edit) -> DistributionVector:
+    """A saved q_proj adapter whose adapter_config.json `edit(config)` changed in place, read as a vector."""
+    peft_model = get_peft_model(make_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    folder = w["tmp"] / "adapter"
+    peft_model.save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    edit(config)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return DistributionVector.from_peft(folder, name="x", base=w["base"])
 
 
 def shape_mismatch_vector(w):
@@ -145,6 +212,108 @@ CASES = {
     ),
     "PEFT adapter passed as a saved vector": (
         lambda w: DistributionVector.from_pretrained(w["base"]), FileNotFoundError, "not a saved distribution vector",
+    ),
+    # hand-edited vector_config.json (named with the field, never a TypeError/KeyError or a silent default)
+    "vector config: NaN LoRA scaling": (
+        lambda w: load_edited_vector(w, lambda c: first_module(c).update(scaling=math.nan)),
+        ValueError, ".scaling': expected a finite number, got nan",
+    ),
+    "vector config: LoRA scaling given as a string": (
+        lambda w: load_edited_vector(w, lambda c: first_module(c).update(scaling="2.0")),
+        ValueError, ".scaling': expected a finite number, got '2.0'",
+    ),
+    "vector config: LoRA scaling given as a boolean": (
+        lambda w: load_edited_vector(w, lambda c: first_module(c).update(scaling=True)),
+        ValueError, ".scaling': expected a finite number, got True",
+    ),
+    "vector config: LoRA transpose not a boolean": (
+        lambda w: load_edited_vector(w, lambda c: first_module(c).update(transpose="no")),
+        ValueError, ".transpose': expected true or false, got 'no'",
+    ),
+    "vector config: LoRA module entry without scaling": (
+        lambda w: load_edited_vector(w, lambda c: first_module(c).pop("scaling")),
+        ValueError, "expected the fields ['scaling', 'transpose'], got ['transpose']",
+    ),
+    "vector config: lora_modules not an object": (
+        lambda w: load_edited_vector(w, lambda c: c.update(lora_modules=["model.layers.0.self_attn.q_proj.weight"])),
+        ValueError, "field 'lora_modules': expected an object",
+    ),
+    "vector config: unknown vector type": (
+        lambda w: load_edited_vector(w, lambda c: c.update(vector_type="sparse")),
+        ValueError, "field 'vector_type': expected one of ['full', 'lora'], got 'sparse'",
+    ),
+    "vector config: vector type contradicts its LoRA modules": (
+        lambda w: load_edited_vector(w, lambda c: c.update(vector_type="lora"), lora=False),
+        ValueError, "field 'vector_type': 'lora' but 'lora_modules' is empty",
+    ),
+    "vector config: name missing": (
+        lambda w: load_edited_vector(w, lambda c: c.pop("name"), lora=False), ValueError, "field 'name': missing",
+    ),
+    "vector config: name unusable as a folder name": (
+        lambda w: load_edited_vector(w, lambda c: c.update(name="../up"), lora=False), ValueError, "field 'name': Invalid name '../up'",
+    ),
+    "vector config: not a JSON object": (
+        lambda w: load_edited_vector(w, lora=False, text="[1, 2]"), ValueError, "expected a JSON object, got list",
+    ),
+    "vector config: malformed base fingerprint": (
+        lambda w: load_edited_vector(w, lambda c: c.update(base_fingerprint="abc"), lora=False),
+        ValueError, "field 'base_fingerprint': expected null or an object",
+    ),
+    "vector config: base fingerprint with a wrong field": (
+        lambda w: load_edited_vector(w, lambda c: c["base_fingerprint"].update(num_tensors="many"), lora=False),
+        ValueError, "field 'base_fingerprint.num_tensors': expected an integer >= 0, got 'many'",
+    ),
+    "vector config: metadata not an object": (
+        lambda w: load_edited_vector(w, lambda c: c.update(metadata=[1]), lora=False), ValueError, "field 'metadata': expected",
+    ),
+    "vector config: unknown field": (
+        lambda w: load_edited_vector(w, lambda c: c.update(lora_alpha=16)), ValueError, "unknown field(s) ['lora_alpha']",
+    ),
+    "vector config: LoRA module without its factors": (
+        lambda w: load_edited_vector(w, lambda c: c["lora_modules"].update({"model.norm.weight": {"scaling": 1.0, "transpose": False}})),
+        ValueError, "'lora_modules.model.norm.weight': the vector has no tensor 'model.norm.weight.lora_A'",
+    ),
+    "vector config: LoRA factors without a module entry": (
+        lambda w: load_edited_vector(w, lambda c: c["lora_modules"].pop("model.layers.0.self_attn.q_proj.weight")),
+        ValueError, "tensor 'model.layers.0.self_attn.q_proj.weight.lora_A' is a LoRA factor but 'lora_modules' has no entry",
+    ),
+    "vector config: LoRA factors of different ranks": (
+        truncate_factor, ValueError, "rank 2 in lora_A [2, 32] but 1 in lora_B [32, 1]",
+    ),
+    # PEFT adapters that do not merge as a plain LoRA delta, or whose config and weights disagree
+    "PEFT adapter: trained biases from a PeftModel without the base": (
+        lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], bias="all"), attention_bias=True),
+        ValueError, "trains biases (bias='all') in the PeftModel's own base layers",
+    ),
+    "PEFT adapter: modules_to_save unties tied embeddings": (
+        lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), move_trained=True),
+        ValueError, "modules_to_save ['model.embed_tokens.weight'] unties it from ['lm_head.weight']",
+    ),
+    "PEFT adapter: LoRA on both tied embeddings": (
+        lambda w: peft_vector(LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True, init_lora_weights=False)),
+        ValueError, "LoRA factors on both tied tensors 'lm_head.weight' and 'model.embed_tokens.weight'",
+    ),
+    "PEFT adapter: saved module of another shape than the base's": (
+        lambda w: DistributionVector.from_peft(
+            get_peft_model(make_llama(vocab_size=80), LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+            name="x", base=w["base"],
+        ),
+        ValueError, "saves 'model.embed_tokens.weight' with shape [80, 32], the base's 'model.embed_tokens.weight' has shape [64, 32]",
+    ),
+    "PEFT adapter: DoRA": (lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], use_dora=True)), ValueError, "use_dora=True"),
+    "PEFT adapter: PiSSA initialisation (changes the base)": (
+        lambda w: peft_vector(LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")),
+        ValueError, "init_lora_weights='pissa' changes the base weights",
+    ),
+    "PEFT adapter: config rank differs from the factors": (
+        lambda w: edited_adapter(w, lambda c: c.update(r=4)), ValueError, "have rank 2 (A) and 2 (B); its config gives that module rank 4",
+    ),
+    "PEFT adapter: factors for a module the config does not target": (
+        lambda w: edited_adapter(w, lambda c: c.update(target_modules=["v_proj"])),
+        ValueError, "LoRA factors for modules its config does not target: ['model.layers.0.self_attn.q_proj'",
+    ),
+    "PEFT adapter: lora_alpha that is not a number": (
+        lambda w: edited_adapter(w, lambda c: c.update(lora_alpha="16")), ValueError, "the lora_alpha '16'; expected a finite number",
     ),
     # merge
     "unknown vector in coefficients": (

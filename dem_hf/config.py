@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,19 +67,34 @@ class JsonConfigMixin:
 
 
 def check_coefficients(coefficients: dict[str, float], known: list[str] | None = None) -> dict[str, float]:
-    """Validate a `{vector name: weight}` mapping: finite numbers, and only known names if given."""
+    """Validate a `{vector name: weight}` mapping: finite numbers, and only known names if given.
+
+    A weight may be any real number: a Python `int`/`float`, a NumPy scalar (`np.float32(0.5)`), a torch or NumPy
+    array holding exactly one value (`torch.tensor(0.5)`), a `fractions.Fraction`. It is returned as a plain Python
+    `float`, so configs stay JSON. Booleans, NaN/inf, strings, complex numbers and arrays of more than one value are
+    refused with a `ValueError`.
+    """
     if not isinstance(coefficients, dict):
         raise ValueError(f"Expected coefficients as a dict {{vector name: weight}}, got {type(coefficients).__name__}.")
     if known is not None:
         unknown = sorted(set(coefficients) - set(known))
         if unknown:
             raise ValueError(f"Coefficients name unknown vectors {unknown}; the vectors are {sorted(known)}.")
-    checked = {}
-    for name, weight in coefficients.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"Coefficient for {name!r} must be a finite number, got {weight!r}.")
-        checked[name] = float(weight)
-    return checked
+    return {name: _finite_number(name, weight) for name, weight in coefficients.items()}
+
+
+def _finite_number(name: str, weight: Any) -> float:
+    """`weight` as a Python float, unwrapping one-value NumPy/torch arrays (without importing either library)."""
+    shape = getattr(weight, "shape", None)
+    if shape is not None and callable(getattr(weight, "item", None)) and not isinstance(weight, (str, bytes)):
+        if math.prod(shape) != 1:
+            raise ValueError(
+                f"Coefficient for {name!r} must be one number, got an array of shape {tuple(shape)}: {weight!r}."
+            )
+        weight = weight.item()  # NumPy and torch scalars become Python bool/int/float
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise ValueError(f"Coefficient for {name!r} must be a finite number, got {weight!r}.")
+    return float(weight)
 
 
 @dataclass

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector
+from dem_hf.config import check_coefficients
 from dem_hf.tensors import untied_state_dict
 
 from .conftest import make_llama, perturbed
@@ -198,3 +203,33 @@ def test_streaming_merge_does_not_depend_on_threads_or_block_size(tmp_path, base
         loaded = AutoModelForCausalLM.from_pretrained(out)
         torch.testing.assert_close(logits(loaded), logits(merger.merge(weights)), rtol=0, atol=0)
     assert outputs[1, 1 << 18] == outputs[3, 1 << 18]
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [np.float32(0.5), np.float64(0.5), np.float16(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.bfloat16),
+     torch.tensor([0.5]), np.array(0.5), Fraction(1, 2)],
+    ids=["np.float32", "np.float64", "np.float16", "torch 0-d", "torch bf16 0-d", "torch one element", "np 0-d", "Fraction"],
+)
+def test_numpy_and_torch_scalar_coefficients_are_plain_floats(weight, tmp_path, base_dir, vector_dirs):
+    """What a search loop or a NumPy grid hands over is accepted as the number it holds, and stored as a float."""
+    assert check_coefficients({"math": weight}) == {"math": 0.5} and type(check_coefficients({"math": weight})["math"]) is float
+    assert type(check_coefficients({"math": np.int64(2)})["math"]) is float
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"]])
+    out = merger.save_pretrained(tmp_path / "dem", {"math": weight}, card=False)
+    assert json.loads((out / "dem_config.json").read_text())["coefficients"] == {"math": 0.5}
+    torch.testing.assert_close(logits(merger.merge({"math": weight})), logits(merger.merge({"math": 0.5})), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (True, "got True"), (np.bool_(True), "got True"), (torch.tensor(True), "got True"),
+        (np.float32("nan"), "got nan"), (torch.tensor(math.inf), "got inf"), ("0.5", "got '0.5'"),
+        (np.array([0.5, 0.5]), "one number, got an array of shape (2,)"),
+        (torch.tensor([[0.5, 1.0]]), "one number, got an array of shape (1, 2)"), (1 + 0j, "got (1+0j)"),
+    ],
+)
+def test_coefficients_that_are_not_one_finite_number_are_refused(weight, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_coefficients({"math": weight})

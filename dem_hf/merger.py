@@ -200,18 +200,31 @@ class DEMMerger:
     def merge(self, coefficients: dict[str, float] | None = None, **model_kwargs):
         """Load the base and return θ + Σ ω_i Δ_i as an in-memory `PreTrainedModel`.
 
-        Trying coefficients leaves the merger's recorded ones (`config.coefficients`) unchanged; only
-        `save_pretrained`, `push_to_hub` and `search` record new ones.
+        One rule for what gets saved: the merger's recorded coefficients (`config.coefficients`) are always those of
+        the last model it produced. A successful `merge` records the coefficients it merged with (as `search`
+        records its best and `save_pretrained` the ones it saved), so `save_pretrained()` and `push_to_hub()`
+        without coefficients then write exactly the model `merge` returned, and `DEMMerger.from_pretrained` of that
+        folder restores them. A refused call records nothing.
 
         Args:
             coefficients: `{vector name: ω}`; unnamed vectors keep their recorded coefficient.
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`).
+
+        Example:
+            ```python
+            >>> model = merger.merge(coefficients={"math": 0.7, "chat": 0.5})
+            >>> merger.config.coefficients
+            {'math': 0.7, 'chat': 0.5}
+            >>> merger.save_pretrained("dem-model")  # the same weights as `model`
+            ```
         """
         from transformers import AutoModelForCausalLM
 
-        terms = self._terms(coefficients)
+        chosen = self.resolve_coefficients(coefficients)
+        terms = self._terms(chosen)
         model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{"dtype": "auto", **model_kwargs})
         apply_vectors_(model, terms)
+        self.config.coefficients = chosen
         return model
 
     def save_pretrained(
@@ -235,7 +248,8 @@ class DEMMerger:
 
         Args:
             save_directory: output folder; must be empty or absent unless `overwrite=True`.
-            coefficients: `{vector name: ω}` (default: the recorded ones).
+            coefficients: `{vector name: ω}` (default: the recorded ones, i.e. those of the last `merge`, `search` or
+                save); they become the recorded ones.
             overwrite: replace an existing, non-empty folder (only once the new one is complete).
             max_shard_size: cap per shard (default `config.max_shard_size`).
             save_vectors: also save the vectors under `vectors/<name>` so the folder restores on its own;
@@ -375,7 +389,9 @@ class DEMMerger:
             repo_id (`str`):
                 `"namespace/name"`, or `"name"` for your own namespace.
             coefficients (`dict[str, float]`, *optional*):
-                `{vector name: ω}` (default: the recorded ones, e.g. found by [`~DEMMerger.search`]).
+                `{vector name: ω}` (default: the recorded ones: those of the last [`~DEMMerger.merge`],
+                [`~DEMMerger.search`] or save, so a push after `merge(c)` pushes that model); they become the
+                recorded ones.
             private (`bool`, *optional*):
                 Visibility of a newly created repo (an existing repo keeps its own).
             token (`str` or `bool`, *optional*):

@@ -177,12 +177,30 @@ def test_finetune_saved_in_another_float_dtype_still_gives_an_exact_vector(tmp_p
         torch.testing.assert_close(merged[name], tensor.float(), rtol=0, atol=1e-3)
 
 
-def test_trying_coefficients_does_not_change_the_recorded_ones(tmp_path, base_dir, vector_dirs):
+def test_merge_records_the_coefficients_it_merged_with(tmp_path, base_dir, vector_dirs):
+    """One rule for what gets saved: the last merge(), save_pretrained() or search() sets config.coefficients."""
     merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
     merger.merge({"math": 0.1})
-    assert merger.config.coefficients == {"math": 1.0, "chat": 1.0, "code": 1.0}
-    merger.save_pretrained(tmp_path / "dem", {"math": 0.1})
     assert merger.config.coefficients == {"math": 0.1, "chat": 1.0, "code": 1.0}
+    with pytest.raises(ValueError, match="poetry"):
+        merger.merge({"math": 0.2, "poetry": 1.0})
+    assert merger.config.coefficients == {"math": 0.1, "chat": 1.0, "code": 1.0}  # a refused merge records nothing
+    merger.save_pretrained(tmp_path / "dem", {"chat": 0.3})
+    assert merger.config.coefficients == {"math": 0.1, "chat": 0.3, "code": 1.0}
+
+
+def test_save_after_merge_writes_exactly_the_merged_model(tmp_path, base_dir, vector_dirs):
+    """The README's tour: `model = merger.merge(c)` then `merger.save_pretrained(d)` saves that model, and the folder
+    restores c (the oracle is the in-memory model, loaded by Transformers from the saved folder)."""
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
+    coefficients = {"math": 0.7, "chat": 0.5, "code": 0.3}
+    model = merger.merge(coefficients=coefficients)
+    out = merger.save_pretrained(tmp_path / "dem-model")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model), rtol=0, atol=0)
+    assert json.loads((out / "dem_config.json").read_text())["coefficients"] == coefficients
+    restored = DEMMerger.from_pretrained(out)
+    assert restored.config.coefficients == coefficients
+    torch.testing.assert_close(logits(restored.merge()), logits(model), rtol=0, atol=0)
 
 
 def test_streaming_merge_does_not_depend_on_threads_or_block_size(tmp_path, base_dir, vector_dirs, monkeypatch):

@@ -80,6 +80,16 @@ def test_push_then_load_back_by_repo_id(hub_server, merger, tmp_path, caplog):
     torch.testing.assert_close(logits(restored.merge()), expected, rtol=0, atol=0)
 
 
+def test_push_after_merge_pushes_exactly_the_merged_model(hub_server, merger):
+    coefficients = {"math": 0.25, "chat": -0.5}
+    model = merger.merge(coefficients=coefficients)
+
+    merger.push_to_hub(REPO)
+
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(REPO)), logits(model), rtol=0, atol=0)
+    assert DEMMerger.from_pretrained(REPO).config.coefficients == coefficients
+
+
 def test_regenerate_card_replaces_the_remote_readme(hub_server, merger):
     merger.push_to_hub(REPO)
     HfApi().upload_file(path_or_fileobj=b"# edited on the Hub\n", path_in_repo="README.md", repo_id=REPO)

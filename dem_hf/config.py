@@ -102,12 +102,17 @@ class DEMConfig(JsonConfigMixin):
     """Configuration of a Distribution-Edited Model, stored as `dem_config.json` beside the merged weights.
 
     Args:
-        base_model_name_or_path: the base model θ the vectors were computed against (Hub id or folder).
+        base_model_name_or_path: the base model θ the vectors were computed against: a Hub id, or the absolute
+            path of a local folder (so a saved DEM folder restores from any working directory; configs written
+            before dem_hf recorded absolute paths may hold a path relative to the working directory).
+        base_revision: the commit of the base's Hub repo that was merged (recorded when the base is a Hub id).
         weighting: `"sum"` for DEM's free weights θ + Σ ω_i Δ_i (task arithmetic), or `"average"` for
             the normalised convention θ + Σ (ω_i / Σω) Δ_i, i.e. the weighted parameter average of the
             fine-tuned models (the data-ablation convention).
         coefficients: `{vector name: ω}` used by the last merge (or found by the search).
-        vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector.
+        vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector. `"source"`
+            is the absolute path of the folder the vector was read from, or a Hub repo id with `"revision"` (a
+            commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
         search_result: the last coefficient search (see [`SearchResult`]), if any.
         max_shard_size: cap per weight shard written by `save_pretrained`.
         dem_hf_version: version of dem_hf that wrote the config.
@@ -125,6 +130,9 @@ class DEMConfig(JsonConfigMixin):
 
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model the distribution vectors were computed against."}
+    )
+    base_revision: str | None = field(
+        default=None, metadata={"help": "Commit of the base's Hub repo, when the base is a Hub id."}
     )
     weighting: str = field(
         default="sum",

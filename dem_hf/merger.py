@@ -342,8 +342,9 @@ class DEMMerger:
             unsaved = [name for name, vector in self.vectors.items() if vector.path is None]
             if unsaved:
                 logger.warning(
-                    f"Vectors {unsaved} exist only in memory and are not saved (save_vectors=False): the folder "
-                    "cannot restore them. Save them with vector.save_pretrained(...) first, or keep save_vectors=True."
+                    f"Vectors {unsaved} exist only in memory and are not saved with the model, so it cannot be "
+                    "restored with them: save them with vector.save_pretrained(...) first, or include the vectors "
+                    "(save_vectors=True, push_vectors=True)."
                 )
             return
         for name, vector in self.vectors.items():

@@ -344,7 +344,7 @@ def test_card_tells_where_vectors_are_when_they_are_not_saved(merger, tmp_path, 
            "commit `0123456789ab`" in text
     assert "- `code`: nowhere on disk: it was built in memory and not saved" in text
     assert str(tmp_path) not in text
-    assert "['code'] exist only in memory and are not saved" in caplog.text
+    assert "['code'] exist only in memory and are not saved with the model" in caplog.text
     assert card_for_folder(out, versions={}).text.count("on the machine that saved the model") == 1  # the folder agrees
 
 

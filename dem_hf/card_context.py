@@ -106,6 +106,7 @@ def template_context(
         "example_coefficients": _example_coefficients(coefficients),
         "search": _search_context(search, list(config.vectors)) if search is not None else None,
         "vectors_included": vectors_included,
+        "vector_locations": [] if vectors_included else _vector_locations(config),
         "versions": [f"{name}: {value}" for name, value in (versions or framework_versions()).items()],
         "has_lora": any(info.get("vector_type") == "lora" for info in config.vectors.values()),
     }
@@ -127,6 +128,23 @@ def _vector_rows(config: DEMConfig, facts: CardFacts, coefficients: dict[str, fl
         }
         for name, info in config.vectors.items()
     ]
+
+
+def _vector_locations(config: DEMConfig) -> list[dict[str, str]]:
+    """Where each vector is when the folder does not hold it, as `dem_config.json` records it: a Hub repo at a commit,
+    a local folder (by its last component: the card names no local paths), or nowhere (built in memory)."""
+    rows = []
+    for name, info in config.vectors.items():
+        source, revision, subfolder = info.get("source"), info.get("revision"), info.get("subfolder")
+        if not source:
+            where = "nowhere on disk: it was built in memory and not saved"
+        elif revision:
+            inside = f"folder `{_escape(subfolder)}` of " if subfolder else ""
+            where = f"{inside}the Hub repo [{source}](https://huggingface.co/{source}) at commit `{revision[:12]}`"
+        else:
+            where = f"a local folder (`{_escape(_display_path(source))}`) on the machine that saved the model"
+        rows.append({"name": f"`{name}`", "where": where})
+    return rows
 
 
 def _search_context(search: SearchSummary, vector_names: list[str]) -> dict[str, Any]:

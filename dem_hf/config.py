@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -67,19 +68,34 @@ class JsonConfigMixin:
 
 
 def check_coefficients(coefficients: dict[str, float], known: list[str] | None = None) -> dict[str, float]:
-    """Validate a `{vector name: weight}` mapping: finite numbers, and only known names if given."""
+    """Validate a `{vector name: weight}` mapping: finite numbers, and only known names if given.
+
+    A weight may be any real number: a Python `int`/`float`, a NumPy scalar (`np.float32(0.5)`), a torch or NumPy
+    array holding exactly one value (`torch.tensor(0.5)`), a `fractions.Fraction`. It is returned as a plain Python
+    `float`, so configs stay JSON. Booleans, NaN/inf, strings, complex numbers and arrays of more than one value are
+    refused with a `ValueError`.
+    """
     if not isinstance(coefficients, dict):
         raise ValueError(f"Expected coefficients as a dict {{vector name: weight}}, got {type(coefficients).__name__}.")
     if known is not None:
         unknown = sorted(set(coefficients) - set(known))
         if unknown:
             raise ValueError(f"Coefficients name unknown vectors {unknown}; the vectors are {sorted(known)}.")
-    checked = {}
-    for name, weight in coefficients.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"Coefficient for {name!r} must be a finite number, got {weight!r}.")
-        checked[name] = float(weight)
-    return checked
+    return {name: _finite_number(name, weight) for name, weight in coefficients.items()}
+
+
+def _finite_number(name: str, weight: Any) -> float:
+    """`weight` as a Python float, unwrapping one-value NumPy/torch arrays (without importing either library)."""
+    shape = getattr(weight, "shape", None)
+    if shape is not None and callable(getattr(weight, "item", None)) and not isinstance(weight, (str, bytes)):
+        if math.prod(shape) != 1:
+            raise ValueError(
+                f"Coefficient for {name!r} must be one number, got an array of shape {tuple(shape)}: {weight!r}."
+            )
+        weight = weight.item()  # NumPy and torch scalars become Python bool/int/float
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise ValueError(f"Coefficient for {name!r} must be a finite number, got {weight!r}.")
+    return float(weight)
 
 
 @dataclass
@@ -87,12 +103,17 @@ class DEMConfig(JsonConfigMixin):
     """Configuration of a Distribution-Edited Model, stored as `dem_config.json` beside the merged weights.
 
     Args:
-        base_model_name_or_path: the base model θ the vectors were computed against (Hub id or folder).
+        base_model_name_or_path: the base model θ the vectors were computed against: a Hub id, or the absolute
+            path of a local folder (so a saved DEM folder restores from any working directory; configs written
+            before dem_hf recorded absolute paths may hold a path relative to the working directory).
+        base_revision: the commit of the base's Hub repo that was merged (recorded when the base is a Hub id).
         weighting: `"sum"` for DEM's free weights θ + Σ ω_i Δ_i (task arithmetic), or `"average"` for
             the normalised convention θ + Σ (ω_i / Σω) Δ_i, i.e. the weighted parameter average of the
             fine-tuned models (the data-ablation convention).
         coefficients: `{vector name: ω}` used by the last merge (or found by the search).
-        vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector.
+        vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector. `"source"`
+            is the absolute path of the folder the vector was read from, or a Hub repo id with `"revision"` (a
+            commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
         search_result: the last coefficient search (see [`SearchResult`]), if any.
         max_shard_size: cap per weight shard written by `save_pretrained`.
         dem_hf_version: version of dem_hf that wrote the config.
@@ -110,6 +131,9 @@ class DEMConfig(JsonConfigMixin):
 
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model the distribution vectors were computed against."}
+    )
+    base_revision: str | None = field(
+        default=None, metadata={"help": "Commit of the base's Hub repo, when the base is a Hub id."}
     )
     weighting: str = field(
         default="sum",

@@ -2,13 +2,17 @@
 
 [`resolve_pretrained`] turns a `from_pretrained` argument into a local folder, downloading only the files a
 caller needs (`allow_patterns`), and explains clearly when it cannot (offline and not cached, a gated or
-missing repo). Pushing is in [`dem_hf.hub`].
+missing repo). [`hub_origin`] tells which repo, commit and subfolder a folder of the Hugging Face cache holds, so
+that a saved DEM folder can record Hub sources as ids with their revision rather than as cache paths. Pushing is in
+[`dem_hf.hub`].
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 # `snapshot_download` and the client's errors (they pull in httpx, about 0.4 s with the rest of the client) are
@@ -17,7 +21,41 @@ from huggingface_hub import constants
 
 from .hub import LOGIN_HINT, REPO_ID_RULES, _as_list, _first_line, validate_repo_id
 
-__all__ = ["resolve_pretrained"]
+__all__ = ["HubOrigin", "hub_origin", "resolve_pretrained"]
+
+# `.../models--{namespace}--{name}/snapshots/{commit}[/{subfolder}]`: the layout of the Hugging Face cache (repo ids
+# cannot contain `--`, so the separator is unambiguous).
+HUB_CACHE_SNAPSHOT = re.compile(
+    r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<revision>[^/]+)(?:/(?P<subfolder>.+?))?/?$"
+)
+
+
+@dataclass(frozen=True)
+class HubOrigin:
+    """Where a folder of the Hugging Face cache comes from: a model repo, the commit it was downloaded at, and the
+    folder inside the repo (`None` for the repo's root)."""
+
+    repo_id: str
+    revision: str
+    subfolder: str | None = None
+
+
+def hub_origin(folder: str | os.PathLike) -> HubOrigin | None:
+    """The Hub repo, commit and subfolder behind a folder of the Hugging Face cache, or `None` for any other folder.
+
+    Example:
+
+    ```python
+    >>> hub_origin("/root/.cache/huggingface/hub/models--org--dem/snapshots/0123abcd/vectors/math")
+    HubOrigin(repo_id='org/dem', revision='0123abcd', subfolder='vectors/math')
+    >>> hub_origin("vectors/math") is None
+    True
+    ```
+    """
+    match = HUB_CACHE_SNAPSHOT.search(Path(folder).as_posix())
+    if match is None:
+        return None
+    return HubOrigin(match["repo"].replace("--", "/"), match["revision"], match["subfolder"] or None)
 
 
 def resolve_pretrained(

@@ -32,6 +32,7 @@ from .outputs import (
     check_output_directory,
     is_weight_file,
 )
+from .saved_sources import VECTORS_FOLDER, base_reference, copy_vector_folder, find_vector, vector_source
 from .shards import ShardedWriter
 from .tensors import fingerprint
 from .vectors import DistributionVector
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
-VECTORS_FOLDER = "vectors"
 NOT_COPIED_FROM_BASE = {"README.md", DEMConfig.config_name}
 # Remote files an earlier push may have left that this push does not rewrite: weight shards of another sharding,
 # and vectors no longer in the merger (or not pushed this time). Deleted in the same commit.
@@ -80,8 +80,10 @@ class DEMMerger:
 
     def __init__(self, base_model_name_or_path: str | os.PathLike, config: DEMConfig | None = None, **hub_kwargs) -> None:
         self.config = config or DEMConfig()
-        self.config.base_model_name_or_path = str(base_model_name_or_path)
         self.base_folder = Path(resolve_pretrained(base_model_name_or_path, **hub_kwargs))
+        self.config.base_model_name_or_path, self.config.base_revision = base_reference(
+            base_model_name_or_path, self.base_folder
+        )
         self.base = CheckpointReader(self.base_folder)
         self.base_fingerprint = fingerprint(self.base)
         self.vectors: dict[str, DistributionVector] = {}
@@ -101,8 +103,11 @@ class DEMMerger:
         """A merger over a base model, or restored from a folder saved by [`~DEMMerger.save_pretrained`].
 
         Given a plain model (folder or Hub id), it becomes the base. Given a saved DEM folder (it has a
-        `dem_config.json`), the base, the vectors (from the folder's `vectors/` or their recorded source
-        paths) and the coefficients are restored; `base_model_name_or_path` overrides a base that moved.
+        `dem_config.json`), the base (its recorded absolute path, or Hub id at the recorded commit), the vectors
+        (from the folder's `vectors/`, else their recorded source: an absolute path, or a Hub id at the recorded
+        commit) and the coefficients are restored, from any working directory; `base_model_name_or_path`
+        overrides a base that moved. Relative paths in configs written by older versions are read relative to the
+        working directory, as they were written.
 
         Args:
             pretrained_model_name_or_path: base model, or saved DEM model, as a folder or Hub id.
@@ -131,18 +136,13 @@ class DEMMerger:
         if base is None:
             raise ValueError(f"{str(folder / DEMConfig.config_name)!r} names no base model; pass base_model_name_or_path=.")
         # The revision and subfolder name the DEM repo, not its base; credentials and cache apply to both.
-        base_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
-        merger = cls(base, config=config, **base_kwargs)
+        access = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
+        base_revision = None if base_override else config.base_revision
+        merger = cls(base, config=config, **access, **({"revision": base_revision} if base_revision else {}))
         for name, info in config.vectors.items():
-            places = [folder / VECTORS_FOLDER / name, info.get("source")]
-            found = next((Path(p) for p in places if p and (Path(p) / "vector_config.json").is_file()), None)
-            if found is None:
-                logger.warning(
-                    f"Vector {name!r} is not available (looked in {[str(p) for p in places if p]}); its name and "
-                    "coefficient are kept, add it again with add_vector(...) before merging."
-                )
-                continue
-            merger.add_vector(DistributionVector.from_pretrained(found, name=name))
+            found = find_vector(folder, name, info, access)
+            if found is not None:
+                merger.add_vector(DistributionVector.from_pretrained(found, name=name))
         return merger
 
     def add_vector(self, vector: VectorLike, *, coefficient: float | None = None) -> DistributionVector:
@@ -168,7 +168,7 @@ class DEMMerger:
         self.config.coefficients.setdefault(vector.name, 1.0)
         self.config.vectors[vector.name] = {
             "vector_type": vector.vector_type,
-            "source": str(vector.path) if vector.path is not None else None,
+            **vector_source(vector.path),
             "base_model_name_or_path": vector.base_model_name_or_path,
             "metadata": vector.metadata,
         }
@@ -200,18 +200,31 @@ class DEMMerger:
     def merge(self, coefficients: dict[str, float] | None = None, **model_kwargs):
         """Load the base and return θ + Σ ω_i Δ_i as an in-memory `PreTrainedModel`.
 
-        Trying coefficients leaves the merger's recorded ones (`config.coefficients`) unchanged; only
-        `save_pretrained`, `push_to_hub` and `search` record new ones.
+        One rule for what gets saved: the merger's recorded coefficients (`config.coefficients`) are always those of
+        the last model it produced. A successful `merge` records the coefficients it merged with (as `search`
+        records its best and `save_pretrained` the ones it saved), so `save_pretrained()` and `push_to_hub()`
+        without coefficients then write exactly the model `merge` returned, and `DEMMerger.from_pretrained` of that
+        folder restores them. A refused call records nothing.
 
         Args:
             coefficients: `{vector name: ω}`; unnamed vectors keep their recorded coefficient.
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`).
+
+        Example:
+            ```python
+            >>> model = merger.merge(coefficients={"math": 0.7, "chat": 0.5})
+            >>> merger.config.coefficients
+            {'math': 0.7, 'chat': 0.5}
+            >>> merger.save_pretrained("dem-model")  # the same weights as `model`
+            ```
         """
         from transformers import AutoModelForCausalLM
 
-        terms = self._terms(coefficients)
+        chosen = self.resolve_coefficients(coefficients)
+        terms = self._terms(chosen)
         model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{"dtype": "auto", **model_kwargs})
         apply_vectors_(model, terms)
+        self.config.coefficients = chosen
         return model
 
     def save_pretrained(
@@ -221,7 +234,7 @@ class DEMMerger:
         *,
         overwrite: bool = False,
         max_shard_size: int | str | None = None,
-        save_vectors: bool | None = None,
+        save_vectors: bool = True,
         card: bool = True,
         regenerate_card: bool = False,
         model_card_kwargs: dict | None = None,
@@ -235,17 +248,22 @@ class DEMMerger:
 
         Args:
             save_directory: output folder; must be empty or absent unless `overwrite=True`.
-            coefficients: `{vector name: ω}` (default: the recorded ones).
+            coefficients: `{vector name: ω}` (default: the recorded ones, i.e. those of the last `merge`, `search` or
+                save); they become the recorded ones.
             overwrite: replace an existing, non-empty folder (only once the new one is complete).
             max_shard_size: cap per shard (default `config.max_shard_size`).
-            save_vectors: also save the vectors under `vectors/<name>` so the folder restores on its own;
-                by default only vectors that exist nowhere on disk are saved.
+            save_vectors: copy the vectors into `vectors/<name>` (the default), so the folder restores on its own
+                wherever it goes. With `False` only `dem_config.json` says where they are (absolute paths, or Hub
+                ids with their commit), the model card says so too, and vectors held only in memory are lost
+                (a warning names them).
             card: write a generated model card as `README.md`.
             regenerate_card: when overwriting a folder that already has a `README.md`, replace it with the
                 generated card; by default the existing card is kept (it may have been written by hand).
             model_card_kwargs: passed to [`~dem_hf.card.build_model_card`] (`model_id` defaults to the
                 folder's name, e.g. `base_model="org/base"` names the Hub id of a base loaded from a folder).
         """
+        if not isinstance(save_vectors, bool):
+            raise ValueError(f"save_vectors must be True or False, got {save_vectors!r}.")
         terms = self._terms(coefficients)
         self.config.coefficients = self.resolve_coefficients(coefficients)  # the merger now describes this folder
         check_output_directory(save_directory, overwrite)
@@ -319,18 +337,29 @@ class DEMMerger:
             if item.is_file() and not is_weight_file(item.name) and item.name not in NOT_COPIED_FROM_BASE:
                 shutil.copy2(item, staging / item.name)
 
-    def _save_vectors(self, staging: Path, save_vectors: bool | None) -> None:
+    def _save_vectors(self, staging: Path, save_vectors: bool) -> None:
+        if not save_vectors:
+            unsaved = [name for name, vector in self.vectors.items() if vector.path is None]
+            if unsaved:
+                logger.warning(
+                    f"Vectors {unsaved} exist only in memory and are not saved with the model, so it cannot be "
+                    "restored with them: save them with vector.save_pretrained(...) first, or include the vectors "
+                    "(save_vectors=True, push_vectors=True)."
+                )
+            return
         for name, vector in self.vectors.items():
-            if save_vectors or (save_vectors is None and vector.path is None):
-                vector.save_pretrained(staging / VECTORS_FOLDER / name)
+            target = staging / VECTORS_FOLDER / name
+            if vector.path is None:
+                vector.save_pretrained(target)
+            else:  # a plain file copy: a merge of saved vectors never needs torch
+                copy_vector_folder(vector, target)
 
-    def _model_card(self, save_directory, save_vectors: bool | None, regenerate: bool, card_kwargs: dict | None):
+    def _model_card(self, save_directory, save_vectors: bool, regenerate: bool, card_kwargs: dict | None):
         """The text of the card for `save_pretrained`; `None` when the folder's existing card is to be kept."""
         existing = Path(save_directory) / CARD_NAME
         if existing.is_file() and not regenerate:
             return None
-        vectors_included = any(save_vectors or (save_vectors is None and v.path is None) for v in self.vectors.values())
-        kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": vectors_included}
+        kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": save_vectors}
         return render_model_card(self, **{**kwargs, **(card_kwargs or {})})
 
     @staticmethod
@@ -375,7 +404,9 @@ class DEMMerger:
             repo_id (`str`):
                 `"namespace/name"`, or `"name"` for your own namespace.
             coefficients (`dict[str, float]`, *optional*):
-                `{vector name: ω}` (default: the recorded ones, e.g. found by [`~DEMMerger.search`]).
+                `{vector name: ω}` (default: the recorded ones: those of the last [`~DEMMerger.merge`],
+                [`~DEMMerger.search`] or save, so a push after `merge(c)` pushes that model); they become the
+                recorded ones.
             private (`bool`, *optional*):
                 Visibility of a newly created repo (an existing repo keeps its own).
             token (`str` or `bool`, *optional*):

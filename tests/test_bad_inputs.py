@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -320,6 +321,16 @@ CASES = {
         lambda w: merger(w).save_pretrained(w["out"], {"math": 1.0, "poetry": 0.5}), ValueError, "poetry",
     ),
     "non-finite coefficient": (lambda w: merger(w).save_pretrained(w["out"], {"math": math.inf}), ValueError, "finite"),
+    "coefficient array of several values": (
+        lambda w: merger(w).save_pretrained(w["out"], {"math": np.array([0.5, 0.7])}), ValueError, "one number, got an array",
+    ),
+    "NaN NumPy scalar coefficient": (
+        lambda w: merger(w).save_pretrained(w["out"], {"math": np.float32("nan")}), ValueError, "finite number, got nan",
+    ),
+    "boolean torch coefficient": (
+        lambda w: merger(w).merge({"math": torch.tensor(True)}), ValueError, "finite number, got True",
+    ),
+    "string coefficient": (lambda w: merger(w).save_pretrained(w["out"], {"math": "0.5"}), ValueError, "got '0.5'"),
     "NaN in an in-memory vector": (
         lambda w: DEMMerger.from_pretrained(w["base"], vectors=[nan_vector(w)]).save_pretrained(w["out"]),
         ValueError, "NaN or infinite values in 'model.norm.weight'",

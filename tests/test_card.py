@@ -306,7 +306,8 @@ def test_save_pretrained_writes_the_card_and_keeps_an_existing_one(merger, tmp_p
     out = merger.save_pretrained(tmp_path / "dem-model")
     card = ModelCard.load(out / "README.md")
     assert 'from_pretrained("dem-model")' in card.text and card.data.tags == list(CARD_TAGS)
-    assert "vectors/" not in card.text  # vectors stay at their sources
+    assert "stored under `vectors/`" in card.text  # copied by default, and the card says so
+    assert sorted(p.name for p in (out / "vectors").iterdir()) == ["chat", "math"]
 
     (out / "README.md").write_text("# my own card\n")
     merger.save_pretrained(out, {"math": 2.0, "chat": 1.0}, overwrite=True)
@@ -325,6 +326,26 @@ def test_save_with_vectors_mentions_re_merging(merger, tmp_path):
     assert 'DEMMerger.from_pretrained("with-vectors")' in text and "under `vectors/`" in text
     rebuilt = build_model_card(merger, model_id="with-vectors", vectors_included=True, versions={})
     assert str(card_for_folder(out, versions={})) == str(rebuilt)  # the folder alone gives the same card
+
+
+def test_card_tells_where_vectors_are_when_they_are_not_saved(merger, tmp_path, caplog, base_dir, finetuned_dirs):
+    """save_vectors=False: no `vectors/`, and the card says the vectors are not there and where they were (a local
+    folder by its last component only, a Hub repo at its commit, or nowhere for a vector held in memory)."""
+    merger.add_vector(DistributionVector.from_models(base_dir, finetuned_dirs["code"], name="code"))  # in memory
+    merger.config.vectors["chat"].update(source="org/vectors", revision="0123456789abcdef" * 2 + "01234567",
+                                         subfolder="vectors/chat")
+    out = merger.save_pretrained(tmp_path / "no-vectors", save_vectors=False)
+    text = (out / "README.md").read_text()
+
+    assert not (out / "vectors").exists() and "stored under `vectors/`" not in text
+    assert "The distribution vectors are **not** stored with this model" in text
+    assert "- `math`: a local folder (`math`) on the machine that saved the model" in text
+    assert "- `chat`: folder `vectors/chat` of the Hub repo [org/vectors](https://huggingface.co/org/vectors) at " \
+           "commit `0123456789ab`" in text
+    assert "- `code`: nowhere on disk: it was built in memory and not saved" in text
+    assert str(tmp_path) not in text
+    assert "['code'] exist only in memory and are not saved with the model" in caplog.text
+    assert card_for_folder(out, versions={}).text.count("on the machine that saved the model") == 1  # the folder agrees
 
 
 def test_card_command_rewrites_only_when_asked(merger, tmp_path, capsys):

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector
+from dem_hf.config import check_coefficients
 from dem_hf.tensors import untied_state_dict
 
 from .conftest import make_llama, perturbed
@@ -172,12 +178,30 @@ def test_finetune_saved_in_another_float_dtype_still_gives_an_exact_vector(tmp_p
         torch.testing.assert_close(merged[name], tensor.float(), rtol=0, atol=1e-3)
 
 
-def test_trying_coefficients_does_not_change_the_recorded_ones(tmp_path, base_dir, vector_dirs):
+def test_merge_records_the_coefficients_it_merged_with(tmp_path, base_dir, vector_dirs):
+    """One rule for what gets saved: the last merge(), save_pretrained() or search() sets config.coefficients."""
     merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
     merger.merge({"math": 0.1})
-    assert merger.config.coefficients == {"math": 1.0, "chat": 1.0, "code": 1.0}
-    merger.save_pretrained(tmp_path / "dem", {"math": 0.1})
     assert merger.config.coefficients == {"math": 0.1, "chat": 1.0, "code": 1.0}
+    with pytest.raises(ValueError, match="poetry"):
+        merger.merge({"math": 0.2, "poetry": 1.0})
+    assert merger.config.coefficients == {"math": 0.1, "chat": 1.0, "code": 1.0}  # a refused merge records nothing
+    merger.save_pretrained(tmp_path / "dem", {"chat": 0.3})
+    assert merger.config.coefficients == {"math": 0.1, "chat": 0.3, "code": 1.0}
+
+
+def test_save_after_merge_writes_exactly_the_merged_model(tmp_path, base_dir, vector_dirs):
+    """The README's tour: `model = merger.merge(c)` then `merger.save_pretrained(d)` saves that model, and the folder
+    restores c (the oracle is the in-memory model, loaded by Transformers from the saved folder)."""
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vector_dirs.values())
+    coefficients = {"math": 0.7, "chat": 0.5, "code": 0.3}
+    model = merger.merge(coefficients=coefficients)
+    out = merger.save_pretrained(tmp_path / "dem-model")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model), rtol=0, atol=0)
+    assert json.loads((out / "dem_config.json").read_text())["coefficients"] == coefficients
+    restored = DEMMerger.from_pretrained(out)
+    assert restored.config.coefficients == coefficients
+    torch.testing.assert_close(logits(restored.merge()), logits(model), rtol=0, atol=0)
 
 
 def test_streaming_merge_does_not_depend_on_threads_or_block_size(tmp_path, base_dir, vector_dirs, monkeypatch):
@@ -198,3 +222,114 @@ def test_streaming_merge_does_not_depend_on_threads_or_block_size(tmp_path, base
         loaded = AutoModelForCausalLM.from_pretrained(out)
         torch.testing.assert_close(logits(loaded), logits(merger.merge(weights)), rtol=0, atol=0)
     assert outputs[1, 1 << 18] == outputs[3, 1 << 18]
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [np.float32(0.5), np.float64(0.5), np.float16(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.bfloat16),
+     torch.tensor([0.5]), np.array(0.5), Fraction(1, 2)],
+    ids=["np.float32", "np.float64", "np.float16", "torch 0-d", "torch bf16 0-d", "torch one element", "np 0-d", "Fraction"],
+)
+def test_numpy_and_torch_scalar_coefficients_are_plain_floats(weight, tmp_path, base_dir, vector_dirs):
+    """What a search loop or a NumPy grid hands over is accepted as the number it holds, and stored as a float."""
+    assert check_coefficients({"math": weight}) == {"math": 0.5} and type(check_coefficients({"math": weight})["math"]) is float
+    assert type(check_coefficients({"math": np.int64(2)})["math"]) is float
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"]])
+    out = merger.save_pretrained(tmp_path / "dem", {"math": weight}, card=False)
+    assert json.loads((out / "dem_config.json").read_text())["coefficients"] == {"math": 0.5}
+    torch.testing.assert_close(logits(merger.merge({"math": weight})), logits(merger.merge({"math": 0.5})), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (True, "got True"), (np.bool_(True), "got True"), (torch.tensor(True), "got True"),
+        (np.float32("nan"), "got nan"), (torch.tensor(math.inf), "got inf"), ("0.5", "got '0.5'"),
+        (np.array([0.5, 0.5]), "one number, got an array of shape (2,)"),
+        (torch.tensor([[0.5, 1.0]]), "one number, got an array of shape (1, 2)"), (1 + 0j, "got (1+0j)"),
+    ],
+)
+def test_coefficients_that_are_not_one_finite_number_are_refused(weight, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_coefficients({"math": weight})
+
+
+# ------------------------------------------------------------------------------------------------ folders that restore anywhere
+
+
+def relative_merger(tmp_path, monkeypatch, names=("math", "chat")) -> DEMMerger:
+    """A merger built from paths relative to `tmp_path`, the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return DEMMerger.from_pretrained("base", vectors=[f"vectors/{name}" for name in names])
+
+
+@pytest.mark.parametrize("save_vectors", [True, False])
+def test_saved_folder_restores_from_another_working_directory(save_vectors, tmp_path, monkeypatch, base_dir, vector_dirs):
+    merger = relative_merger(tmp_path, monkeypatch)
+    model = merger.merge({"math": 0.4, "chat": 1.2})
+    out = merger.save_pretrained("dem", save_vectors=save_vectors)
+    recorded = json.loads((out / "dem_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(base_dir) and recorded["base_revision"] is None
+    assert {n: v["source"] for n, v in recorded["vectors"].items()} == {n: str(vector_dirs[n]) for n in ["math", "chat"]}
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    restored = DEMMerger.from_pretrained(tmp_path / "dem")
+    assert restored.config.coefficients == {"math": 0.4, "chat": 1.2}
+    where = tmp_path / "dem" / "vectors" if save_vectors else tmp_path / "vectors"
+    assert {n: v.path for n, v in restored.vectors.items()} == {n: where / n for n in ["math", "chat"]}
+    torch.testing.assert_close(logits(restored.merge()), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dem")), logits(model), rtol=0, atol=0)
+
+
+def test_vectors_are_copied_by_default_and_outlive_their_sources(tmp_path, base_dir, finetuned_dirs, vector_dirs):
+    sharded = DistributionVector.from_models(
+        base_dir, finetuned_dirs["code"], name="code", save_directory=tmp_path / "sharded", max_shard_size=20_000
+    )
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"], sharded])
+    merger.add_vector(lora_vector(3, "lora"))  # in memory
+    model = merger.merge({"math": 0.5, "code": -0.7, "lora": 1.5})
+    out = merger.save_pretrained(tmp_path / "dem")
+
+    assert sorted(p.name for p in (out / "vectors").iterdir()) == ["code", "lora", "math"]
+    for name, source in [("math", vector_dirs["math"]), ("code", tmp_path / "sharded")]:
+        copied = {p.name: p.read_bytes() for p in (out / "vectors" / name).iterdir()}
+        assert copied == {p.name: p.read_bytes() for p in source.iterdir()}  # the same files, byte for byte
+    assert len(list((out / "vectors" / "code").glob("vector-*.safetensors"))) > 1
+    for source in [tmp_path / "vectors", tmp_path / "sharded"]:
+        shutil.rmtree(source)
+    restored = DEMMerger.from_pretrained(out)
+    torch.testing.assert_close(logits(restored.merge()), logits(model), rtol=0, atol=0)
+
+
+def test_a_renamed_vector_is_copied_under_its_merger_name(tmp_path, base_dir, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[DistributionVector.from_pretrained(vector_dirs["math"], name="gsm")])
+    out = merger.save_pretrained(tmp_path / "dem")
+    assert json.loads((out / "vectors" / "gsm" / "vector_config.json").read_text())["name"] == "gsm"
+    assert DEMMerger.from_pretrained(out).vector_names == ["gsm"]
+
+
+def test_old_configs_with_relative_paths_still_load(tmp_path, monkeypatch, vector_dirs):
+    """dem_config.json files written before absolute paths: the base and sources relative to the working directory."""
+    merger = relative_merger(tmp_path, monkeypatch)
+    model = merger.merge({"math": 0.3, "chat": 0.9})
+    out = merger.save_pretrained("dem", save_vectors=False)
+    config = json.loads((out / "dem_config.json").read_text())
+    config.pop("base_revision")
+    config["base_model_name_or_path"] = "base"
+    for name, info in config["vectors"].items():
+        info["source"] = f"vectors/{name}"
+    (out / "dem_config.json").write_text(json.dumps(config))
+
+    restored = DEMMerger.from_pretrained("dem")
+    assert restored.vector_names == ["math", "chat"] and restored.config.coefficients == {"math": 0.3, "chat": 0.9}
+    torch.testing.assert_close(logits(restored.merge()), logits(model), rtol=0, atol=0)
+    assert restored.config.base_model_name_or_path == str(tmp_path / "base")  # recorded absolute from now on
+
+
+def test_save_vectors_must_be_a_bool(tmp_path, base_dir, vector_dirs):
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"]])
+    with pytest.raises(ValueError, match="save_vectors must be True or False, got None"):
+        merger.save_pretrained(tmp_path / "dem", save_vectors=None)
+    assert not (tmp_path / "dem").exists()

@@ -10,11 +10,12 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dem_hf import DEMMerger, DistributionVector
+from dem_hf import DEMConfig, DEMMerger, DistributionVector
 from dem_hf.cli import main
 from dem_hf.hub import HubPushError
 from dem_hf.shards import ShardedWriter
 
+from .conftest import make_llama, save_model
 from .hub_server import skip_retry_waits
 
 REPO = "org/dem-model"
@@ -80,6 +81,16 @@ def test_push_then_load_back_by_repo_id(hub_server, merger, tmp_path, caplog):
     torch.testing.assert_close(logits(restored.merge()), expected, rtol=0, atol=0)
 
 
+def test_push_after_merge_pushes_exactly_the_merged_model(hub_server, merger):
+    coefficients = {"math": 0.25, "chat": -0.5}
+    model = merger.merge(coefficients=coefficients)
+
+    merger.push_to_hub(REPO)
+
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(REPO)), logits(model), rtol=0, atol=0)
+    assert DEMMerger.from_pretrained(REPO).config.coefficients == coefficients
+
+
 def test_regenerate_card_replaces_the_remote_readme(hub_server, merger):
     merger.push_to_hub(REPO)
     HfApi().upload_file(path_or_fileobj=b"# edited on the Hub\n", path_in_repo="README.md", repo_id=REPO)
@@ -113,6 +124,38 @@ def test_pushed_vectors_restore_the_merger_from_the_hub(hub_server, merger, tmp_
     assert cached.path == vector.path
     with pytest.raises(FileNotFoundError, match="local_files_only"):
         DistributionVector.from_pretrained(REPO, subfolder="vectors/chat", local_files_only=True)
+
+
+def test_hub_sources_are_recorded_as_ids_at_their_commit(hub_server, merger, tmp_path, base_dir, monkeypatch):
+    """A base and vectors from the Hub are recorded as repo ids with the commit that was merged, not as cache paths,
+    and a folder saved without its vectors restores through the Hub at those commits from any working directory,
+    even after both repos moved on."""
+    HfApi().create_repo("org/base")
+    HfApi().upload_folder(folder_path=base_dir, repo_id="org/base")
+    base_commit = HfApi().upload_file(path_or_fileobj=b"notes\n", path_in_repo="notes.md", repo_id="org/base").oid
+    pushed = merger.push_to_hub(REPO, push_vectors=True)
+    hub_merger = DEMMerger.from_pretrained("org/base")
+    for name in ["math", "chat"]:
+        hub_merger.add_vector(DistributionVector.from_pretrained(REPO, subfolder=f"vectors/{name}", revision=pushed.oid))
+    model = hub_merger.merge({"math": 0.25, "chat": 2.0})
+    saved = hub_merger.save_pretrained(tmp_path / "dem", save_vectors=False)
+
+    recorded = DEMConfig.from_pretrained(saved)
+    assert (recorded.base_model_name_or_path, recorded.base_revision) == ("org/base", base_commit)
+    assert {k: recorded.vectors["chat"][k] for k in ("source", "revision", "subfolder")} == {
+        "source": REPO, "revision": pushed.oid, "subfolder": "vectors/chat"
+    }
+    assert "snapshots" not in (saved / "dem_config.json").read_text()  # no cache paths
+    other = save_model(make_llama(seed=5), tmp_path / "other")  # both repos move on
+    HfApi().upload_file(path_or_fileobj=other / "model.safetensors", path_in_repo="model.safetensors", repo_id="org/base")
+    merger.push_to_hub(REPO, push_vectors=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    restored = DEMMerger.from_pretrained(saved)
+    assert restored.base_folder.name == base_commit and restored.vectors["math"].path.parts[-3] == pushed.oid
+    torch.testing.assert_close(logits(restored.merge()), logits(model), rtol=0, atol=0)
 
 
 def test_stale_shards_and_vectors_are_deleted_in_the_same_commit(hub_server, merger):

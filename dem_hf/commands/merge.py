@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..config import WEIGHTINGS, DEMConfig
 from ..merger import DEMMerger
 from ..vectors import DistributionVector
@@ -19,7 +21,10 @@ def register(subparsers) -> None:
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="sum", help="'sum' (DEM) or 'average'.")
     parser.add_argument("--max-shard-size", default="2GB", help="Largest weight shard, e.g. 2GB.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
-    parser.add_argument("--save-vectors", action="store_true", help="Copy the vectors into OUTPUT/vectors/.")
+    parser.add_argument(
+        "--save-vectors", action=argparse.BooleanOptionalAction, default=True,
+        help="Copy the vectors into OUTPUT/vectors/ (default), so the folder restores on its own.",
+    )
     parser.set_defaults(run=run)
 
 
@@ -31,7 +36,7 @@ def run(args) -> int:
     merger = DEMMerger.from_pretrained(args.base, vectors=vectors, config=DEMConfig(weighting=args.weighting))
     out = merger.save_pretrained(
         args.output, coefficients, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-        save_vectors=args.save_vectors or None,
+        save_vectors=args.save_vectors,
     )
     print(f"Merged {', '.join(f'{n}={w:g}' for n, w in coefficients.items())} into {out}")
     return 0

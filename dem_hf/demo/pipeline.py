@@ -158,10 +158,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     result = SearchResult.from_dict(timed("search", lambda: _cached(out / "search.json", key, search)))
     merger.config.search_result = result.to_dict()
     merger.config.coefficients = dict(result.best_coefficients)
+    best = dict(result.best_coefficients)  # merger.merge() below records the coefficients of each single-vector model
 
     dem_dir = out / "dem-model"
     saved = dem_dir / "dem_config.json"
-    if not saved.is_file() or json.loads(saved.read_text()).get("coefficients") != merger.config.coefficients:
+    if not saved.is_file() or json.loads(saved.read_text()).get("coefficients") != best:
         timed("merge and save", lambda: merger.save_pretrained(dem_dir, overwrite=True))
 
     def evaluate() -> dict[str, dict[str, float]]:
@@ -176,10 +177,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         return table
 
     sample = _generate_sample(dem_dir, tokenizer)
-    test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", {**key, "coefficients": merger.config.coefficients}, evaluate))
+    test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", {**key, "coefficients": best}, evaluate))
     results = {
         "test_perplexity": test_table,
-        "coefficients": merger.config.coefficients,
+        "coefficients": best,
         "search": {
             "strategy": result.strategy, "objective": result.objective, "best_objective": result.best_objective,
             "candidates": len(result.candidates), "compute_forward_passes": result.compute,

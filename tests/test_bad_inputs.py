@@ -258,6 +258,14 @@ CASES = {
     "train: dataset file that does not exist": (
         lambda w: train(w, {"ok": texts(), "missing": "no/such/file.jsonl"}), ValueError, "does not exist",
     ),
+    "train: max_steps=0": (lambda w: train(w, {"ok": texts()}, max_steps=0), ValueError, "SFTConfig(max_steps=0) would train nothing"),
+    "train: num_train_epochs=0 without max_steps": (
+        lambda w: train(w, {"ok": texts()}, max_steps=-1, num_train_epochs=0), ValueError, "SFTConfig(num_train_epochs=0) would train nothing",
+    ),
+    "train: retrain that is not True or False": (
+        lambda w: train_distributions(w["base"], {"ok": texts()}, None, None, w["out"], retrain="yes"), ValueError,
+        "retrain must be True or False, got 'yes'",
+    ),
     "train: texts all empty": (
         lambda w: train(w, {"ok": texts(), "blank": Dataset.from_dict({"text": ["", "  ", "\n"]})}), ValueError,
         "Dataset 'blank' has nothing to train on: all 3 texts are empty",
@@ -424,6 +432,11 @@ CLI_CASES = {
     "cli train: dataset file that does not exist": (
         lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=no/such/file.jsonl", "--output_dir", str(w["out"])],
         "does not exist",
+    ),
+    "cli train: max_steps 0": (
+        lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=" + str(jsonl(w, ['{"text": "w1 w2"}'])),
+                   "--output_dir", str(w["out"]), "--max_steps", "0"],
+        "SFTConfig(max_steps=0) would train nothing",
     ),
     "cli train: JSON lines file with an invalid line": (
         lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=" + str(jsonl(w, ['{"text": "w1"}', "{oops"])),

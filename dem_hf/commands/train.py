@@ -23,6 +23,7 @@ from . import HELP
 import argparse
 import dataclasses
 import logging as std_logging
+import sys
 from pathlib import Path
 
 OUR_OPTIONS = (
@@ -104,11 +105,23 @@ def lora_config_from_args(args: argparse.Namespace):
     return LoraConfig(task_type="CAUSAL_LM", use_rslora=args.use_rslora, **kwargs)
 
 
+class _StderrHandler(std_logging.StreamHandler):
+    """A handler writing to `sys.stderr` as it is at each message (callers such as test runners replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_progress_messages() -> None:
     """Print dem_hf's INFO messages (which run starts, resumes or is reused) next to TRL's progress bars."""
     logger = std_logging.getLogger("dem_hf")
     if not logger.handlers:
-        handler = std_logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(std_logging.Formatter("[dem-hf] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(std_logging.INFO)

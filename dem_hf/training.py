@@ -12,16 +12,21 @@ Each run lives in `output_dir/<name>/`:
   checkpoint-<step>/    TRL checkpoints (resumed from when a run was interrupted)
   model/ or adapter/    the final full model, or the final LoRA adapter (with the tokenizer)
   vector/               the saved DistributionVector (train_distributions only)
-  run_info.json         dataset, configs, base fingerprint, measured compute; written last, atomically,
-                        with "finished": true
+  run_info.json         the dataset's content fingerprint, every setting that changes the result, the base's
+                        fingerprint, measured compute; written atomically when the run starts ("finished": false)
+                        and last when it ends ("finished": true)
 ```
 
-A run whose `run_info.json` says `"finished": true` is reused, not retrained: calling `train_distributions`
-again with one more dataset trains only the new one (add its vector with `DEMMerger.add_vector`). A run folder
-without that marker but with checkpoints resumes from its last checkpoint.
+A finished run trained with the same data (by content, not only row count), base and settings is reused, not
+retrained: calling `train_distributions` again with one more dataset trains only the new one (add its vector
+with `DEMMerger.add_vector`); an interrupted one resumes from its last complete checkpoint. A run recorded with
+anything else is never silently reused or resumed: the call stops with a `ValueError` listing the differences,
+before any run trains, unless `retrain=True` (`dem-hf train --retrain`) asks to train it again; the old run then
+stays in place until the new one has finished (see [`dem_hf.runs`]).
 
-Everything that can be checked cheaply is checked before the first run starts: names, duplicates, empty
-datasets, columns TRL understands, chat templates, LoRA target modules and dtypes.
+Everything is checked before the first run starts: names, duplicates, every row of every dataset (JSON lines
+with the file and line of an error, chat message structure, rows the loss can score), columns TRL understands,
+chat templates, settings that would train nothing (`max_steps=0`), LoRA target modules and dtypes.
 
 Distributed training is TRL's: launch the same script with `accelerate launch` (DDP, FSDP or DeepSpeed); only
 the main process writes vectors and `run_info.json`.
@@ -30,6 +35,7 @@ the main process writes vectors and `run_info.json`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -50,17 +56,19 @@ from .callbacks import (
 from .outputs import check_output_directory
 from .runs import (
     RUN_INFO_NAME,
+    RunFolder,
     base_identity,
     final_model_dir,
+    finish_run,
     library_versions,
-    read_finished_run,
+    open_run,
+    record_start,
     train_or_resume,
-    warn_if_changed,
-    write_json_atomic,
 )
 from .training_config import (
     bf16_available,
     check_peft_config,
+    check_training_length,
     default_sft_config,
     jsonable,
     load_processing_class,
@@ -161,12 +169,16 @@ class _Plan:
         }
 
 
-def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks) -> _Plan:
-    """Validate everything before any training: output folder, datasets, tokenizer, LoRA targets, dtypes."""
+def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks,
+          retrain: bool) -> _Plan:
+    """Validate everything before any training: settings, output folder, datasets, tokenizer, LoRA targets, dtypes."""
+    if not isinstance(retrain, bool):
+        raise ValueError(f"retrain must be True or False, got {retrain!r}.")
     if sft_config is None:
         if output_dir is None:
             raise ValueError("Pass output_dir= (or an SFTConfig with an output_dir).")
         sft_config = default_sft_config(output_dir)
+    check_training_length(sft_config)
     output_dir = check_output_directory(output_dir if output_dir is not None else sft_config.output_dir, overwrite=True)
     if isinstance(base, os.PathLike):
         base = str(base)
@@ -183,6 +195,16 @@ def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class,
                  list(callbacks or []), *base_identity(base))
 
 
+def _open_runs(plan: _Plan, setups: dict[str, dict[str, Any]], retrain: bool, needs_vector: bool) -> dict[str, RunFolder]:
+    """What happens to each run folder (reuse, resume, train, retrain), decided for all runs before any trains."""
+    main = plan.sft_config.process_index == 0
+    with plan.sft_config.main_process_first(desc="checking run folders"):
+        return {
+            name: open_run(name, plan.output_dir / name, setup, retrain=retrain, needs_vector=needs_vector, main_process=main)
+            for name, setup in setups.items()
+        }
+
+
 def train_distributions(
     base,
     datasets: Mapping[str, DatasetSource] | Sequence[tuple[str, DatasetSource]],
@@ -194,6 +216,7 @@ def train_distributions(
     formatting_func: Callable | None = None,
     callbacks: Sequence | None = None,
     checkpoint_vectors: bool = False,
+    retrain: bool = False,
 ) -> list[DistributionVector]:
     """Fine-tune the base once per dataset with TRL's `SFTTrainer`; return one distribution vector per dataset.
 
@@ -201,8 +224,10 @@ def train_distributions(
     `output_dir/<name>`), and is saved under `output_dir/<name>/` (see the module docs for the layout). The vector
     is θ_run − θ_base for a full fine-tune and the LoRA factors (kept low-rank) with a `LoraConfig`; its
     `metadata` records the dataset, the settings and the measured compute (tokens seen, `total_flos`,
-    6·N·tokens). Finished runs found in `output_dir` are reused; interrupted ones resume from their last
-    checkpoint. All datasets and settings are validated before the first run starts.
+    6·N·tokens). Finished runs found in `output_dir` are reused and interrupted ones resume from their last complete
+    checkpoint, when `run_info.json` shows they were trained with the same data (content fingerprint), base and
+    settings. A run recorded with anything else stops the call with a `ValueError` before any run trains, unless
+    `retrain=True`. All datasets (every row) and settings are validated before the first run starts.
 
     On CPU, bf16 and gradient checkpointing are turned off; on GPUs the config is used as given (TRL's
     defaults: bf16 and gradient checkpointing on). Run the same script with `accelerate launch` to train
@@ -231,9 +256,17 @@ def train_distributions(
             Extra callbacks, added to every run's trainer.
         checkpoint_vectors (`bool`, *optional*, defaults to `False`):
             Also save a vector inside every checkpoint ([`DistributionVectorCallback`]).
+        retrain (`bool`, *optional*, defaults to `False`):
+            Train again, from the base, every run found recorded with other data or settings than asked now (logged
+            as a warning), instead of refusing. It is trained in `output_dir/.<name>.retrain/`; the old run stays
+            in place until the new one has finished, then is replaced. Matching runs are reused either way.
 
     Returns:
         `list[DistributionVector]`: one per dataset, in the given order, read from `output_dir/<name>/vector`.
+
+    Raises:
+        ValueError: for bad input (before any run trains), and for a run recorded with other data or settings
+            when `retrain` is False (the message lists the differences).
 
     Example:
         ```python
@@ -253,48 +286,51 @@ def train_distributions(
         >>> merger.add_vector(code)
         ```
     """
-    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks)
+    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain)
+    configs = {name: run_config(plan.sft_config, plan.output_dir / name, name) for name in plan.datasets}
+    setups = {name: plan.setup(configs[name], data.summary()) for name, data in plan.datasets.items()}
+    folders = _open_runs(plan, setups, retrain, needs_vector=True)
     vectors = []
     for position, (name, data) in enumerate(plan.datasets.items(), start=1):
-        run_dir = plan.output_dir / name
-        config = run_config(plan.sft_config, run_dir, name)
-        setup = plan.setup(config, data.summary())
-        info = read_finished_run(run_dir)
-        if info is not None:
-            warn_if_changed(name, run_dir, info, setup)
-            logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}) finished earlier; reusing {run_dir}.")
-            vectors.append(DistributionVector.from_pretrained(run_dir / VECTOR_FOLDER))
+        folder = folders[name]
+        if folder.reused:
+            logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}) finished earlier with this data and these "
+                        f"settings; reusing {folder.run_dir}.")
+            vectors.append(DistributionVector.from_pretrained(folder.run_dir / VECTOR_FOLDER))
             continue
-        logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}): {data.num_examples} examples -> {run_dir}")
-        vectors.append(_train_distribution(plan, name, data, config, setup, checkpoint_vectors))
+        logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}): {data.num_examples} examples -> {folder.work_dir}")
+        vectors.append(_train_distribution(plan, name, data, folder, configs[name], setups[name], checkpoint_vectors))
     return vectors
 
 
 def _train_distribution(
-    plan: _Plan, name: str, data: PreparedDataset, config, setup: dict[str, Any], checkpoint_vectors: bool
+    plan: _Plan, name: str, data: PreparedDataset, folder: RunFolder, config, setup: dict[str, Any], checkpoint_vectors: bool
 ) -> DistributionVector:
-    run_dir = Path(config.output_dir)
+    if folder.retraining:
+        config = dataclasses.replace(config, output_dir=str(folder.work_dir))
     metadata = {"dataset": name, "num_examples": data.num_examples, "format": data.format,
                 "sft_config": setup["sft_config"], "peft_config": setup["peft_config"],
                 "base_model": plan.base_name}
     callback = DistributionVectorCallback(name, base=plan.base, save_on_checkpoint=checkpoint_vectors, metadata=metadata)
     trainer = _build_trainer(plan.base, data.dataset, config, plan.peft_config, plan.tokenizer, plan.formatting_func,
                              [callback, *plan.callbacks])
-    train_or_resume(trainer, run_dir, name)
-    model_dir = final_model_dir(run_dir, lora=plan.peft_config is not None)
+    info = {"name": name, "kind": "distribution", "base_model": plan.base_name, **setup,
+            "vector_type": "lora" if plan.peft_config else "full"}
+    if trainer.is_world_process_zero():
+        record_start(folder, info)
+    train_or_resume(trainer, folder.work_dir, name)
+    model_dir = final_model_dir(folder.work_dir, lora=plan.peft_config is not None)
     trainer.save_model(str(model_dir))
     compute = training_compute(trainer.state, trainer.args, trainer.model)
-    vector_dir = run_dir / VECTOR_FOLDER
+    vector_dir = folder.work_dir / VECTOR_FOLDER
     if trainer.is_world_process_zero():
         if vector_dir not in callback.saved:  # sharded training (ZeRO-3, FSDP): from the gathered, saved model
             _vector_from_saved(plan, name, model_dir, vector_dir, {**metadata, "step": compute["global_step"], "compute": compute})
-        info = {"name": name, "kind": "distribution", "base_model": plan.base_name, **setup, "vector_type": "lora" if plan.peft_config else "full",
-                "compute": compute, "model_dir": model_dir.name, "vector_dir": VECTOR_FOLDER,
-                "versions": library_versions(), "finished": True}
-        write_json_atomic(run_dir / RUN_INFO_NAME, info)
+        finish_run(folder, {**info, "compute": compute, "model_dir": model_dir.name, "vector_dir": VECTOR_FOLDER,
+                            "versions": library_versions()})
     trainer.accelerator.wait_for_everyone()
     _release(trainer)
-    return DistributionVector.from_pretrained(vector_dir)
+    return DistributionVector.from_pretrained(folder.run_dir / VECTOR_FOLDER)
 
 
 def _vector_from_saved(plan: _Plan, name: str, model_dir: Path, vector_dir: Path, metadata: dict[str, Any]) -> None:
@@ -331,6 +367,7 @@ def train_mixture(
     processing_class=None,
     formatting_func: Callable | None = None,
     callbacks: Sequence | None = None,
+    retrain: bool = False,
 ) -> TrainingRun:
     """The data-mixing baseline: train one model on a weighted mixture of the datasets, with measured compute.
 
@@ -369,7 +406,7 @@ def train_mixture(
         ...     print(run.name, run.info["compute"]["flops_6nd"])
         ```
     """
-    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks)
+    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain)
     formats = {data.format for data in plan.datasets.values()}
     if len(formats) > 1:
         raise ValueError(
@@ -381,25 +418,29 @@ def train_mixture(
     seed = plan.sft_config.seed if seed is None else seed
     mixture, counts = sample_mixture({n: d.dataset for n, d in plan.datasets.items()}, weights, num_examples=num_examples, seed=seed)
     run_dir = plan.output_dir / name
-    config = run_config(plan.sft_config, run_dir, name)
     data = {"datasets": {n: d.summary() for n, d in plan.datasets.items()}, "weights": dict(weights),
             "num_examples": len(mixture), "seed": seed}
+    config = run_config(plan.sft_config, run_dir, name)
     setup = plan.setup(config, data)
+    folder = _open_runs(plan, {name: setup}, retrain, needs_vector=False)[name]
     model_dir = final_model_dir(run_dir, lora=peft_config is not None)
-    info = read_finished_run(run_dir, needs_vector=False)
-    if info is not None:
-        warn_if_changed(name, run_dir, info, setup)
-        logger.info(f"Mixture run {name!r} finished earlier; reusing {run_dir}.")
-        return TrainingRun(name, run_dir, model_dir, info, reused=True)
-    logger.info(f"Mixture run {name!r}: {len(mixture)} examples drawn as {counts} -> {run_dir}")
+    if folder.reused:
+        logger.info(f"Mixture run {name!r} finished earlier with this data and these settings; reusing {run_dir}.")
+        return TrainingRun(name, run_dir, model_dir, folder.info, reused=True)
+    logger.info(f"Mixture run {name!r}: {len(mixture)} examples drawn as {counts} -> {folder.work_dir}")
+    if folder.retraining:
+        config = dataclasses.replace(config, output_dir=str(folder.work_dir))
     trainer = _build_trainer(plan.base, mixture, config, plan.peft_config, plan.tokenizer, plan.formatting_func, plan.callbacks)
-    train_or_resume(trainer, run_dir, name)
-    trainer.save_model(str(model_dir))
     info = {"name": name, "kind": "mixture", "base_model": plan.base_name, **setup, "probabilities": probabilities,
-            "examples_per_dataset": counts, "compute": training_compute(trainer.state, trainer.args, trainer.model),
-            "model_dir": model_dir.name, "versions": library_versions(), "finished": True}
+            "examples_per_dataset": counts}
     if trainer.is_world_process_zero():
-        write_json_atomic(run_dir / RUN_INFO_NAME, info)
+        record_start(folder, info)
+    train_or_resume(trainer, folder.work_dir, name)
+    trainer.save_model(str(final_model_dir(folder.work_dir, lora=peft_config is not None)))
+    info = {**info, "compute": training_compute(trainer.state, trainer.args, trainer.model), "model_dir": model_dir.name,
+            "versions": library_versions()}
+    if trainer.is_world_process_zero():
+        finish_run(folder, info)
     trainer.accelerator.wait_for_everyone()
     _release(trainer)
-    return TrainingRun(name, run_dir, model_dir, info)
+    return TrainingRun(name, run_dir, model_dir, {**info, "finished": True})

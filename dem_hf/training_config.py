@@ -1,9 +1,11 @@
 """Training settings for [`dem_hf.training`]: the base, its tokenizer, the `SFTConfig` of each run, LoRA checks.
 
 Each run gets the user's `trl.SFTConfig` with its own `output_dir` and run name, token counting turned on and
-settings the hardware cannot run turned off ([`run_config`]). A `peft.LoraConfig` is checked against the base's
-module tree before training ([`check_peft_config`]). The settings that decide what a run learns are summarised
-for `run_info.json` and the vectors' metadata ([`sft_config_summary`], [`peft_config_summary`]).
+settings the hardware cannot run turned off ([`run_config`]). Settings that would train nothing are refused
+([`check_training_length`]) and a `peft.LoraConfig` is checked against the base's module tree
+([`check_peft_config`]), both before training. Every setting that can change what a run learns is recorded in
+`run_info.json` and the vectors' metadata ([`sft_config_summary`], [`peft_config_summary`]): all fields of the
+configs except the few that only decide where and how progress is logged, saved or reported.
 """
 
 from __future__ import annotations
@@ -20,16 +22,28 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-SFT_SUMMARY_KEYS = (
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "max_steps",
-    "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing",
-    "packing_strategy", "padding_free", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
-    "loss_type", "seed", "bf16", "fp16", "gradient_checkpointing", "model_init_kwargs", "chat_template_path",
-)
-PEFT_SUMMARY_KEYS = (
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
-    "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "init_lora_weights", "bias",
-)
+# SFTConfig fields that never change the trained weights: where and how progress is logged, saved, evaluated,
+# reported or pushed, data-loading workers, memory/speed trade-offs with the same result, and secrets. Every other
+# field is recorded (so a field a new TRL adds is recorded too).
+SFT_IGNORED_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "run_name", "project", "report_to", "disable_tqdm", "log_level",
+    "log_level_replica", "log_on_each_node", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step",
+    "logging_nan_inf_filter", "include_num_input_tokens_seen", "include_tokens_per_second", "skip_memory_metrics",
+    "save_strategy", "save_steps", "save_total_limit", "save_on_each_node", "save_only_model", "save_safetensors",
+    "enable_jit_checkpoint", "restore_callback_states_from_checkpoint", "resume_from_checkpoint",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object",
+    "eval_accumulation_steps", "eval_packing", "per_device_eval_batch_size", "prediction_loss_only",
+    "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "do_train", "do_eval", "do_predict",
+    "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context", "dataset_num_proc", "local_rank", "ddp_timeout", "debug", "use_cpu",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
+    "activation_checkpointing_kwargs", "activation_offloading", "torch_empty_cache_steps", "use_cache",
+    "torch_compile", "torch_compile_backend", "torch_compile_mode",
+})
+SFT_SECRET_SUFFIX = "_token"  # to_dict() hides these as "<EOS_TOKEN>" etc.; the real eos/pad tokens are recorded
+# LoraConfig fields that do not change the adapter: bookkeeping PEFT fills in.
+PEFT_IGNORED_KEYS = frozenset({"peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"})
 
 
 # ============================================================================================ checks
@@ -117,6 +131,20 @@ def _module_hint(names: list[str]) -> str:
     return f"its leaf modules are {leaves[:12]}{' ...' if len(leaves) > 12 else ''}."
 
 
+def check_training_length(sft_config) -> None:
+    """Refuse settings that would train nothing: `max_steps=0`, or `num_train_epochs <= 0` without `max_steps`."""
+    if sft_config.max_steps == 0:
+        raise ValueError(
+            "SFTConfig(max_steps=0) would train nothing: expected max_steps > 0 (optimizer steps), or max_steps=-1 "
+            f"to train num_train_epochs={sft_config.num_train_epochs:g} epochs; got max_steps=0."
+        )
+    if sft_config.max_steps < 0 and not sft_config.num_train_epochs > 0:
+        raise ValueError(
+            f"SFTConfig(num_train_epochs={sft_config.num_train_epochs:g}) would train nothing: expected "
+            f"num_train_epochs > 0, or max_steps > 0; got max_steps={sft_config.max_steps}."
+        )
+
+
 # ============================================================================================ configs
 
 
@@ -170,9 +198,18 @@ def jsonable(value: Any) -> Any:
 
 
 def sft_config_summary(sft_config) -> dict[str, Any]:
-    """The training settings that decide what a run learns (for `run_info.json`, metadata and re-run checks)."""
+    """Every training setting that can change what a run learns (for `run_info.json`, metadata and re-run checks).
+
+    All `SFTConfig` fields except [`SFT_IGNORED_KEYS`] (logging, saving, reporting, workers, secrets), with the
+    real `eos_token`/`pad_token`, plus the world size and the total batch size.
+    """
     values = sft_config.to_dict()
-    summary = {key: values[key] for key in SFT_SUMMARY_KEYS if key in values}
+    summary = {key: value for key, value in values.items() if key not in SFT_IGNORED_KEYS}
+    for key in [key for key in summary if key.endswith(SFT_SECRET_SUFFIX)]:
+        if key in ("eos_token", "pad_token"):
+            summary[key] = getattr(sft_config, key, None)
+        else:
+            del summary[key]
     summary["world_size"] = sft_config.world_size
     summary["total_train_batch_size"] = (
         sft_config.per_device_train_batch_size * sft_config.gradient_accumulation_steps * sft_config.world_size
@@ -183,5 +220,6 @@ def sft_config_summary(sft_config) -> dict[str, Any]:
 def peft_config_summary(peft_config) -> dict[str, Any] | None:
     if peft_config is None:
         return None
+    """Every `LoraConfig` field except PEFT's bookkeeping ([`PEFT_IGNORED_KEYS`]), or None for full fine-tunes."""
     values = peft_config.to_dict()
-    return jsonable({key: values[key] for key in PEFT_SUMMARY_KEYS if key in values})
+    return jsonable({key: value for key, value in values.items() if key not in PEFT_IGNORED_KEYS})

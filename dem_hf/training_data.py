@@ -1,13 +1,16 @@
 """Training data for [`dem_hf.training`]: loading, validation and weighted mixtures.
 
 Datasets come as `datasets` objects (`Dataset`, `DatasetDict`, `IterableDataset`), local files or folders, or Hub
-ids ([`load_training_dataset`]). Before any training each one is checked to be non-empty and in one of the formats
-TRL's `SFTTrainer` trains on ([`detect_format`]), and conversational data is checked to have a chat template
-([`check_chat_template`]). [`mix_datasets`] samples the weighted mixtures of the data-mixing baseline.
+ids ([`load_training_dataset`]; JSON files are checked line by line first, so an error names the file and the
+line). Before any training each one is checked to be in one of the formats TRL's `SFTTrainer` trains on
+([`detect_format`]), then every row is checked and the content fingerprinted ([`dem_hf.dataset_checks`]), and
+conversational data is checked to have a chat template ([`check_chat_template`]). [`mix_datasets`] samples the
+weighted mixtures of the data-mixing baseline.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .dataset_checks import check_rows
 from .vectors import check_vector_name
 
 DATA_FILE_BUILDERS = {
@@ -36,9 +40,16 @@ class PreparedDataset:
     format: str
     num_examples: int | None
     columns: list[str]
+    fingerprint: str | None = None
+    checked_rows: int | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "num_examples": self.num_examples, "format": self.format, "columns": self.columns}
+        """What `run_info.json` records of the dataset (a re-run compares it, fingerprint included)."""
+        summary = {"name": self.name, "num_examples": self.num_examples, "format": self.format, "columns": self.columns,
+                   "fingerprint": self.fingerprint}
+        if self.num_examples is None:  # a stream: the fingerprint covers its first rows only
+            summary["fingerprint_rows"] = self.checked_rows
+        return summary
 
 
 # ============================================================================================ datasets
@@ -106,7 +117,13 @@ def _load_from_path(path: str, name: str, split: str):
             raise ValueError(
                 f"Dataset {name!r}: cannot read {path!r}; expected a file ending in {sorted(DATA_FILE_BUILDERS)}."
             )
-        return hf_datasets.load_dataset(builder, data_files=str(local), split="train")
+        if builder == "json":
+            check_json_file(local, name)
+        try:
+            return hf_datasets.load_dataset(builder, data_files=str(local), split="train")
+        except hf_datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise ValueError(f"Dataset {name!r}: cannot read {str(local)!r}: {' '.join(str(cause).split())[:300]}") from error
     if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()):
         return hf_datasets.load_from_disk(str(local))
     if local.is_dir():
@@ -115,6 +132,47 @@ def _load_from_path(path: str, name: str, split: str):
     if looks_local:
         raise ValueError(f"Dataset {name!r}: {path!r} does not exist (not a file, a folder or a Hub dataset id).")
     return hf_datasets.load_dataset(path)  # a Hub id ("name" or "org/name"): needs the network or the cache
+
+
+def check_json_file(path: Path, name: str) -> None:
+    """Check a `.json`/`.jsonl` file the way the `datasets` JSON builder reads it, naming the line of the first error.
+
+    A file holding one JSON document (a list of objects, or an object of columns) is accepted as a whole; otherwise
+    every non-blank line must be one JSON object. Raises `ValueError` naming the dataset, the file and the line.
+    """
+    if path.suffix.lower() == ".json":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+            return
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # not one document: JSON lines, checked below
+    rows = 0
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        for number, line in enumerate(_lines(handle, path, name), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"Dataset {name!r}: {path}, line {number}: invalid JSON ({error.msg} at column {error.colno}); "
+                    "expected one JSON object per line."
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"Dataset {name!r}: {path}, line {number}: expected a JSON object per line, got {type(row).__name__}."
+                )
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"Dataset {name!r}: {path} has no rows (only blank lines); nothing to train on.")
+
+
+def _lines(handle, path: Path, name: str):
+    try:
+        yield from handle
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Dataset {name!r}: {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
 
 
 def _pick_split(dataset_dict, name: str, split: str):
@@ -187,7 +245,7 @@ def detect_format(example: dict[str, Any], columns: Sequence[str], name: str, te
 
 
 def prepare_dataset(name: str, source: DatasetSource, sft_config, formatting_func: Callable | None = None) -> PreparedDataset:
-    """Load one dataset and check it is non-empty and in a format TRL's `SFTTrainer` trains on."""
+    """Load one dataset, detect its format, check every row and fingerprint its content ([`check_rows`])."""
     dataset = load_training_dataset(source, name)
     example = _first_example(dataset, name)
     columns = list(dataset.column_names or example.keys())
@@ -196,11 +254,13 @@ def prepare_dataset(name: str, source: DatasetSource, sft_config, formatting_fun
     else:
         data_format = detect_format(example, columns, name, sft_config.dataset_text_field)
     num_examples = len(dataset) if hasattr(dataset, "__len__") else None
-    return PreparedDataset(name=name, dataset=dataset, format=data_format, num_examples=num_examples, columns=columns)
+    report = check_rows(dataset, name, data_format, columns, sft_config)
+    return PreparedDataset(name=name, dataset=dataset, format=data_format, num_examples=num_examples, columns=columns,
+                           fingerprint=report.fingerprint, checked_rows=report.rows)
 
 
 def prepare_datasets(datasets, sft_config, formatting_func: Callable | None = None) -> dict[str, PreparedDataset]:
-    """Names checked, every dataset loaded and validated; the main process loads first (shared caches)."""
+    """Names checked, every dataset loaded and every row checked, all before any training; the main process loads first."""
     pairs = named_sources(datasets)
     with sft_config.main_process_first(desc="loading datasets"):
         return {name: prepare_dataset(name, source, sft_config, formatting_func) for name, source in pairs}

@@ -161,10 +161,37 @@ def texts(n: int = 8) -> Dataset:
     return Dataset.from_dict({"text": [f"w{i} w{i + 1} w{i + 2}" for i in range(n)]})
 
 
-def train(w, datasets, peft_config=None):
+def train(w, datasets, peft_config=None, **settings):
     """A one-step full or LoRA run per dataset into `out` (never reached: every case is refused first)."""
-    config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", max_steps=1, save_strategy="no")
+    settings = {"max_steps": 1, **settings}
+    config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", save_strategy="no", **settings)
     return train_distributions(w["base"], datasets, config, peft_config, w["out"])
+
+
+def jsonl(w, lines: list[str], name: str = "data.jsonl") -> Path:
+    """A JSON lines file in the test's folder, one string per line."""
+    path = w["tmp"] / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def chat(*rows) -> Dataset:
+    """A chat dataset: one list of (role, content) pairs per row."""
+    return Dataset.from_list([{"messages": [{"role": r, "content": c} for r, c in row]} for row in rows])
+
+
+GOOD_TURNS = [("user", "w1 w2"), ("assistant", "w3 w4")]
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} </s> {% endfor %}"
+
+
+def train_chat(w, dataset: Dataset):
+    """A chat dataset listed second, with a tokenizer that has a chat template."""
+    from .conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", max_steps=1, save_strategy="no")
+    return train_distributions(w["base"], {"ok": texts(), "chat": dataset}, config, None, w["out"], processing_class=tokenizer)
 
 
 CORPUS = Dataset.from_dict({"text": ["w1 w2", "w3 w4"], "source": ["a", "b"]})
@@ -411,6 +438,57 @@ CASES = {
     "train: dataset file that does not exist": (
         lambda w: train(w, {"ok": texts(), "missing": "no/such/file.jsonl"}), ValueError, "does not exist",
     ),
+    "train: max_steps=0": (lambda w: train(w, {"ok": texts()}, max_steps=0), ValueError, "SFTConfig(max_steps=0) would train nothing"),
+    "train: num_train_epochs=0 without max_steps": (
+        lambda w: train(w, {"ok": texts()}, max_steps=-1, num_train_epochs=0), ValueError, "SFTConfig(num_train_epochs=0) would train nothing",
+    ),
+    "train: retrain that is not True or False": (
+        lambda w: train_distributions(w["base"], {"ok": texts()}, None, None, w["out"], retrain="yes"), ValueError,
+        "retrain must be True or False, got 'yes'",
+    ),
+    "train: texts all empty": (
+        lambda w: train(w, {"ok": texts(), "blank": Dataset.from_dict({"text": ["", "  ", "\n"]})}), ValueError,
+        "Dataset 'blank' has nothing to train on: all 3 texts are empty",
+    ),
+    "train: completion-only loss with all completions empty": (
+        lambda w: train(w, {"ok": texts(), "qa": Dataset.from_dict({"prompt": ["w1", "w2"], "completion": ["", ""]})}),
+        ValueError, "Dataset 'qa' has nothing to train on: all 2 completions are empty",
+    ),
+    "train: a null text in a later row": (
+        lambda w: train(w, {"ok": texts(), "holes": Dataset.from_dict({"text": ["w1 w2", "w3", None]})}), ValueError,
+        "Dataset 'holes', row 2: 'text' must be a string, got None",
+    ),
+    "train: JSON lines file with an invalid line": (
+        lambda w: train(w, {"ok": texts(), "broken": jsonl(w, ['{"text": "w1"}', '{"text": "w2"}', '{"text": w3}'])}),
+        ValueError, "data.jsonl, line 3: invalid JSON",
+    ),
+    "train: JSON line that is not an object": (
+        lambda w: train(w, {"ok": texts(), "broken": jsonl(w, ['{"text": "w1"}', '["w2"]'])}),
+        ValueError, "data.jsonl, line 2: expected a JSON object",
+    ),
+    "train: JSON lines file with no rows": (
+        lambda w: train(w, {"ok": texts(), "blank": jsonl(w, ["", "  "])}), ValueError, "data.jsonl has no rows",
+    ),
+    "train: chat message with an unknown role": (
+        lambda w: train_chat(w, chat(GOOD_TURNS, [("user", "w1"), ("robot", "w2")])), ValueError,
+        "Dataset 'chat', row 1, message 1: role 'robot' is not one of",
+    ),
+    "train: chat message without content": (
+        lambda w: train_chat(w, Dataset.from_list([{"messages": [{"role": "user", "content": "w1"}]}, {"messages": [{"role": "user"}]}])),
+        ValueError, "Dataset 'chat', row 1, message 0: content must be a string, got None",
+    ),
+    "train: chat message content that is not a string": (
+        lambda w: train_chat(w, Dataset.from_list([{"messages": [{"role": "user", "content": 5}]}])),
+        ValueError, "Dataset 'chat', row 0, message 0: content must be a string, got int",
+    ),
+    "train: empty conversation in a later row": (
+        lambda w: train_chat(w, Dataset.from_list([{"messages": [{"role": "user", "content": "w1"}]}, {"messages": []}])),
+        ValueError, "Dataset 'chat', row 1: 'messages' must be a non-empty list of {'role', 'content'} dicts, got []",
+    ),
+    "train: chat whose messages are all empty": (
+        lambda w: train_chat(w, chat([("user", ""), ("assistant", "")], [("user", " ")])), ValueError,
+        "Dataset 'chat' has nothing to train on: every message of its 2 conversations is empty",
+    ),
     # coefficient search
     "search: validation set named after no vector": (
         lambda w: merger(w).search({"poetry": ["w1 w2 w3"]}), ValueError, "match no vector; the vectors are",
@@ -538,6 +616,16 @@ CLI_CASES = {
     "cli train: dataset file that does not exist": (
         lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=no/such/file.jsonl", "--output_dir", str(w["out"])],
         "does not exist",
+    ),
+    "cli train: max_steps 0": (
+        lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=" + str(jsonl(w, ['{"text": "w1 w2"}'])),
+                   "--output_dir", str(w["out"]), "--max_steps", "0"],
+        "SFTConfig(max_steps=0) would train nothing",
+    ),
+    "cli train: JSON lines file with an invalid line": (
+        lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=" + str(jsonl(w, ['{"text": "w1"}', "{oops"])),
+                   "--output_dir", str(w["out"]), "--max_steps", "1"],
+        "data.jsonl, line 2: invalid JSON",
     ),
     "cli push: invalid repo id": (
         lambda w: ["push", "--model", str(w["base"]), "--repo-id", "not a repo id!"], "repo id",

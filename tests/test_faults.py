@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dem_hf import DEMMerger, DistributionVector
 from dem_hf.cli import main
@@ -446,3 +447,105 @@ def test_merge_overflowing_the_dtype_stops_without_output(case, tmp_path, tokeni
     with pytest.raises(ValueError, match=message):
         merger.merge({"math": weight})
     merger.save_pretrained(tmp_path / "merged", {"math": 1.0})  # a sane coefficient still merges
+
+
+# ============================================================================================ training runs
+
+
+def _plain_texts(start: int, n: int = 16):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": [" ".join(f"w{start + (i + j) % 10}" for j in range(10)) for i in range(n)]})
+
+
+def _train(base, data, output, **settings):
+    from trl import SFTConfig
+
+    from dem_hf import train_distributions
+
+    config = dict(output_dir=str(output), use_cpu=True, bf16=False, report_to="none", max_steps=2, learning_rate=2e-2,
+                  per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True, seed=0)
+    retrain, callbacks = settings.pop("retrain", False), settings.pop("callbacks", None)
+    return train_distributions(base, data, SFTConfig(**{**config, **settings}), None, output, retrain=retrain,
+                               callbacks=callbacks)
+
+
+class StepCounter(TrainerCallback):
+    """Records the step each training run starts at (one entry per run that starts)."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.starts.append(state.global_step)
+
+
+def test_stale_dataset_with_the_same_row_count_is_never_silently_reused(tmp_path, base_dir):
+    """Same name, same number of rows, other content: refused before training with the way out, the old run
+    untouched; `retrain=True` trains it again and replaces the run only once the new one has finished."""
+    output = tmp_path / "runs"
+    [old] = _train(base_dir, {"plain": _plain_texts(0)}, output)
+    embeddings = "model.embed_tokens.weight"  # trained on other words, other embedding rows move
+    old_embeddings = old.tensors.get(embeddings).clone()  # read now: the vector reads its folder lazily
+    before = tree_digest(output)
+    counter = StepCounter()
+    with pytest.raises(ValueError, match=r"Run 'plain' .*data\.fingerprint: .*retrain=True"):
+        _train(base_dir, {"plain": _plain_texts(30)}, output, callbacks=[counter])
+    assert counter.starts == [] and tree_digest(output) == before
+    [new] = _train(base_dir, {"plain": _plain_texts(30)}, output, retrain=True, callbacks=[counter])
+    assert counter.starts == [0] and sorted(p.name for p in output.iterdir()) == ["plain"]
+    assert new.metadata["compute"]["global_step"] == 2
+    assert not torch.equal(new.tensors.get(embeddings), old_embeddings)
+    [reused] = _train(base_dir, {"plain": _plain_texts(30)}, output, callbacks=[counter])  # the new run is the run now
+    assert counter.starts == [0] and torch.equal(reused.tensors.get(embeddings), new.tensors.get(embeddings))
+
+
+@pytest.mark.parametrize("fault", ["exception mid-retrain", "KeyboardInterrupt mid-retrain"])
+def test_interrupted_retrain_keeps_the_previous_run_and_a_retry_succeeds(fault, tmp_path, base_dir):
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise Boom("retrain failed") if fault.startswith("exception") else KeyboardInterrupt()
+
+    output = tmp_path / "runs"
+    _train(base_dir, {"plain": _plain_texts(0)}, output)
+    before = tree_digest(output / "plain")
+    with pytest.raises((Boom, KeyboardInterrupt)):
+        _train(base_dir, {"plain": _plain_texts(0)}, output, learning_rate=1e-3, retrain=True, callbacks=[Fail()])
+    assert tree_digest(output / "plain") == before  # the finished run stays until a new one finishes
+    [vector] = _train(base_dir, {"plain": _plain_texts(0)}, output, learning_rate=1e-3, retrain=True)
+    assert vector.metadata["sft_config"]["learning_rate"] == 1e-3 and sorted(p.name for p in output.iterdir()) == ["plain"]
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+HALF_WRITTEN_CHECKPOINTS = {
+    "checkpoint without trainer_state.json": lambda folder: (folder / "trainer_state.json").unlink(),
+    "truncated trainer_state.json": lambda folder: _truncate(folder / "trainer_state.json"),
+    "truncated weights": lambda folder: _truncate(folder / "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", list(HALF_WRITTEN_CHECKPOINTS), ids=list(HALF_WRITTEN_CHECKPOINTS))
+def test_half_written_checkpoint_is_skipped_on_resume(damage, tmp_path, base_dir):
+    """A kill or a full disk while a checkpoint is written leaves `checkpoint-N` half-written: the next call resumes
+    from the last complete checkpoint instead of failing (and keeps failing) on the broken one."""
+    import shutil
+
+    class CrashAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Boom("crash at step 3")
+
+    output, settings = tmp_path / "runs", dict(max_steps=4, save_strategy="steps", save_steps=1)
+    with pytest.raises(Boom):
+        _train(base_dir, {"plain": _plain_texts(0)}, output, callbacks=[CrashAtStep3()], **settings)
+    run = output / "plain"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-3")
+    HALF_WRITTEN_CHECKPOINTS[damage](run / "checkpoint-3")  # checkpoint 3, killed while being written
+    counter = StepCounter()
+    [vector] = _train(base_dir, {"plain": _plain_texts(0)}, output, callbacks=[counter], **settings)
+    assert counter.starts == [2] and vector.metadata["compute"]["global_step"] == 4
+    assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3  # written anew

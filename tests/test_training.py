@@ -82,13 +82,13 @@ def chat_tokenizer():
 
 
 class RunRecorder(TrainerCallback):
-    """Records, per trainer run, its output folder, the step it started at and the steps it took."""
+    """Records, per trainer run, its name (the dataset's), the step it started at and the steps it took."""
 
     def __init__(self) -> None:
         self.runs: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.runs.append({"name": args.output_dir.rsplit("/", 1)[-1], "start": state.global_step, "steps": 0})
+        self.runs.append({"name": args.run_name, "start": state.global_step, "steps": 0})
 
     def on_step_end(self, args, state, control, **kwargs):
         self.runs[-1]["steps"] += 1
@@ -253,13 +253,75 @@ def test_second_call_trains_only_the_new_dataset_and_merger_takes_it(full_runs, 
     assert merger.vector_names == ["plain", "chat", "extra"]
     assert merger.merge({"plain": 1.0, "chat": 1.0, "extra": 1.0}) is not None
 
-    with caplog.at_level(logging.WARNING, logger="dem_hf"):  # same runs, other settings: reused, with a warning
-        again = train_distributions(
-            trained_base, data, sft_config(tmp_path / "runs", learning_rate=1e-3), None, tmp_path / "runs",
+    runs = tmp_path / "runs"
+    before, extra_before = tree_digest(runs), tree_digest(runs / "extra")
+    with pytest.raises(ValueError, match=r"sft_config\.learning_rate: 0\.02 -> 0\.001.*retrain=True") as refused:
+        train_distributions(  # same runs, other settings: refused before anything trains, nothing touched
+            trained_base, data, sft_config(runs, learning_rate=1e-3), None, runs,
             processing_class=chat_tokenizer(), callbacks=[recorder],
         )
-    assert recorder.names == ["extra"] and [v.name for v in again] == ["plain", "chat"]
-    assert "sft_config.learning_rate: 0.02 -> 0.001" in caplog.text
+    assert "--retrain" in str(refused.value)
+    assert recorder.names == ["extra"] and tree_digest(runs) == before
+
+    with caplog.at_level(logging.INFO, logger="dem_hf"):
+        again = train_distributions(
+            trained_base, data, sft_config(runs, learning_rate=1e-3), None, runs,
+            processing_class=chat_tokenizer(), callbacks=[recorder], retrain=True,
+        )
+    assert recorder.names == ["extra", "plain", "chat"] and [v.name for v in again] == ["plain", "chat"]
+    assert "retraining" in caplog.text and "sft_config.learning_rate: 0.02 -> 0.001" in caplog.text
+    for name in ("plain", "chat"):
+        info = json.loads((runs / name / RUN_INFO_NAME).read_text())
+        assert info["finished"] is True and info["sft_config"]["learning_rate"] == 1e-3
+    assert sorted(p.name for p in runs.iterdir()) == ["chat", "extra", "plain"]  # no staging folder left
+    assert tree_digest(runs / "extra") == extra_before
+
+
+def tree_digest(folder) -> dict[str, str]:
+    import hashlib
+
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_settings_that_do_not_change_the_result_reuse_the_run(full_runs, trained_base, tmp_path):
+    output, data, vectors = full_runs
+    shutil.copytree(output, tmp_path / "runs")
+    recorder = RunRecorder()
+    again = train_distributions(
+        trained_base, data, sft_config(tmp_path / "runs", logging_steps=1, save_strategy="steps", save_steps=7,
+                                       disable_tqdm=False, dataloader_num_workers=0, run_name="renamed"),
+        None, tmp_path / "runs", processing_class=chat_tokenizer(), callbacks=[recorder],
+    )
+    assert recorder.runs == []
+    for vector, old in zip(again, vectors):
+        assert_same_vector(vector, old)
+
+
+def test_run_info_records_the_content_fingerprint_and_the_full_settings(full_runs, tmp_path):
+    from dem_hf.dataset_checks import dataset_fingerprint
+
+    output, data, _ = full_runs
+    info = json.loads((output / "plain" / RUN_INFO_NAME).read_text())
+    fingerprint = info["data"]["fingerprint"]
+    assert fingerprint == dataset_fingerprint(data["plain"], ["text"])
+    data["plain"].to_json(tmp_path / "plain.jsonl")  # the same rows from a file: the same fingerprint
+    from dem_hf.training import load_training_dataset
+
+    assert dataset_fingerprint(load_training_dataset(tmp_path / "plain.jsonl", "plain"), ["text"]) == fingerprint
+    texts = list(data["plain"]["text"])
+    edited = Dataset.from_dict({"text": texts[:5] + [texts[5].replace("w1", "w2", 1)] + texts[6:]})
+    assert len(edited) == len(data["plain"]) and dataset_fingerprint(edited, ["text"]) != fingerprint
+    assert dataset_fingerprint(Dataset.from_dict({"text": texts[::-1]}), ["text"]) != fingerprint  # order is trained on
+    assert dataset_fingerprint(data["plain"].add_column("id", list(range(24))), ["text"]) == fingerprint  # unused column
+    settings = info["sft_config"]
+    for key in ("learning_rate", "adam_beta2", "max_grad_norm", "weight_decay", "optim", "lr_scheduler_type",
+                "max_length", "seed", "num_train_epochs", "eos_token", "total_train_batch_size"):
+        assert key in settings, key
+    for key in ("output_dir", "logging_steps", "save_strategy", "hub_token", "report_to", "run_name", "disable_tqdm"):
+        assert key not in settings, key
 
 
 # ============================================================================================ acceptance 3
@@ -270,13 +332,36 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(trained_base, tmp_path
     data = {"plain": plain_data()}
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_distributions(trained_base, data, config, None, tmp_path, callbacks=[Crash(at_step=3)])
-    assert (tmp_path / "plain" / "checkpoint-2").is_dir() and not (tmp_path / "plain" / RUN_INFO_NAME).exists()
+    assert (tmp_path / "plain" / "checkpoint-2").is_dir()
+    assert json.loads((tmp_path / "plain" / RUN_INFO_NAME).read_text())["finished"] is False  # the setup, recorded first
 
     recorder = RunRecorder()
     [vector] = train_distributions(trained_base, data, config, None, tmp_path, callbacks=[recorder])
     assert recorder.runs == [{"name": "plain", "start": 2, "steps": 4}]
     assert vector.metadata["compute"]["global_step"] == 6
     assert json.loads((tmp_path / "plain" / RUN_INFO_NAME).read_text())["finished"] is True
+
+
+def test_a_bad_dataset_listed_second_fails_before_the_first_trains(trained_base, tmp_path):
+    """Every row of every dataset is read before the first run: a broken line far down the second file stops it all."""
+    rows = [json.dumps({"text": cycle(0, i, 8)}) for i in range(30)]
+    rows[26] = '{"text": "w1 w2'  # unterminated
+    (tmp_path / "second.jsonl").write_text("\n".join(rows) + "\n")
+    recorder = RunRecorder()
+    with pytest.raises(ValueError, match=r"Dataset 'second': .*second\.jsonl, line 27: invalid JSON"):
+        train_distributions(
+            trained_base, {"first": plain_data(), "second": tmp_path / "second.jsonl"}, sft_config(tmp_path / "out"), None,
+            tmp_path / "out", callbacks=[recorder],
+        )
+    assert recorder.runs == [] and not (tmp_path / "out").exists()
+    chat = chat_data(n=6).to_list()
+    chat[4]["messages"][1]["role"] = "robot"
+    with pytest.raises(ValueError, match=r"Dataset 'chat', row 4, message 1: role 'robot'"):
+        train_distributions(
+            trained_base, {"first": plain_data(), "chat": Dataset.from_list(chat)}, sft_config(tmp_path / "out"), None,
+            tmp_path / "out", processing_class=chat_tokenizer(), callbacks=[recorder],
+        )
+    assert recorder.runs == [] and not (tmp_path / "out").exists()
 
 
 # ============================================================================================ acceptance 4
@@ -357,19 +442,27 @@ def test_train_mixture_records_weights_counts_and_compute(trained_base, tmp_path
 def test_cli_trains_lora_runs_from_local_files(trained_base, tmp_path, capsys):
     plain_data().to_json(tmp_path / "plain.jsonl")
     qa_data().to_parquet(tmp_path / "qa.parquet")
-    code = main([
+    argv = [
         "train", "--base", str(trained_base), "--dataset", f"plain={tmp_path / 'plain.jsonl'}",
         "--dataset", str(tmp_path / "qa.parquet"), "--output_dir", str(tmp_path / "runs"), "--max_steps", "2",
         "--use_cpu", "--report_to", "none", "--per-device-train-batch-size", "8",
         "--disable_tqdm", "true", "--lora-r", "2", "--target-modules", "q_proj", "v_proj",
-    ])
-    assert code == 0
+    ]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "plain" in out and "qa" in out
     for name in ("plain", "qa"):
         vector = DistributionVector.from_pretrained(tmp_path / "runs" / name / "vector")
         assert vector.vector_type == "lora" and vector.metadata["compute"]["global_step"] == 2
         assert vector.metadata["peft_config"]["r"] == 2
+    assert main([*argv, "--learning_rate", "1e-3"]) == 2  # other settings: refused, with the way out
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress messages
+    assert last.startswith("dem-hf train: error: Run 'plain'") and "learning_rate" in last and "--retrain" in last
+    assert "Traceback" not in err
+    assert main([*argv, "--learning_rate", "1e-3", "--retrain"]) == 0
+    for name in ("plain", "qa"):
+        assert json.loads((tmp_path / "runs" / name / RUN_INFO_NAME).read_text())["sft_config"]["learning_rate"] == 1e-3
 
 
 def test_cli_parses_sft_config_options_and_keeps_debug(tmp_path, capsys):

@@ -6,6 +6,10 @@ parses it (`--learning_rate 2e-4`, `--max_steps 500`, `--per_device_train_batch_
 without `--lora-r` / `--target-modules` the runs are full fine-tunes. `--debug` keeps its dem-hf meaning (full
 tracebacks), so TrainingArguments' own `debug` field is not available here.
 
+Runs already in `--output_dir` are reused (finished) or resumed (interrupted) only when they were trained with
+the same data (by content) and settings; otherwise the command stops, before training, with the differences.
+`--retrain` trains such runs again from the base instead (each old run stays until its new one has finished).
+
     dem-hf train --base HuggingFaceTB/SmolLM2-135M --dataset math=data/math.jsonl --dataset chat=data/chat.jsonl \\
         --output_dir runs --max_steps 200 --learning_rate 2e-4 --lora-r 16 --target-modules all-linear
 
@@ -19,9 +23,12 @@ from . import HELP
 import argparse
 import dataclasses
 import logging as std_logging
+import sys
 from pathlib import Path
 
-OUR_OPTIONS = ("base", "dataset", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "checkpoint_vectors")
+OUR_OPTIONS = (
+    "base", "dataset", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "checkpoint_vectors", "retrain",
+)
 
 
 def parse_named_dataset(text: str) -> tuple[str, str]:
@@ -58,6 +65,11 @@ def register(subparsers) -> None:
     group.add_argument("--target-modules", nargs="+", help="LoRA target modules, e.g. q_proj v_proj, or all-linear.")
     group.add_argument("--use-rslora", action="store_true", help="Scale LoRA by alpha/sqrt(r) (rsLoRA).")
     group.add_argument("--checkpoint-vectors", action="store_true", help="Also save a vector in every checkpoint.")
+    group.add_argument(
+        "--retrain", action="store_true",
+        help="Train again, from the base, runs in --output_dir recorded with other data or settings (instead of "
+        "stopping); each old run is replaced only once its new one has finished.",
+    )
     group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks on errors.")
     parser.set_defaults(run=run)
 
@@ -93,11 +105,23 @@ def lora_config_from_args(args: argparse.Namespace):
     return LoraConfig(task_type="CAUSAL_LM", use_rslora=args.use_rslora, **kwargs)
 
 
+class _StderrHandler(std_logging.StreamHandler):
+    """A handler writing to `sys.stderr` as it is at each message (callers such as test runners replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_progress_messages() -> None:
     """Print dem_hf's INFO messages (which run starts, resumes or is reused) next to TRL's progress bars."""
     logger = std_logging.getLogger("dem_hf")
     if not logger.handlers:
-        handler = std_logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(std_logging.Formatter("[dem-hf] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(std_logging.INFO)
@@ -113,7 +137,7 @@ def run(args) -> int:
         _show_progress_messages()
     vectors = train_distributions(
         args.base, args.dataset, sft_config=sft_config, peft_config=peft_config,
-        output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors,
+        output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
     )
     if main_process:
         print_summary(vectors)

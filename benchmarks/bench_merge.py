@@ -16,12 +16,12 @@ What it does (idempotent: generated models, vectors and the mergekit environment
    then `--rounds` timed rounds, the order rotating each round. Wall time is measured around the child,
    peak RSS is the child's `ru_maxrss` from `os.wait4` (whole process, including everything it imports),
    collected by a small launcher process (see `run_measured`). Results: median wall, min-max, max RSS.
-   - dem_hf:       `python -m dem_hf.cli merge --base B --vector V1=w1 ... --output O`
+   - dem_hf:       `python -m dem_hf merge --base B --vector V1=w1 ... --no-save-vectors --output O`
    - transformers: load base and fine-tuned models with `AutoModelForCausalLM`, add the weighted deltas,
                    `save_pretrained` (this file, `_transformers_merge` mode).
    - mergekit:     `mergekit-yaml config.yml O --no-copy-tokenizer`, `task_arithmetic`, `dtype: float32`,
                    from its own virtualenv `benchmarks/.work/mergekit-venv` (torch==2.13.0 pinned).
-   - dem_hf_startup: `python -m dem_hf.cli merge --help`, the CLI's startup cost alone (default table only).
+   - dem_hf_startup: `python -m dem_hf merge --help`, the CLI's startup cost alone (default table only).
    With `--compare-src DIR`, the dem_hf rows are also timed from the dem_hf package in DIR (marked [alt]),
    interleaved with the others: an A/B of a change to dem_hf in one run.
 3. Checks that the outputs agree with the exact merge on a few tensors and prints a Markdown table.
@@ -101,7 +101,7 @@ def meta_specs(config_kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
         raise ValueError("the generated models keep lm_head.weight: use tie_word_embeddings=False")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    # Not dem_hf.tensors.untied_state_dict: every meta tensor has data_ptr 0, so equal shapes look tied.
+    # Not dem_hf.io.tensors.untied_state_dict: every meta tensor has data_ptr 0, so equal shapes look tied.
     return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
 
 
@@ -129,8 +129,8 @@ def write_checkpoint(folder: Path, config_kwargs: dict, dtype_name: str, tensors
     """A Transformers folder (config.json + safetensors shards) from `(name, tensor)` pairs, atomically."""
     from transformers import LlamaConfig
 
-    from dem_hf.shards import ShardedWriter
-    from dem_hf.outputs import atomic_directory
+    from dem_hf.io.outputs import atomic_directory
+    from dem_hf.io.shards import ShardedWriter
 
     with atomic_directory(folder, overwrite=True) as staging:
         config = LlamaConfig(**config_kwargs)
@@ -216,7 +216,7 @@ def ensure_models(size: str) -> dict:
             write_checkpoint(paths["finetuned"][name], spec["config"], spec["dtype"], tuned())
             log(f"{name} written in {time.perf_counter() - started:.0f} s")
             command = [
-                sys.executable, "-m", "dem_hf.cli", "extract", "--base", str(paths["base"]),
+                *dem_cli(REPO), "extract", "--base", str(paths["base"]),
                 "--finetuned", str(paths["finetuned"][name]), "--name", name, "--output", str(paths["vectors"][name]),
                 "--overwrite",
             ]
@@ -235,9 +235,9 @@ def ensure_models(size: str) -> dict:
 
 def write_vector_directly(base: Path, target: Path, name: str, specs, stream: int, dtype) -> None:
     """A saved full distribution vector (random deltas) for `base`, without a fine-tuned model on disk."""
-    from dem_hf.io import CheckpointReader
-    from dem_hf.tensors import TensorDict, fingerprint
-    from dem_hf.vectors import DistributionVector, write_vector_folder
+    from dem_hf.io.reader import CheckpointReader
+    from dem_hf.io.tensors import TensorDict, fingerprint
+    from dem_hf.vectors.vector import DistributionVector, write_vector_folder
 
     config = DistributionVector(
         name, TensorDict({}), base_fingerprint=fingerprint(CheckpointReader(base)), base_model_name_or_path=str(base)
@@ -283,19 +283,28 @@ def mergekit_config(paths: dict, dtype: str) -> Path:
     return path
 
 
+def dem_cli(source: Path) -> list[str]:
+    """How to start `dem-hf` from the source tree `source` (`python -m dem_hf`, or the older `dem_hf.cli`)."""
+    module = "dem_hf" if (source / "dem_hf" / "__main__.py").exists() else "dem_hf.cli"
+    return [sys.executable, "-m", module]
+
+
 def commands(paths: dict, contenders: list[str], dtype: str, compare: Path | None) -> dict[str, tuple[list[str], dict | None, Path]]:
     """`{contender: (command, environment, working directory)}`; dem_hf runs from its source tree, since
     `python -m` puts the working directory ahead of PYTHONPATH."""
     out = paths["out"]
     result = {}
     for suffix, source in [("", REPO)] + ([(ALT, compare)] if compare else []):
+        cli = dem_cli(source)
         if "dem_hf" + suffix in contenders:
-            command = [sys.executable, "-m", "dem_hf.cli", "merge", "--base", str(paths["base"])]
+            command = [*cli, "merge", "--base", str(paths["base"])]
             for name, weight in WEIGHTS.items():
                 command += ["--vector", f"{paths['vectors'][name]}={weight}"]
+            if (source / "dem_hf" / "__main__.py").exists():  # vectors are copied into the output by default there
+                command.append("--no-save-vectors")
             result["dem_hf" + suffix] = (command + ["--output", str(out / ("dem_hf" + suffix))], dem_env(source), source)
         if STARTUP + suffix in contenders:
-            result[STARTUP + suffix] = ([sys.executable, "-m", "dem_hf.cli", "merge", "--help"], dem_env(source), source)
+            result[STARTUP + suffix] = ([*cli, "merge", "--help"], dem_env(source), source)
     if "transformers" in contenders:
         command = [sys.executable, str(Path(__file__).resolve()), "_transformers_merge", str(paths["base"]), str(out / "transformers")]
         command += [f"{paths['finetuned'][name]}={weight}" for name, weight in WEIGHTS.items()]
@@ -333,7 +342,7 @@ def transformers_merge(argv: list[str]) -> int:
 
 
 def read_output(folder: Path, name: str):
-    from dem_hf.io import CheckpointReader
+    from dem_hf.io.reader import CheckpointReader
 
     return CheckpointReader(folder).get(name)
 
@@ -346,7 +355,7 @@ def check_outputs(paths: dict, contenders: list[str], finetuned: bool) -> dict[s
     outputs are bitwise identical to each other."""
     import torch
 
-    from dem_hf.io import CheckpointReader
+    from dem_hf.io.reader import CheckpointReader
 
     base = CheckpointReader(paths["base"])
     sources = (

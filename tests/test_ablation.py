@@ -24,11 +24,11 @@ from dem_hf import (
     split_partitions,
     validate_proxy,
 )
-from dem_hf import ablation as ablation_module
-from dem_hf.ablation_report import MixtureScore, pearson, rank_scores, spearman
-from dem_hf.cli import main
-from dem_hf.evaluation import compute_perplexities, tokenize_for_evaluation
-from dem_hf.tensors import untied_state_dict
+from dem_hf.ablation import pool as ablation_module
+from dem_hf.ablation.report import MixtureScore, pearson, rank_scores, spearman
+from dem_hf.commands.cli import main
+from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+from dem_hf.io.tensors import untied_state_dict
 
 from .conftest import make_llama, make_tokenizer, perturbed, save_model
 

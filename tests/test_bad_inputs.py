@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 from trl import SFTConfig
 
-import dem_hf.search
+import dem_hf.search.run
 from dem_hf import (
     DEMConfig,
     DEMMerger,
@@ -32,11 +32,11 @@ from dem_hf import (
     train_distributions,
     validate_proxy,
 )
-from dem_hf.card import build_model_card
-from dem_hf.cli import main
+from dem_hf.commands.cli import main
 from dem_hf.commands.push import push_saved_folder
-from dem_hf.shards import ShardedWriter
-from dem_hf.tensors import TensorDict
+from dem_hf.io.shards import ShardedWriter
+from dem_hf.io.tensors import TensorDict
+from dem_hf.merging.card.render import build_model_card
 
 from .conftest import make_llama, perturbed, save_model
 
@@ -580,7 +580,7 @@ def test_bad_input_is_refused_clearly_and_early(case, world, monkeypatch):
     monkeypatch.setattr(ShardedWriter, "add", lambda self, name, tensor: writes.append(name))
     monkeypatch.setattr(Trainer, "train", lambda self, *args, **kwargs: writes.append("a training run"))
     if case.startswith("ablation"):
-        monkeypatch.setattr(dem_hf.search, "load_search_model", lambda *args, **kwargs: writes.append("a model load"))
+        monkeypatch.setattr(dem_hf.search.run, "load_search_model", lambda *args, **kwargs: writes.append("a model load"))
     with pytest.raises(error, match=re.escape(message)):
         call(world)
     assert not writes

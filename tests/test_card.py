@@ -13,7 +13,10 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector
-from dem_hf.card import (
+from dem_hf.commands.cli import main
+from dem_hf.hub.push import validate_repo_id
+from dem_hf.merging.card.facts import card_metadata
+from dem_hf.merging.card.render import (
     CARD_TAGS,
     build_model_card,
     card_for_folder,
@@ -24,9 +27,6 @@ from dem_hf.card import (
     save_card_text,
     write_model_card,
 )
-from dem_hf.card_data import card_metadata
-from dem_hf.cli import main
-from dem_hf.hub import validate_repo_id
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "model_cards"

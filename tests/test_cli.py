@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMMerger
-from dem_hf.cli import main
+from dem_hf.commands.cli import main
 
 
 def test_extract_then_merge_on_the_command_line(tmp_path, base_dir, finetuned_dirs, capsys):
@@ -65,11 +65,11 @@ def test_merge_command_imports_neither_torch_nor_the_hub_client(tmp_path, base_d
     assert main(["extract", "--base", str(base_dir), "--finetuned", str(finetuned_dirs["math"]), "--name", "math",
                  "--output", str(tmp_path / "vec")]) == 0
     absent = (
-        "torch", "trl", "peft", "transformers", "dem_hf.training", "dem_hf.search",
+        "torch", "trl", "peft", "transformers", "dem_hf.training.trainers", "dem_hf.search.run",
         "huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub.repocard", "httpx", httpx.__name__,
     )
     code = (
-        "import sys; from dem_hf.cli import main; "
+        "import sys; from dem_hf.commands.cli import main; "
         f"code = main(['merge', '--base', {str(base_dir)!r}, '--vector', {str(tmp_path / 'vec')!r} + '=0.5', "
         f"'--output', {str(tmp_path / 'out')!r}]); "
         f"print(code, sorted(m for m in {absent!r} if m in sys.modules))"
@@ -84,7 +84,7 @@ def test_merge_command_imports_neither_torch_nor_the_hub_client(tmp_path, base_d
 def test_unexpected_errors_are_one_line_with_a_hint_unless_debug(tmp_path, base_dir, finetuned_dirs, monkeypatch, capsys):
     """An exception no documented class covers (a bug, a library's own error type) is still one line, exit status 1,
     with a hint to rerun with --debug; --debug shows the traceback."""
-    from dem_hf import vectors
+    from dem_hf.vectors import vector as vectors
 
     def broken(*args, **kwargs):
         raise RuntimeError("something\nunexpected")
@@ -97,3 +97,14 @@ def test_unexpected_errors_are_one_line_with_a_hint_unless_debug(tmp_path, base_
     assert err == "dem-hf extract: failed: RuntimeError: something unexpected (rerun with --debug for the traceback)\n"
     with pytest.raises(RuntimeError):
         main(["--debug", *argv])
+
+
+def test_python_dash_m_dem_hf_runs_the_command_line():
+    """`python -m dem_hf` is `dem-hf` (what the demo script and `accelerate launch -m dem_hf` use)."""
+    import subprocess
+    import sys
+
+    from dem_hf import __version__
+
+    out = subprocess.run([sys.executable, "-m", "dem_hf", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"dem_hf {__version__}"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dem_hf.dtypes import STORAGE_DTYPES, from_float32, to_float32
-from dem_hf.io import to_numpy, to_torch
+from dem_hf.io.dtypes import STORAGE_DTYPES, from_float32, to_float32
+from dem_hf.io.reader import to_numpy, to_torch
 
 
 def awkward_float32() -> torch.Tensor:

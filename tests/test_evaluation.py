@@ -1,4 +1,4 @@
-"""Exact checks of dem_hf.evaluation: token-weighted perplexity, masking, batching, formats, metric."""
+"""Exact checks of dem_hf.evaluation.perplexity: token-weighted perplexity, masking, batching, formats, metric."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from dem_hf.evaluation import (
+from dem_hf.evaluation.perplexity import (
     PERPLEXITY_METRIC_PATH,
     EvaluationSet,
     PerplexityResult,
@@ -266,7 +266,7 @@ def test_empty_examples_are_skipped(tokenizer, caplog):
 
 # --- truncation -----------------------------------------------------------------------------------
 def test_truncation_warns(tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="dem_hf.evaluation_set"):
+    with caplog.at_level(logging.WARNING, logger="dem_hf.evaluation.sets"):
         eval_set = tokenize_for_evaluation([w(*range(10)), w(1, 2)], tokenizer, max_length=4)
     assert "1 of 2 evaluation sequences were longer than max_length=4" in caplog.text
     assert eval_set.num_truncated == 1 and eval_set.max_sequence_length == 4
@@ -274,7 +274,7 @@ def test_truncation_warns(tokenizer, caplog):
 
 
 def test_default_max_length_is_model_limit(model, tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="dem_hf.evaluation_set"):
+    with caplog.at_level(logging.WARNING, logger="dem_hf.evaluation.sets"):
         result = compute_perplexity(model, [w(*[i % 60 for i in range(200)])], tokenizer, show_progress=False)
     assert result.num_tokens == model.config.max_position_embeddings - 1
     assert "max_length=128" in caplog.text

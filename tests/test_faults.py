@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dem_hf import DEMMerger, DistributionVector
-from dem_hf.cli import main
-from dem_hf.shards import ShardedWriter
+from dem_hf.commands.cli import main
+from dem_hf.io.shards import ShardedWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ def test_hub_failing_mid_push_leaves_the_local_model_intact_and_a_retry_succeeds
     """The Hub answers 500 to the commit (after the repo was created and the merge was streamed): a clear
     `HubPushError`, the saved folder and the inputs untouched, no temporary folder left, nothing committed;
     the next push succeeds and loads back."""
-    from dem_hf.hub import HubPushError
+    from dem_hf.hub.push import HubPushError
 
     from .hub_server import skip_retry_waits
 
@@ -170,8 +170,9 @@ def test_hub_failing_mid_push_leaves_the_local_model_intact_and_a_retry_succeeds
 def test_interrupted_search_restores_the_model_and_records_nothing(fault, base_dir, vectors, monkeypatch):
     import torch
 
-    from dem_hf import SearchConfig, evaluation
-    from dem_hf.tensors import untied_state_dict
+    from dem_hf import SearchConfig
+    from dem_hf.evaluation import perplexity as evaluation
+    from dem_hf.io.tensors import untied_state_dict
 
     from .conftest import make_llama
 
@@ -203,7 +204,7 @@ def test_interrupted_search_restores_the_model_and_records_nothing(fault, base_d
 def test_interrupted_file_write_keeps_the_previous_file(fault, tmp_path):
     """Search results (`--result-json`), plots and ablation tables are single files written by
     `write_file_atomic`: a failure mid-write leaves the previous file whole and no temporary behind."""
-    from dem_hf.outputs import write_file_atomic
+    from dem_hf.io.outputs import write_file_atomic
 
     error = OSError(errno.ENOSPC, "No space left on device") if fault.startswith("ENOSPC") else KeyboardInterrupt()
     target = write_file_atomic(tmp_path / "result.json", lambda handle: handle.write('{"best": 1}'))
@@ -301,8 +302,8 @@ def _merge_argv(base_dir, vectors, out) -> list[str]:
 # `dem-hf merge` in a process whose writer pauses before finishing, so that two started together overlap
 SLOW_MERGE = """
 import sys, time
-from dem_hf.cli import main
-from dem_hf.shards import ShardedWriter
+from dem_hf.commands.cli import main
+from dem_hf.io.shards import ShardedWriter
 original = ShardedWriter.close
 def close_slowly(self):
     time.sleep(2)
@@ -334,7 +335,7 @@ def test_two_concurrent_merge_processes_on_one_output(tmp_path, base_dir, vector
 def test_a_merge_into_an_output_locked_by_another_writer_fails_at_once(tmp_path, base_dir, vectors, capsys):
     """The deterministic half of the race above: while another writer holds the output's lock, a merge fails
     before any heavy work with one line naming the lock, and leaves nothing."""
-    from dem_hf.outputs import output_lock
+    from dem_hf.io.outputs import output_lock
 
     out = tmp_path / "merged"
     with output_lock(out):
@@ -347,7 +348,7 @@ def test_a_merge_into_an_output_locked_by_another_writer_fails_at_once(tmp_path,
 KILLED_MERGE = """
 import sys, time
 from dem_hf import DEMMerger
-from dem_hf.shards import ShardedWriter
+from dem_hf.io.shards import ShardedWriter
 original = ShardedWriter.add
 def add_then_hang(self, name, tensor):
     original(self, name, tensor)
@@ -395,7 +396,7 @@ def test_sigterm_of_a_merge_command_leaves_nothing(tmp_path, base_dir, vectors):
 def test_stale_temporary_file_of_a_killed_write_is_removed(tmp_path):
     """`write_file_atomic`'s temporaries left by a killed process are removed by the next write of that file
     (and only that file's)."""
-    from dem_hf.outputs import write_file_atomic
+    from dem_hf.io.outputs import write_file_atomic
 
     (tmp_path / ".result.json.tmp-k1ll3d_x").write_text('{"best": ')
     (tmp_path / ".other.json.tmp-k1ll3d_x").write_text("not ours")

@@ -1,4 +1,4 @@
-"""dem_hf.hub against a loopback Hub (tests/hub_server.py), through the real huggingface_hub client."""
+"""dem_hf.hub.push against a loopback Hub (tests/hub_server.py), through the real huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import transformers.utils.hub
 from huggingface_hub import HfApi, constants, hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dem_hf.hub import HubPushError, push_folder, validate_repo_id
-from dem_hf.hub_download import resolve_pretrained
+from dem_hf.hub.download import resolve_pretrained
+from dem_hf.hub.push import HubPushError, push_folder, validate_repo_id
 
 from .hub_server import HubServer, point_clients_at, skip_retry_waits
 

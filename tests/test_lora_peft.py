@@ -181,8 +181,8 @@ def test_live_scaling_of_an_in_memory_peft_model_is_used(tmp_path):
 
 
 def test_in_memory_vector_refuses_a_non_finite_lora_scaling():
-    from dem_hf.tensors import TensorDict
-    from dem_hf.vectors import LoraModule
+    from dem_hf.io.tensors import TensorDict
+    from dem_hf.vectors.config import LoraModule
 
     factors = TensorDict({"model.norm.weight.lora_A": torch.ones(1, 1), "model.norm.weight.lora_B": torch.ones(32, 1)})
     with pytest.raises(ValueError, match="the scaling nan; expected a finite number"):

@@ -15,8 +15,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector
-from dem_hf.config import check_coefficients
-from dem_hf.tensors import untied_state_dict
+from dem_hf.io.tensors import untied_state_dict
+from dem_hf.merging.config import check_coefficients
 
 from .conftest import make_llama, perturbed
 
@@ -207,14 +207,14 @@ def test_save_after_merge_writes_exactly_the_merged_model(tmp_path, base_dir, ve
 def test_streaming_merge_does_not_depend_on_threads_or_block_size(tmp_path, base_dir, vector_dirs, monkeypatch):
     """Worker threads and block sizes change how a merge is scheduled, never its bytes; every variant also equals
     the in-memory merge exactly (full and LoRA vectors, many blocks per tensor, several shards)."""
-    import dem_hf.merge_utils
+    import dem_hf.merging.arithmetic
 
     vectors = [DistributionVector.from_pretrained(path) for path in vector_dirs.values()] + [lora_vector(2, "lora")]
     weights = {"math": 0.6, "chat": -0.3, "code": 0.9, "lora": 0.7}
     outputs = {}
     for workers, block_values in [(1, 1 << 18), (3, 1 << 18), (3, 1000)]:
-        monkeypatch.setattr(dem_hf.merge_utils, "MERGE_WORKERS", workers)
-        monkeypatch.setattr(dem_hf.merge_utils, "MERGE_BLOCK_VALUES", block_values)
+        monkeypatch.setattr(dem_hf.merging.arithmetic, "MERGE_WORKERS", workers)
+        monkeypatch.setattr(dem_hf.merging.arithmetic, "MERGE_BLOCK_VALUES", block_values)
         merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
         out = merger.save_pretrained(tmp_path / f"dem-{workers}-{block_values}", weights, max_shard_size=50_000)
         outputs[workers, block_values] = {p.name: p.read_bytes() for p in sorted(out.glob("model*"))}

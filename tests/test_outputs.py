@@ -1,4 +1,4 @@
-"""Output folders and files (`dem_hf.outputs`): locks beside the target, stale temporaries, modes that follow the umask."""
+"""Output folders and files (`dem_hf.io.outputs`): locks beside the target, stale temporaries, modes that follow the umask."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from dem_hf import DEMMerger, DistributionVector
-from dem_hf.outputs import OutputInUseError, atomic_directory, output_lock, write_file_atomic
+from dem_hf.io.outputs import (
+    OutputInUseError,
+    atomic_directory,
+    output_lock,
+    write_file_atomic,
+)
 
 
 @pytest.fixture(params=[0o022, 0o077], ids=["umask 022", "umask 077"])
@@ -50,7 +55,7 @@ def test_single_files_follow_the_umask(umask, tmp_path):
 
 def test_plot_follows_the_umask(umask, tmp_path):
     pytest.importorskip("matplotlib")
-    from dem_hf.plotting import plot_search
+    from dem_hf.search.plots import plot_search
 
     from .test_search import fake_result
 

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dem_hf.merge_utils import effective_weights, merge_tensor
-from dem_hf.tensors import TensorDict
-from dem_hf.vectors import DistributionVector
+from dem_hf.io.tensors import TensorDict
+from dem_hf.merging.arithmetic import effective_weights, merge_tensor
+from dem_hf.vectors.vector import DistributionVector
 
 coefficient = st.floats(min_value=-3.0, max_value=3.0, allow_nan=False, allow_infinity=False)
 

@@ -11,9 +11,9 @@ from huggingface_hub import HfApi, ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dem_hf import DEMConfig, DEMMerger, DistributionVector
-from dem_hf.cli import main
-from dem_hf.hub import HubPushError
-from dem_hf.shards import ShardedWriter
+from dem_hf.commands.cli import main
+from dem_hf.hub.push import HubPushError
+from dem_hf.io.shards import ShardedWriter
 
 from .conftest import make_llama, save_model
 from .hub_server import skip_retry_waits

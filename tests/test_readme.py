@@ -26,7 +26,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from .conftest import make_llama, perturbed, save_model
+from .conftest import perturbed, save_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 INPUT_IDS = torch.tensor([[2, 5, 9, 17, 33, 8, 41, 3]])

@@ -20,14 +20,15 @@ from dem_hf import (
     SearchResult,
     compute_perplexity,
 )
-from dem_hf import candidates as candidates_module
-from dem_hf import search as search_module
-from dem_hf.candidates import CandidateModel
-from dem_hf.cli import main
-from dem_hf.evaluation import compute_perplexities, tokenize_for_evaluation
-from dem_hf.plotting import plot_search
-from dem_hf.search import Candidate, register_strategy
-from dem_hf.tensors import TensorDict, untied_state_dict
+from dem_hf.commands.cli import main
+from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+from dem_hf.io.tensors import TensorDict, untied_state_dict
+from dem_hf.search import candidates as candidates_module
+from dem_hf.search import run as search_module
+from dem_hf.search.candidates import CandidateModel
+from dem_hf.search.plots import plot_search
+from dem_hf.search.registry import register_strategy
+from dem_hf.search.run import Candidate
 
 from .conftest import VOCAB, make_llama, make_tokenizer, save_model
 
@@ -284,7 +285,7 @@ def test_cache_and_tokenise_once(world, monkeypatch):
         return original_forward(*args, **kwargs)
 
     monkeypatch.setattr(search_module, "tokenize_for_evaluation", counting_tokenize)
-    monkeypatch.setattr("dem_hf.strategies.compute_perplexities", counting_forward)
+    monkeypatch.setattr("dem_hf.search.strategies.compute_perplexities", counting_forward)
 
     @register_strategy("repeat")
     def repeat(problem):

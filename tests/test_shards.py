@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dem_hf.dtypes import STORAGE_DTYPES
-from dem_hf.io import BufferPool, CheckpointReader
-from dem_hf.shards import ShardedWriter, TensorBlocks
+from dem_hf.io.dtypes import STORAGE_DTYPES
+from dem_hf.io.reader import BufferPool, CheckpointReader
+from dem_hf.io.shards import ShardedWriter, TensorBlocks
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ def test_a_planned_writer_refuses_what_the_layout_does_not_say(tmp_path):
 def test_platforms_without_positioned_io_get_the_same_bytes(tmp_path, base_dir, finetuned_dirs, monkeypatch):
     """Where `os.preadv` / `os.pwrite` do not exist (Windows), reads seek on per-thread descriptors and writes seek
     under the writer's lock: a threaded merge writes the same files."""
-    import dem_hf.merge_utils
+    import dem_hf.merging.arithmetic
     from dem_hf import DEMMerger, DistributionVector
 
     vectors = [
@@ -89,8 +89,8 @@ def test_platforms_without_positioned_io_get_the_same_bytes(tmp_path, base_dir, 
         for name, folder in finetuned_dirs.items()
     ]
     weights = {name: 0.3 * (i + 1) for i, name in enumerate(finetuned_dirs)}
-    monkeypatch.setattr(dem_hf.merge_utils, "MERGE_WORKERS", 3)
-    monkeypatch.setattr(dem_hf.merge_utils, "MERGE_BLOCK_VALUES", 500)
+    monkeypatch.setattr(dem_hf.merging.arithmetic, "MERGE_WORKERS", 3)
+    monkeypatch.setattr(dem_hf.merging.arithmetic, "MERGE_BLOCK_VALUES", 500)
     outputs = []
     for positioned in (True, False):
         if not positioned:

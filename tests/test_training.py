@@ -16,9 +16,15 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from trl import SFTConfig
 
-from dem_hf import DEMMerger, DistributionVector, DistributionVectorCallback, train_distributions, train_mixture
-from dem_hf.cli import build_parser, main
-from dem_hf.training import RUN_INFO_NAME, mix_datasets
+from dem_hf import (
+    DEMMerger,
+    DistributionVector,
+    DistributionVectorCallback,
+    train_distributions,
+    train_mixture,
+)
+from dem_hf.commands.cli import build_parser, main
+from dem_hf.training.trainers import RUN_INFO_NAME, mix_datasets
 
 from .conftest import make_llama, make_tokenizer, save_model
 
@@ -301,14 +307,14 @@ def test_settings_that_do_not_change_the_result_reuse_the_run(full_runs, trained
 
 
 def test_run_info_records_the_content_fingerprint_and_the_full_settings(full_runs, tmp_path):
-    from dem_hf.dataset_checks import dataset_fingerprint
+    from dem_hf.training.checks import dataset_fingerprint
 
     output, data, _ = full_runs
     info = json.loads((output / "plain" / RUN_INFO_NAME).read_text())
     fingerprint = info["data"]["fingerprint"]
     assert fingerprint == dataset_fingerprint(data["plain"], ["text"])
     data["plain"].to_json(tmp_path / "plain.jsonl")  # the same rows from a file: the same fingerprint
-    from dem_hf.training import load_training_dataset
+    from dem_hf.training.trainers import load_training_dataset
 
     assert dataset_fingerprint(load_training_dataset(tmp_path / "plain.jsonl", "plain"), ["text"]) == fingerprint
     texts = list(data["plain"]["text"])
@@ -373,7 +379,7 @@ def test_a_bad_dataset_listed_second_fails_before_the_first_trains(trained_base,
 def test_datasets_load_from_local_files_folders_and_dataset_dicts(tmp_path):
     from datasets import DatasetDict
 
-    from dem_hf.training import load_training_dataset
+    from dem_hf.training.trainers import load_training_dataset
 
     data = plain_data(n=5)
     data.to_csv(tmp_path / "d.csv", index=False)

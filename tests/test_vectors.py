@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from dem_hf import DistributionVector
-from dem_hf.tensors import untied_state_dict
+from dem_hf.io.tensors import untied_state_dict
 
 from .conftest import make_llama, perturbed, save_model
 

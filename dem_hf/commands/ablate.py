@@ -46,21 +46,20 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..ablation import PartitionPool, evaluate_mixtures
-    from ..ablation_data import check_mixtures
-    from ..ablation_report import plot_ablation
-    from ..training_data import load_training_dataset
-
-    from ..config import check_device
-    from ..outputs import check_output_file
+    from ..ablation.partitions import check_mixtures
+    from ..ablation.pool import PartitionPool, evaluate_mixtures
+    from ..ablation.report import plot_ablation
+    from ..io.outputs import check_output_file
+    from ..search.config import check_device
+    from ..training.data import load_training_dataset
 
     check_device(args.device)
     for output in (args.output, args.plot):
         check_output_file(output, input_paths(args))
     if args.plot:
-        from ..plotting import _matplotlib
+        from ..search.plots import import_matplotlib
 
-        _matplotlib()  # fail now, not after the evaluation, when matplotlib is missing
+        import_matplotlib()  # fail now, not after the evaluation, when matplotlib is missing
     names = [name for name, _ in args.eval]
     if len(set(names)) != len(names):
         raise ValueError(f"Two validation sets share a name: {names}.")

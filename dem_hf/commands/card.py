@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from . import HELP
-
 from pathlib import Path
 
-from ..card import CARD_NAME, write_model_card
+from ..merging.card.render import CARD_NAME, write_model_card
+from . import HELP
 
 
 def register(subparsers) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from . import HELP
-
 from pathlib import Path
 
-from ..outputs import check_not_inside, local_folder
-from ..vectors import DistributionVector
+from ..io.outputs import check_not_inside, local_folder
+from ..vectors.vector import DistributionVector
+from . import HELP
 
 
 def register(subparsers) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import WEIGHTINGS, DEMConfig
-from ..merger import DEMMerger
-from ..vectors import DistributionVector
+from ..merging.config import WEIGHTINGS, DEMConfig
+from ..merging.merger import DEMMerger
+from ..vectors.vector import DistributionVector
 from . import HELP, parse_weighted_path
 
 

@@ -14,8 +14,6 @@ The folder is only read: the commit is assembled in a temporary folder of symbol
 
 from __future__ import annotations
 
-from . import HELP
-
 import os
 import shutil
 import sys
@@ -25,11 +23,12 @@ from pathlib import Path
 from huggingface_hub import CommitInfo
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-from ..card import CARD_NAME, card_for_folder
-from ..config import DEMConfig
-from ..hub import HubPushError, check_push_target, prepare_repo, push_folder
-from ..merger import DEFAULT_PUSH_MESSAGE, STALE_REMOTE_PATTERNS, VECTORS_FOLDER
-from ..vectors import VECTOR_CONFIG_NAME
+from ..hub.push import HubPushError, check_push_target, prepare_repo, push_folder
+from ..merging.card.render import CARD_NAME, card_for_folder
+from ..merging.config import DEMConfig
+from ..merging.merger import DEFAULT_PUSH_MESSAGE, STALE_REMOTE_PATTERNS, VECTORS_FOLDER
+from ..vectors.vector import VECTOR_CONFIG_NAME
+from . import HELP
 
 
 def register(subparsers) -> None:
@@ -88,7 +87,7 @@ def push_saved_folder(
         repo_id (`str`):
             `"namespace/name"`, or `"name"` for your own namespace.
         token, private, commit_message, revision, create_pr:
-            As for [`~dem_hf.hub.push_folder`].
+            As for [`~dem_hf.hub.push.push_folder`].
         push_vectors (`bool`, *optional*, defaults to `False`):
             Also push the DEM folder's vectors (from `vectors/`, else from their recorded sources).
         regenerate_card (`bool`, *optional*, defaults to `False`):
@@ -103,7 +102,7 @@ def push_saved_folder(
         `FileNotFoundError` / `NotADirectoryError`: `folder` is missing or not a folder.
         `ValueError`: bad repo id or arguments, or `push_vectors` with vectors that cannot be found; all before any
             request.
-        `PermissionError` / [`~dem_hf.hub.HubPushError`]: as for [`~dem_hf.hub.push_folder`].
+        `PermissionError` / [`~dem_hf.hub.push.HubPushError`]: as for [`~dem_hf.hub.push.push_folder`].
     """
     folder = Path(folder)
     check_push_target(repo_id, revision=revision, create_pr=create_pr)

@@ -11,13 +11,13 @@ in its `dem_config.json`.
 
 from __future__ import annotations
 
-from . import HELP
-
 import json
 from pathlib import Path
 
-from ..config import WEIGHTINGS, DEMConfig, SearchConfig
-from ..outputs import write_file_atomic
+from ..io.outputs import write_file_atomic
+from ..merging.config import WEIGHTINGS, DEMConfig
+from ..search.config import SearchConfig
+from . import HELP
 
 _HELP = {f.name: f.metadata.get("help", "") for f in SearchConfig.__dataclass_fields__.values()}
 
@@ -84,7 +84,7 @@ def search_config_from_args(args) -> SearchConfig:
 
 def input_paths(args) -> dict[str, Path | None]:
     """The local files and folders a search or an ablation reads, which none of its outputs may overlap."""
-    from ..outputs import local_folder
+    from ..io.outputs import local_folder
 
     inputs = {"base model": local_folder(args.base)}
     inputs.update({f"vector {str(path)!r}": local_folder(path) for path in args.vector})
@@ -93,10 +93,10 @@ def input_paths(args) -> dict[str, Path | None]:
 
 
 def run(args) -> int:
-    from ..outputs import check_not_inside, check_output_directory, check_output_file
-    from ..merger import DEMMerger
-    from ..training_data import load_training_dataset
-    from ..vectors import DistributionVector
+    from ..io.outputs import check_not_inside, check_output_directory, check_output_file
+    from ..merging.merger import DEMMerger
+    from ..training.data import load_training_dataset
+    from ..vectors.vector import DistributionVector
 
     config = search_config_from_args(args)  # validated before anything is loaded
     inputs = input_paths(args)
@@ -106,9 +106,9 @@ def run(args) -> int:
     check_output_file(args.result_json, inputs)
     check_output_file(args.plot, inputs)
     if args.plot:
-        from ..plotting import _matplotlib
+        from ..search.plots import import_matplotlib
 
-        _matplotlib()  # fail now, not after the search, when matplotlib is missing
+        import_matplotlib()  # fail now, not after the search, when matplotlib is missing
     names = [name for name, _ in args.eval]
     if len(set(names)) != len(names):
         raise ValueError(f"Two validation sets share a name: {names}.")
@@ -128,7 +128,7 @@ def run(args) -> int:
         write_file_atomic(args.result_json, lambda handle: handle.write(json.dumps(result.to_dict(), indent=2) + "\n"))
         print(f"Search result written to {args.result_json}")
     if args.plot:
-        from ..plotting import plot_search
+        from ..search.plots import plot_search
 
         plot_search(result, args.plot)
         print(f"Plot saved to {args.plot}")

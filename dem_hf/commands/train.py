@@ -13,18 +13,18 @@ the same data (by content) and settings; otherwise the command stops, before tra
     dem-hf train --base HuggingFaceTB/SmolLM2-135M --dataset math=data/math.jsonl --dataset chat=data/chat.jsonl \\
         --output_dir runs --max_steps 200 --learning_rate 2e-4 --lora-r 16 --target-modules all-linear
 
-Run it under `accelerate launch -m dem_hf.cli train ...` to train each run on several GPUs.
+Run it under `accelerate launch -m dem_hf.commands.cli train ...` to train each run on several GPUs.
 """
 
 from __future__ import annotations
-
-from . import HELP
 
 import argparse
 import dataclasses
 import logging as std_logging
 import sys
 from pathlib import Path
+
+from . import HELP
 
 OUR_OPTIONS = (
     "base", "dataset", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "checkpoint_vectors", "retrain",
@@ -78,7 +78,7 @@ def sft_config_from_args(args: argparse.Namespace):
     """The `SFTConfig` the parsed options describe (as `HfArgumentParser.parse_args_into_dataclasses` builds it)."""
     from trl import SFTConfig
 
-    from ..training import bf16_available
+    from ..training.trainers import bf16_available
 
     fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init} - {"debug"}
     values = {key: value for key, value in vars(args).items() if key in fields}
@@ -128,7 +128,7 @@ def _show_progress_messages() -> None:
 
 
 def run(args) -> int:
-    from ..training import train_distributions
+    from ..training.trainers import train_distributions
 
     sft_config = sft_config_from_args(args)
     peft_config = lora_config_from_args(args)

@@ -25,7 +25,7 @@ Record formats (both are formats TRL's `SFTTrainer` trains on directly):
   token boundary (the completion starts with a space), so the tokenised prompt is a prefix of the
   tokenised prompt + completion. `SFTTrainer` masks the prompt (`completion_only_loss`) and appends
   the EOS token to the completion; perplexity must likewise be computed on completion tokens only
-  (`dem_hf.evaluation` does this for prompt-completion data). Plain strings rather than chat
+  (`dem_hf.evaluation.perplexity` does this for prompt-completion data). Plain strings rather than chat
   messages keep the data independent of any chat template, so the same records work with tokenizers
   that have none.
 - `"code"`: **language modelling**, `{"text": <source chunk>}`; every token is trained on and scored.
@@ -87,7 +87,12 @@ from dem_hf.demo.distributions import (
     record_token_counts,
     to_prompt_completion,
 )
-from dem_hf.demo.model import SMOLLM2_DIRNAME, SMOLLM2_GGUF_FILE, prepare_smollm2, smollm2_gguf_path
+from dem_hf.demo.model import (
+    SMOLLM2_DIRNAME,
+    SMOLLM2_GGUF_FILE,
+    prepare_smollm2,
+    smollm2_gguf_path,
+)
 from dem_hf.demo.packages import DISTRIBUTIONS, ensure_demo_packages
 from dem_hf.demo.sources import PROMPT_TEMPLATE
 

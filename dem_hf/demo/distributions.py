@@ -21,7 +21,13 @@ from transformers.utils import logging as hf_logging
 
 from dem_hf.demo.files import _move_into_place, _read_jsonl, _temp_folder, _write_jsonl
 from dem_hf.demo.gsm import _GSM_TIME_LIMIT_S, _math_items
-from dem_hf.demo.packages import _DISTRIBUTION_PACKAGES, DISTRIBUTIONS, _check_names, _package_version, _require
+from dem_hf.demo.packages import (
+    _DISTRIBUTION_PACKAGES,
+    DISTRIBUTIONS,
+    _check_names,
+    _package_version,
+    _require,
+)
 from dem_hf.demo.sources import (
     _FORMAT_VERSION,
     _MIN_CODE_CHARS,

@@ -4,7 +4,7 @@ The model folder and each distribution's split folder are built in a [`_temp_fol
 [`_move_into_place`]; the GSM pool files go through [`_write_text_atomic`]. An interrupted run leaves
 no half-written cache behind.
 
-Not [`dem_hf.outputs.atomic_directory`], whose semantics differ in two ways that matter for a cache shared
+Not [`dem_hf.io.outputs.atomic_directory`], whose semantics differ in two ways that matter for a cache shared
 by concurrent runs: its `tempfile.mkdtemp` folder keeps mode 0700 (the umask applies here), and a
 folder another process finished meanwhile is replaced there, whereas here the first finisher is kept
 (the contents are identical, and a reader of it is never disturbed).

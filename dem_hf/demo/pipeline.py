@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 from transformers.utils import logging
 
-from ..config import SearchConfig
-from ..outputs import write_file_atomic
+from ..io.outputs import write_file_atomic
+from ..search.config import SearchConfig
 from .distributions import prepare_distributions
 from .model import prepare_smollm2
 from .packages import DISTRIBUTIONS
@@ -76,7 +76,7 @@ def _sft_config(config: DemoConfig, output_dir: Path):
     import torch
     from trl import SFTConfig
 
-    from ..training import bf16_available
+    from ..training.trainers import bf16_available
 
     return SFTConfig(
         bf16=bf16_available(),
@@ -103,7 +103,7 @@ def _lora_config(config: DemoConfig):
 
 
 def _test_perplexities(model, tokenizer, tests, config: DemoConfig) -> dict[str, float]:
-    from ..evaluation import compute_perplexities
+    from ..evaluation.perplexity import compute_perplexities
 
     results = compute_perplexities(model, tests, tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length)
     return {name: result.perplexity for name, result in results.items()}
@@ -119,8 +119,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     from peft import LoraConfig  # noqa: F401  (fail early if missing)
     from transformers import AutoTokenizer
 
-    from ..merger import DEMMerger
-    from ..training import train_distributions
+    from ..merging.merger import DEMMerger
+    from ..training.trainers import train_distributions
 
     config = config or DemoConfig()
     out = Path(config.output_dir)
@@ -153,7 +153,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         )
         return merger.search({n: s["validation"] for n, s in data.items()}, search_config, tokenizer=tokenizer).to_dict()
 
-    from ..search import SearchResult
+    from ..search.run import SearchResult
 
     result = SearchResult.from_dict(timed("search", lambda: _cached(out / "search.json", key, search)))
     merger.config.search_result = result.to_dict()

@@ -1,0 +1,17 @@
+"""The Hugging Face Hub: resolving ids to local folders (cache first, only the files needed) and pushing a folder
+in one commit.
+"""
+
+
+from ..lazy import lazy_exports
+
+_EXPORTS = {
+    "resolve_pretrained": "download",
+    "HubPushError": "push",
+    "check_push_target": "push",
+    "prepare_repo": "push",
+    "push_folder": "push",
+    "validate_repo_id": "push",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,444 @@
+"""`DEMMerger`: the object users hold. A base model, named distribution vectors, and coefficients.
+
+The merger keeps the base on disk and validates every vector against it when added (fingerprint, names,
+shapes), so mistakes surface before any heavy work. Two ways to merge:
+
+- [`~DEMMerger.merge`] returns an in-memory `PreTrainedModel` (θ + Σ ω_i Δ_i, applied parameter by
+  parameter to the loaded base);
+- [`~DEMMerger.save_pretrained`] streams: one base tensor and the matching slices of each vector at a time
+  are read, summed in float32 and written to size-capped shards, so peak memory does not grow with the
+  model or the number of vectors. The folder is a plain Transformers checkpoint plus `dem_config.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..hub.download import resolve_pretrained
+from ..hub.push import check_push_target, prepare_repo, push_folder
+from ..io.outputs import atomic_directory, check_not_inside, check_output_directory
+from ..io.reader import CheckpointReader
+from ..io.shards import ShardedWriter
+from ..io.tensors import fingerprint
+from ..vectors.vector import DistributionVector
+from .arithmetic import apply_vectors_, effective_weights, write_merged
+from .card.render import CARD_NAME, render_model_card, save_card_text
+from .config import DEMConfig, check_coefficients
+from .sources import (
+    VECTORS_FOLDER,
+    base_reference,
+    copy_base_files,
+    find_vector,
+    save_vector_folders,
+    vector_source,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from huggingface_hub import CommitInfo
+
+logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+
+NOT_COPIED_FROM_BASE = {"README.md", DEMConfig.config_name}
+# Remote files an earlier push may have left that this push does not rewrite: weight shards of another sharding,
+# and vectors no longer in the merger (or not pushed this time). Deleted in the same commit.
+STALE_REMOTE_PATTERNS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    f"{VECTORS_FOLDER}/*",
+)
+DEFAULT_PUSH_MESSAGE = "Upload DEM model with dem_hf"
+
+VectorLike = DistributionVector | str | os.PathLike
+
+
+class DEMMerger:
+    """Merge distribution vectors into a base model: θ_DEM = θ + Σ ω_i Δ_i.
+
+    Args:
+        base_model_name_or_path: Hub id or folder of the base model θ (a safetensors checkpoint).
+        config: a [`DEMConfig`]; a default one (`weighting="sum"`) if omitted.
+        hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for resolving a Hub id.
+
+    Example:
+        ```python
+        >>> from dem_hf import DEMMerger, DistributionVector
+        >>> merger = DEMMerger.from_pretrained("HuggingFaceTB/SmolLM2-135M", vectors=["vectors/math", "vectors/chat"])
+        >>> merger.add_vector(DistributionVector.from_peft("adapters/code", name="code"))  # incremental
+        >>> model = merger.merge(coefficients={"math": 0.7, "chat": 0.5, "code": 0.3})
+        >>> merger.save_pretrained("dem-model")  # streams; loads with AutoModelForCausalLM.from_pretrained
+        ```
+    """
+
+    config_class = DEMConfig
+
+    def __init__(self, base_model_name_or_path: str | os.PathLike, config: DEMConfig | None = None, **hub_kwargs) -> None:
+        self.config = config or DEMConfig()
+        self.base_folder = Path(resolve_pretrained(base_model_name_or_path, **hub_kwargs))
+        self.config.base_model_name_or_path, self.config.base_revision = base_reference(
+            base_model_name_or_path, self.base_folder
+        )
+        self.base = CheckpointReader(self.base_folder)
+        self.base_fingerprint = fingerprint(self.base)
+        self.vectors: dict[str, DistributionVector] = {}
+
+    # ----------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        vectors: Iterable[VectorLike] | None = None,
+        *,
+        config: DEMConfig | None = None,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        **hub_kwargs,
+    ) -> DEMMerger:
+        """A merger over a base model, or restored from a folder saved by [`~DEMMerger.save_pretrained`].
+
+        Given a plain model (folder or Hub id), it becomes the base. Given a saved DEM folder (it has a
+        `dem_config.json`), the base (its recorded absolute path, or Hub id at the recorded commit), the vectors
+        (from the folder's `vectors/`, else their recorded source: an absolute path, or a Hub id at the recorded
+        commit) and the coefficients are restored, from any working directory; `base_model_name_or_path`
+        overrides a base that moved. Relative paths in configs written by older versions are read relative to the
+        working directory, as they were written.
+
+        Args:
+            pretrained_model_name_or_path: base model, or saved DEM model, as a folder or Hub id.
+            vectors: distribution vectors to add, as objects or saved-vector folders.
+            config: config for a new merger (not allowed when restoring; edit `merger.config` instead).
+            base_model_name_or_path: the base's new location when restoring.
+            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `subfolder`.
+        """
+        # From the Hub, fetch only what a restore needs (not the merged weights); a plain base is fetched whole.
+        restore_files = None if Path(pretrained_model_name_or_path).is_dir() else [DEMConfig.config_name, f"{VECTORS_FOLDER}/**"]
+        folder = Path(resolve_pretrained(pretrained_model_name_or_path, allow_patterns=restore_files, **hub_kwargs))
+        if not (folder / DEMConfig.config_name).is_file():
+            merger = cls(pretrained_model_name_or_path, config=config, **hub_kwargs)
+        else:
+            if config is not None:
+                raise ValueError(f"{str(pretrained_model_name_or_path)!r} is a saved DEM model with its own config; do not pass config=.")
+            merger = cls._restore(folder, base_model_name_or_path, **hub_kwargs)
+        for vector in vectors or []:
+            merger.add_vector(vector)
+        return merger
+
+    @classmethod
+    def _restore(cls, folder: Path, base_override, **hub_kwargs) -> DEMMerger:
+        config = DEMConfig.from_pretrained(folder)
+        base = base_override or config.base_model_name_or_path
+        if base is None:
+            raise ValueError(f"{str(folder / DEMConfig.config_name)!r} names no base model; pass base_model_name_or_path=.")
+        # The revision and subfolder name the DEM repo, not its base; credentials and cache apply to both.
+        access = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
+        base_revision = None if base_override else config.base_revision
+        merger = cls(base, config=config, **access, **({"revision": base_revision} if base_revision else {}))
+        for name, info in config.vectors.items():
+            found = find_vector(folder, name, info, access)
+            if found is not None:
+                merger.add_vector(DistributionVector.from_pretrained(found, name=name))
+        return merger
+
+    def add_vector(self, vector: VectorLike, *, coefficient: float | None = None) -> DistributionVector:
+        """Add one distribution vector (incremental DEM: nothing else is retrained or recomputed).
+
+        The vector is checked against the base now (fingerprint, tensor names, shapes, and NaN/inf for
+        vectors held in memory; vectors on disk are checked tensor by tensor as a merge reads them, which
+        then fails without leaving any output). Its coefficient is
+        `coefficient`, else the one already recorded for its name, else 1.0.
+        """
+        if isinstance(vector, (str, os.PathLike)):
+            vector = DistributionVector.from_pretrained(vector)
+        if not isinstance(vector, DistributionVector):
+            raise ValueError(f"Expected a DistributionVector or a saved vector folder, got {type(vector).__name__}.")
+        if vector.name in self.vectors:
+            raise ValueError(f"A vector named {vector.name!r} is already in the merger; vectors are {self.vector_names}.")
+        vector.check_base(self.base, self.base_fingerprint)
+        if vector.path is None:
+            vector.check_finite()  # cheap in memory; vectors on disk are checked tensor by tensor while merging
+        self.vectors[vector.name] = vector
+        if coefficient is not None:
+            self.config.coefficients[vector.name] = check_coefficients({vector.name: coefficient})[vector.name]
+        self.config.coefficients.setdefault(vector.name, 1.0)
+        self.config.vectors[vector.name] = {
+            "vector_type": vector.vector_type,
+            **vector_source(vector.path),
+            "base_model_name_or_path": vector.base_model_name_or_path,
+            "metadata": vector.metadata,
+        }
+        return vector
+
+    @property
+    def vector_names(self) -> list[str]:
+        """Names of the vectors the merger knows (including recorded ones not yet re-added)."""
+        return list(self.config.vectors)
+
+    # ----------------------------------------------------------------------------------------- merging
+
+    def resolve_coefficients(self, coefficients: dict[str, float] | None = None) -> dict[str, float]:
+        """Validated coefficients for every vector: `coefficients` over the recorded ones."""
+        if not self.config.vectors:
+            raise ValueError("The merger has no distribution vectors; add some with add_vector(...).")
+        chosen = dict(self.config.coefficients)
+        if coefficients is not None:
+            chosen.update(check_coefficients(coefficients, known=self.vector_names))
+        missing = [name for name in self.vector_names if name not in self.vectors]
+        if missing:
+            raise ValueError(f"Vectors {missing} are recorded but not loaded; add them with add_vector(...) first.")
+        return {name: chosen.get(name, 1.0) for name in self.vector_names}
+
+    def _terms(self, coefficients: dict[str, float] | None) -> list[tuple[DistributionVector, float]]:
+        weights = effective_weights(self.resolve_coefficients(coefficients), self.config.weighting)
+        return [(self.vectors[name], weight) for name, weight in weights.items()]
+
+    def merge(self, coefficients: dict[str, float] | None = None, **model_kwargs):
+        """Load the base and return θ + Σ ω_i Δ_i as an in-memory `PreTrainedModel`.
+
+        One rule for what gets saved: the merger's recorded coefficients (`config.coefficients`) are always those of
+        the last model it produced. A successful `merge` records the coefficients it merged with (as `search`
+        records its best and `save_pretrained` the ones it saved), so `save_pretrained()` and `push_to_hub()`
+        without coefficients then write exactly the model `merge` returned, and `DEMMerger.from_pretrained` of that
+        folder restores them. A refused call records nothing.
+
+        Args:
+            coefficients: `{vector name: ω}`; unnamed vectors keep their recorded coefficient.
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`).
+
+        Example:
+            ```python
+            >>> model = merger.merge(coefficients={"math": 0.7, "chat": 0.5})
+            >>> merger.config.coefficients
+            {'math': 0.7, 'chat': 0.5}
+            >>> merger.save_pretrained("dem-model")  # the same weights as `model`
+            ```
+        """
+        from transformers import AutoModelForCausalLM
+
+        chosen = self.resolve_coefficients(coefficients)
+        terms = self._terms(chosen)
+        model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{"dtype": "auto", **model_kwargs})
+        apply_vectors_(model, terms)
+        self.config.coefficients = chosen
+        return model
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        coefficients: dict[str, float] | None = None,
+        *,
+        overwrite: bool = False,
+        max_shard_size: int | str | None = None,
+        save_vectors: bool = True,
+        card: bool = True,
+        regenerate_card: bool = False,
+        model_card_kwargs: dict | None = None,
+    ) -> Path:
+        """Stream the merge into a standard Transformers folder, plus `dem_config.json` and a model card.
+
+        The folder holds the base's config, generation config and tokenizer files, the merged weights as
+        size-capped safetensors shards with an index, `dem_config.json` and `README.md` (the model card of
+        [`dem_hf.merging.card.render.build_model_card`]). It is built under a temporary name and moved into place only when
+        complete.
+
+        Args:
+            save_directory: output folder; must be empty or absent unless `overwrite=True`.
+            coefficients: `{vector name: ω}` (default: the recorded ones, i.e. those of the last `merge`, `search` or
+                save); they become the recorded ones.
+            overwrite: replace an existing, non-empty folder (only once the new one is complete).
+            max_shard_size: cap per shard (default `config.max_shard_size`).
+            save_vectors: copy the vectors into `vectors/<name>` (the default), so the folder restores on its own
+                wherever it goes. With `False` only `dem_config.json` says where they are (absolute paths, or Hub
+                ids with their commit), the model card says so too, and vectors held only in memory are lost
+                (a warning names them).
+            card: write a generated model card as `README.md`.
+            regenerate_card: when overwriting a folder that already has a `README.md`, replace it with the
+                generated card; by default the existing card is kept (it may have been written by hand).
+            model_card_kwargs: passed to [`~dem_hf.merging.card.render.build_model_card`] (`model_id` defaults to the
+                folder's name, e.g. `base_model="org/base"` names the Hub id of a base loaded from a folder).
+        """
+        if not isinstance(save_vectors, bool):
+            raise ValueError(f"save_vectors must be True or False, got {save_vectors!r}.")
+        terms = self._terms(coefficients)
+        self.config.coefficients = self.resolve_coefficients(coefficients)  # the merger now describes this folder
+        check_output_directory(save_directory, overwrite)
+        check_not_inside(
+            save_directory,
+            {"base model": self.base_folder, **{f"vector {v.name!r}": v.path for v, _ in terms}},
+        )
+        card_text = None
+        if card:  # built before the merge, so that a bad card argument fails early
+            card_text = self._model_card(save_directory, save_vectors, regenerate_card, model_card_kwargs)
+        with atomic_directory(save_directory, overwrite=overwrite) as staging:
+            copy_base_files(self.base_folder, staging, skip=NOT_COPIED_FROM_BASE)
+            layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
+            writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout)
+            write_merged(self.base, terms, writer)
+            writer.close()
+            save_vector_folders(self.vectors, staging, save_vectors)
+            self.config.save_pretrained(staging)
+            if card:
+                self._write_card(staging, Path(save_directory), card_text)
+        return Path(save_directory)
+
+    def search(
+        self,
+        eval_datasets: dict,
+        search_config=None,
+        *,
+        tokenizer=None,
+        model: torch.nn.Module | None = None,
+        show_progress: bool | None = None,
+        **tokenize_kwargs,
+    ):
+        """Choose the coefficients ω by validation perplexity, switching one model in place between candidates.
+
+        The best coefficients become `config.coefficients` (so `merge()` and `save_pretrained()` use them) and
+        the [`SearchResult`] is recorded in `config.search_result` (saved in `dem_config.json`).
+
+        Args:
+            eval_datasets: `{set name: validation data}`, each a `datasets.Dataset` (or list of dicts / texts)
+                in any format TRL's `SFTTrainer` accepts, or an `EvaluationSet` from `tokenize_for_evaluation`.
+                Name each set after the vector trained on its distribution (see
+                `SearchConfig.allow_extra_eval_sets`).
+            search_config: a [`SearchConfig`] (strategy, objective, bounds, ...); `SearchConfig()` if omitted.
+            tokenizer: tokenizer for raw datasets (default: the one in the base model's folder).
+            model: the base model already loaded (e.g. on a GPU); it is switched in place and its weights
+                are restored exactly at the end. Default: the base is loaded on `search_config.device`.
+            show_progress: show a progress bar (default: follows `transformers` logging settings).
+            tokenize_kwargs: passed to `tokenize_for_evaluation` (`completion_only_loss`, `text_column`, ...).
+
+        Example:
+            ```python
+            >>> from dem_hf import SearchConfig
+            >>> result = merger.search({"math": math_val, "chat": chat_val}, SearchConfig(strategy="gradient"))
+            >>> result.best_coefficients
+            {'math': 0.62, 'chat': 1.13}
+            >>> merger.save_pretrained("dem-model")  # merged with the best coefficients, search recorded
+            ```
+        """
+        from ..search.run import run_search
+
+        result = run_search(
+            self, eval_datasets, search_config, tokenizer=tokenizer, model=model, show_progress=show_progress,
+            **tokenize_kwargs,
+        )
+        self.config.coefficients = dict(result.best_coefficients)
+        self.config.search_result = result.to_dict()
+        return result
+
+    def _model_card(self, save_directory, save_vectors: bool, regenerate: bool, card_kwargs: dict | None):
+        """The text of the card for `save_pretrained`; `None` when the folder's existing card is to be kept."""
+        existing = Path(save_directory) / CARD_NAME
+        if existing.is_file() and not regenerate:
+            return None
+        kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": save_vectors}
+        return render_model_card(self, **{**kwargs, **(card_kwargs or {})})
+
+    @staticmethod
+    def _write_card(staging: Path, target: Path, card_text: str | None) -> None:
+        if card_text is not None:
+            save_card_text(card_text, staging / CARD_NAME)
+            return
+        shutil.copy2(target / CARD_NAME, staging / CARD_NAME)
+        logger.warning(
+            f"Kept the existing {target / CARD_NAME} (it may describe an earlier merge); pass regenerate_card=True "
+            "to replace it with a generated card."
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        coefficients: dict[str, float] | None = None,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        push_vectors: bool = False,
+        regenerate_card: bool = False,
+        max_shard_size: int | str | None = None,
+        model_card_kwargs: dict | None = None,
+    ) -> CommitInfo:
+        """Merge, and push the merged model with its model card to the Hub in one commit.
+
+        Follows `huggingface_hub.ModelHubMixin.push_to_hub`: the model is saved with [`~DEMMerger.save_pretrained`]
+        into a temporary folder (streamed, bounded memory), the repo is created with `create_repo(exist_ok=True)`
+        (checked before the merge, so a missing token fails fast) and the folder goes up in one commit. Weight
+        shards and vectors left by an earlier push that this one does not rewrite are deleted in the same commit,
+        so the repo always matches its `dem_config.json`. Nothing local is written outside the temporary folder.
+
+        The model card is generated for `repo_id` ([`~dem_hf.merging.card.render.build_model_card`]). A `README.md` the repo
+        already has is kept unless `regenerate_card=True` (a warning says so): a card edited on the Hub is never
+        overwritten silently, but a kept card may describe an earlier merge.
+
+        Args:
+            repo_id (`str`):
+                `"namespace/name"`, or `"name"` for your own namespace.
+            coefficients (`dict[str, float]`, *optional*):
+                `{vector name: ω}` (default: the recorded ones: those of the last [`~DEMMerger.merge`],
+                [`~DEMMerger.search`] or save, so a push after `merge(c)` pushes that model); they become the
+                recorded ones.
+            private (`bool`, *optional*):
+                Visibility of a newly created repo (an existing repo keeps its own).
+            token (`str` or `bool`, *optional*):
+                Hub token with write access (default: `HF_TOKEN` or the saved login).
+            commit_message (`str`, *optional*):
+                Defaults to `"Upload DEM model with dem_hf"`.
+            revision (`str`, *optional*):
+                Branch to push to (created from `main` if missing).
+            create_pr (`bool`, *optional*, defaults to `False`):
+                Open a pull request instead of committing to `main`.
+            push_vectors (`bool`, *optional*, defaults to `False`):
+                Also push the distribution vectors (`vectors/<name>`), so that others can restore the merger with
+                `DEMMerger.from_pretrained(repo_id)` and merge again with other coefficients.
+            regenerate_card (`bool`, *optional*, defaults to `False`):
+                Replace a `README.md` the repo already has with the generated card.
+            max_shard_size (`int` or `str`, *optional*):
+                Cap per weight shard (default `config.max_shard_size`).
+            model_card_kwargs (`dict`, *optional*):
+                Passed to [`~dem_hf.merging.card.render.build_model_card`], e.g. `{"base_model": "org/base", "license": "mit"}`.
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (a `str` subclass holding its URL; `.oid`, `.pr_url`).
+
+        Raises:
+            `ValueError`: bad `repo_id`, coefficients, or `revision` with `create_pr`, before any request.
+            `PermissionError`: no token, or the Hub rejected it (before the merge).
+            [`~dem_hf.hub.push.HubPushError`]: the Hub or the network failed; push again to retry.
+
+        Example:
+            ```python
+            >>> merger.search({"math": math_val, "chat": chat_val})
+            >>> merger.push_to_hub("my-org/dem-smollm", private=True, push_vectors=True)
+            CommitInfo(commit_url='https://huggingface.co/my-org/dem-smollm/commit/...', ...)
+            ```
+        """
+        check_push_target(repo_id, revision=revision, create_pr=create_pr)
+        self.resolve_coefficients(coefficients)
+        full_id = prepare_repo(repo_id, token=token, private=private, revision=revision, create_pr=create_pr)
+        card_kwargs = {"model_id": full_id, "vectors_included": push_vectors, **(model_card_kwargs or {})}
+        with tempfile.TemporaryDirectory(prefix="dem_hf-push-") as tmp:
+            folder = self.save_pretrained(
+                Path(tmp) / full_id.rsplit("/", 1)[-1], coefficients, max_shard_size=max_shard_size,
+                save_vectors=push_vectors, model_card_kwargs=card_kwargs,
+            )
+            return push_folder(
+                folder, full_id, token=token, private=private, commit_message=commit_message or DEFAULT_PUSH_MESSAGE,
+                revision=revision, create_pr=create_pr, delete_patterns=STALE_REMOTE_PATTERNS,
+                keep_existing=None if regenerate_card else CARD_NAME,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"DEMMerger(base={self.config.base_model_name_or_path!r}, weighting={self.config.weighting!r}, "
+            f"coefficients={self.config.coefficients})"
+        )

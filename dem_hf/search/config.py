@@ -1,0 +1,235 @@
+"""`SearchConfig`: how [`DEMMerger.search`] chooses the coefficients, validated in `__post_init__`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..merging.config import JsonConfigMixin, check_coefficients
+from .registry import strategy_names
+
+SEARCH_OBJECTIVES = ("mean", "weighted_mean", "max")
+SEARCH_METRICS = ("perplexity", "log_perplexity", "relative_perplexity")
+LORA_MODES = ("auto", "adapter", "update")
+BAYESIAN_SAMPLERS = ("gp", "tpe")
+GRADIENT_OPTIMIZERS = ("lbfgs", "adam")
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|mlu|musa)(:\d+)?|auto")
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_bound_pair(label: str, pair: Any) -> tuple[float, float]:
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        raise ValueError(f"Bounds{label} must be a pair (low, high), got {pair!r}.")
+    low, high = pair
+    for value in (low, high):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Bounds{label} must be finite numbers, got {pair!r}.")
+    if low > high:
+        raise ValueError(f"Bounds{label} have low > high: ({low}, {high}); expected low <= high.")
+    return float(low), float(high)
+
+
+def _check_values(label: str, values: Any) -> list[float]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"Grid values{label} must be a list of numbers, got {values!r}.")
+    values = list(values)
+    if not values:
+        raise ValueError(f"Grid values{label} are empty; give at least one value.")
+    checked = check_coefficients({str(i): v for i, v in enumerate(values)})
+    if len(set(checked.values())) != len(checked):
+        raise ValueError(f"Grid values{label} repeat a value: {values}.")
+    return list(checked.values())
+
+
+@dataclass
+class SearchConfig(JsonConfigMixin):
+    """How [`DEMMerger.search`] chooses the coefficients ω by validation perplexity.
+
+    Every candidate ω is scored by a forward pass over the validation sets of the model θ + Σ ω_i Δ_i,
+    switched in place. The objective aggregates one number per validation set (`metric`) across sets
+    (`objective`); lower is better.
+
+    Args:
+        strategy: `"grid"` (the DEM paper's full product of `grid_values`), `"random"` (uniform within
+            `bounds`), `"bayesian"` (Optuna) or `"gradient"` (L-BFGS-B or Adam on ω itself, using
+            ∂L/∂ω_i = ⟨∇θ L, Δ_i⟩); strategies added with `dem_hf.search.run.register_strategy` are accepted too.
+        objective: `"mean"` over the validation sets (default), `"weighted_mean"` (with `objective_weights`),
+            `"max"` (worst case), or a callable `f({set name: PerplexityResult}) -> float` (lower is better;
+            not with `strategy="gradient"`).
+        metric: what each set contributes: `"perplexity"`, `"log_perplexity"` (mean NLL per token) or
+            `"relative_perplexity"` (perplexity divided by the base model's, which costs one more forward pass).
+        objective_weights: `{set name: weight}` for `objective="weighted_mean"`.
+        allow_extra_eval_sets: accept validation sets whose name is no vector's name (they are scored like
+            the others); by default such a name is refused as a probable typo.
+        bounds: `(low, high)` for every coefficient, or `{vector name: (low, high)}`.
+        grid_values: values tried per coefficient by `"grid"`, one list for all or `{vector name: [...]}`;
+            default `grid_points` evenly spaced values spanning `bounds`.
+        grid_points: number of values per coefficient when `grid_values` is not given.
+        n_trials: candidates evaluated by `"random"` and `"bayesian"`.
+        bayesian_sampler: `"gp"` (Optuna's Gaussian-process sampler, best for a few smooth coefficients) or
+            `"tpe"`.
+        initial_coefficients: start of `"gradient"` and first trial of `"bayesian"`; default the merger's
+            current coefficients, clipped into `bounds`.
+        gradient_optimizer: `"lbfgs"` (SciPy's L-BFGS-B: quasi-Newton within the bounds) or `"adam"`
+            (projected Adam with a cosine-decayed step).
+        gradient_steps: at most this many gradient evaluations (one forward + backward pass each).
+        gradient_lr: Adam step size, in coefficient units.
+        gradient_tolerance: stop when the objective improves by less than this, relatively (L-BFGS-B; also
+            its bound on the projected gradient), or when no coefficient moves more than this (Adam).
+        seed: seed of `"random"` and `"bayesian"`.
+        batch_size: sequences per forward pass.
+        max_length: truncate validation sequences to this many tokens (default: the model's
+            `max_position_embeddings`); longer than the model allows is refused.
+        lora_mode: how LoRA vectors are switched: `"adapter"` (their factors run beside each layer with the
+            coefficient as the adapter scaling, so a candidate merges nothing, but every forward pass does
+            extra rank-r matmuls), `"update"` (their deltas are added to the weights in place, like full
+            vectors: one memory pass per changed vector and candidate), or `"auto"` (default): `"adapter"`
+            for `strategy="gradient"` (autograd then needs no weight gradients), else `"update"`, which costs
+            less per candidate unless the validation sets are tiny (see benchmarks/RESULTS.md).
+        cache_deltas: keep deltas in memory (float32, one copy per vector; LoRA deltas of `"update"` formed
+            once) for fast switching; default: when they fit in half the available memory.
+        device: device to load the base model on when `DEMMerger.search` is given no model (`cpu`, `cuda`,
+            `cuda:0`, `mps`, ..., or `auto`: an accelerator when there is one).
+
+    Example:
+        ```python
+        >>> config = SearchConfig(strategy="bayesian", metric="log_perplexity", bounds=(0.0, 2.0), n_trials=25)
+        >>> result = merger.search({"math": math_val, "chat": chat_val}, config)
+        ```
+    """
+
+    config_name: ClassVar[str] = "search_config.json"
+
+    strategy: str = field(default="grid", metadata={"help": "Search strategy: grid, random, bayesian or gradient."})
+    objective: Any = field(
+        default="mean", metadata={"help": "Aggregate over validation sets: mean, weighted_mean, max, or a callable."}
+    )
+    metric: str = field(
+        default="perplexity",
+        metadata={"help": "Per-set quantity: perplexity, log_perplexity (mean NLL) or relative_perplexity (vs base)."},
+    )
+    objective_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "Weight per validation set for objective='weighted_mean'."}
+    )
+    allow_extra_eval_sets: bool = field(
+        default=False, metadata={"help": "Accept validation sets whose name matches no vector."}
+    )
+    bounds: Any = field(default=(0.0, 2.0), metadata={"help": "(low, high) for every coefficient, or per vector."})
+    grid_values: Any = field(
+        default=None, metadata={"help": "Values per coefficient for the grid (default: grid_points spanning bounds)."}
+    )
+    grid_points: int = field(default=5, metadata={"help": "Values per coefficient when grid_values is not given."})
+    n_trials: int = field(default=30, metadata={"help": "Candidates evaluated by the random and bayesian strategies."})
+    bayesian_sampler: str = field(default="gp", metadata={"help": "Optuna sampler for bayesian: gp or tpe."})
+    initial_coefficients: dict[str, float] | None = field(
+        default=None, metadata={"help": "Starting point of gradient (and first bayesian trial)."}
+    )
+    gradient_optimizer: str = field(default="lbfgs", metadata={"help": "Gradient optimiser: lbfgs or adam."})
+    gradient_steps: int = field(default=20, metadata={"help": "Most gradient evaluations (forward + backward)."})
+    gradient_lr: float = field(default=0.1, metadata={"help": "Adam step size for the gradient strategy."})
+    gradient_tolerance: float = field(
+        default=1e-4, metadata={"help": "Stop when the objective (L-BFGS-B) or the coefficients (Adam) move less."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed of the random and bayesian strategies."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate validation sequences to this many tokens."})
+    lora_mode: str = field(
+        default="auto", metadata={"help": "LoRA vectors: adapter (scalings), update (weights) or auto."}
+    )
+    cache_deltas: bool | None = field(
+        default=None, metadata={"help": "Keep dense deltas in memory (default: when they fit in half the free RAM)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Device for the base model when none is given."})
+
+    def __post_init__(self) -> None:
+        if self.strategy not in strategy_names():
+            raise ValueError(f"Unknown search strategy {self.strategy!r}; expected one of {strategy_names()}.")
+        if not callable(self.objective) and self.objective not in SEARCH_OBJECTIVES:
+            raise ValueError(
+                f"Unknown objective {self.objective!r}; expected one of {list(SEARCH_OBJECTIVES)} or a callable "
+                "taking {set name: PerplexityResult} and returning a float."
+            )
+        if callable(self.objective) and self.strategy == "gradient":
+            raise ValueError(
+                "strategy='gradient' needs a differentiable built-in objective "
+                f"({list(SEARCH_OBJECTIVES)}); use a callable objective with grid, random or bayesian."
+            )
+        if self.metric not in SEARCH_METRICS:
+            raise ValueError(f"Unknown metric {self.metric!r}; expected one of {list(SEARCH_METRICS)}.")
+        self._check_objective_weights()
+        self.bounds = self._normalised_bounds(self.bounds)
+        if self.grid_values is not None:
+            if isinstance(self.grid_values, dict):
+                self.grid_values = {name: _check_values(f" for {name!r}", v) for name, v in self.grid_values.items()}
+            else:
+                self.grid_values = _check_values("", self.grid_values)
+        if self.initial_coefficients is not None:
+            self.initial_coefficients = check_coefficients(self.initial_coefficients)
+        for name in ("grid_points", "n_trials", "gradient_steps", "batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.max_length is not None:
+            _check_positive_int("max_length", self.max_length, minimum=2)
+        for name in ("gradient_lr", "gradient_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if self.bayesian_sampler not in BAYESIAN_SAMPLERS:
+            raise ValueError(f"Unknown bayesian_sampler {self.bayesian_sampler!r}; expected one of {list(BAYESIAN_SAMPLERS)}.")
+        if self.gradient_optimizer not in GRADIENT_OPTIMIZERS:
+            raise ValueError(
+                f"Unknown gradient_optimizer {self.gradient_optimizer!r}; expected one of {list(GRADIENT_OPTIMIZERS)}."
+            )
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"Unknown lora_mode {self.lora_mode!r}; expected one of {list(LORA_MODES)}.")
+        _check_positive_int("seed", self.seed, minimum=0)
+        check_device(self.device)
+
+    def _check_objective_weights(self) -> None:
+        if self.objective == "weighted_mean" and not self.objective_weights:
+            raise ValueError("objective='weighted_mean' needs objective_weights={set name: weight}.")
+        if self.objective_weights is None:
+            return
+        if self.objective != "weighted_mean":
+            raise ValueError(f"objective_weights are only used by objective='weighted_mean', not {self.objective!r}.")
+        weights = check_coefficients(self.objective_weights)
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"objective_weights must be >= 0 with a positive sum, got {weights}.")
+        self.objective_weights = weights
+
+    @staticmethod
+    def _normalised_bounds(bounds: Any) -> Any:
+        if isinstance(bounds, dict):
+            if not bounds:
+                raise ValueError("bounds is an empty dict; give (low, high) or {vector name: (low, high)}.")
+            return {name: _check_bound_pair(f" for {name!r}", pair) for name, pair in bounds.items()}
+        return _check_bound_pair("", bounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields; a callable objective is recorded by its qualified name."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if callable(self.objective):
+            values["objective"] = f"callable:{getattr(self.objective, '__qualname__', repr(self.objective))}"
+        values["bounds"] = (
+            {n: list(p) for n, p in self.bounds.items()} if isinstance(self.bounds, dict) else list(self.bounds)
+        )
+        return json.loads(json.dumps(values))
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device torch cannot name, before any model is loaded (`None` is the default CPU)."""
+    if device is None or (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
+        return
+    if type(device).__name__ == "device" and type(device).__module__ == "torch":
+        return
+    raise ValueError(
+        f"device: expected a torch device such as cpu, cuda, cuda:0, mps or auto, got {device!r}."
+    )
+

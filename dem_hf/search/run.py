@@ -1,0 +1,331 @@
+"""Coefficient search by validation perplexity: the search loop, the objectives, the strategy registry and
+[`SearchResult`].
+
+[`run_search`] (what [`DEMMerger.search`] calls) validates everything cheap first (names, bounds, set
+sizes, lengths), tokenises each validation set once, loads the base model once, and hands a
+[`SearchProblem`] to a strategy. A strategy only asks for scores: `problem.evaluate(coefficients)` (one
+forward pass over all validation sets) or `problem.value_and_grad(coefficients)` (one forward + backward
+pass). The problem switches the model in place ([`~dem_hf.search.candidates.CandidateModel`]), caches every
+candidate (asking twice costs nothing), counts compute in forward-pass equivalents (a backward counts
+as two forwards) and records every candidate for the result. The base weights are restored exactly at
+the end, even when the search fails or is interrupted.
+
+Strategies live in [`SEARCH_STRATEGIES`]; `grid`, `random`, `bayesian` and `gradient` are in
+`dem_hf/search/strategies.py` (imported on first use through `dem_hf/search/registry.py`), and
+[`register_strategy`] adds more.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.utils import logging
+
+from .. import __version__
+from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation
+from ..merging.config import check_coefficients
+from .config import SearchConfig
+from .registry import SEARCH_STRATEGIES, get_strategy, register_strategy
+from .strategies import Candidate, SearchProblem
+
+if TYPE_CHECKING:
+    from ..merging.merger import DEMMerger
+
+__all__ = ["SEARCH_STRATEGIES", "Candidate", "SearchProblem", "SearchResult", "register_strategy", "run_search"]
+
+logger = logging.get_logger(__name__)
+
+@dataclass
+class SearchResult:
+    """What a coefficient search found, and everything it evaluated on the way.
+
+    Args:
+        best_coefficients: the coefficients ω with the lowest objective.
+        best_objective: that objective's value.
+        objective: the objective in words, e.g. `"mean log_perplexity over ['chat', 'math']"`.
+        strategy: the strategy's name.
+        candidates: every candidate evaluated, in order (see [`Candidate`]).
+        wall_time_s: seconds from the first evaluation to the last.
+        compute: forward-pass equivalents used (one evaluation over all validation sets = 1, a gradient = 3).
+        num_cache_hits: candidates asked for again and answered from the cache.
+        base_perplexities: the base model's perplexity per set, when the objective needed it.
+        eval_sets: per validation set, `num_sequences`, `num_tokens` and `num_truncated`.
+        weighting: the merger's weighting (`"sum"` or `"average"`).
+        search_config: the [`SearchConfig`] used, as a dict.
+
+    Saved in `dem_config.json` by `DEMMerger.save_pretrained`; `SearchResult.from_dict(merger.config.search_result)`
+    brings it back.
+
+    Example:
+        ```python
+        >>> result = merger.search(eval_sets, SearchConfig(strategy="gradient"))
+        >>> result.best_coefficients, result.best_objective, result.compute
+        >>> print(result.table(top=10))
+        ```
+    """
+
+    best_coefficients: dict[str, float]
+    best_objective: float
+    objective: str
+    strategy: str
+    candidates: list[Candidate]
+    wall_time_s: float
+    compute: float
+    num_cache_hits: int = 0
+    base_perplexities: dict[str, float] | None = None
+    eval_sets: dict[str, dict[str, int]] = field(default_factory=dict)
+    weighting: str = "sum"
+    search_config: dict[str, Any] = field(default_factory=dict)
+    dem_hf_version: str = __version__
+
+    @property
+    def best(self) -> Candidate:
+        """The best candidate's record."""
+        return min(self.candidates, key=lambda c: c.objective)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SearchResult:
+        values = dict(values)
+        values["candidates"] = [Candidate(**c) for c in values.get("candidates", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def table(self, top: int | None = None) -> str:
+        """A text table of the candidates, best first (`top` rows at most; all if `None`)."""
+        rows = sorted(self.candidates, key=lambda c: c.objective)
+        shown = rows if top is None or top <= 0 else rows[:top]
+        vectors = list(self.best_coefficients)
+        sets = list(self.eval_sets) or (list(shown[0].perplexities) if shown else [])
+        header = ["#", *vectors, "objective", *(f"ppl:{s}" for s in sets)]
+        order = {id(c): i for i, c in enumerate(self.candidates)}
+        body = [
+            [str(order[id(c)]), *(f"{c.coefficients[v]:.4g}" for v in vectors), f"{c.objective:.6g}",
+             *(f"{c.perplexities.get(s, math.nan):.4f}" for s in sets)]
+            for c in shown
+        ]
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *body]]
+        if len(shown) < len(rows):
+            lines.append(f"({len(rows) - len(shown)} more candidates not shown)")
+        return "\n".join(lines)
+
+    def to_pandas(self):
+        """The candidates as a `pandas.DataFrame`: one column per coefficient, objective, perplexities."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [
+                {**c.coefficients, "objective": c.objective, **{f"ppl:{k}": v for k, v in c.perplexities.items()},
+                 "label": c.label}
+                for c in self.candidates
+            ]
+        )
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def run_search(
+    merger: DEMMerger,
+    eval_datasets: Mapping[str, Any],
+    search_config: SearchConfig | None = None,
+    *,
+    tokenizer: Any | None = None,
+    model: torch.nn.Module | None = None,
+    show_progress: bool | None = None,
+    **tokenize_kwargs: Any,
+) -> SearchResult:
+    """Search the merger's coefficients by validation perplexity; see [`DEMMerger.search`].
+
+    Everything cheap is validated before the model is loaded; the model's weights are restored exactly
+    when the search ends, fails or is interrupted.
+    """
+    from .candidates import CandidateModel
+
+    config = search_config if search_config is not None else SearchConfig()
+    if not isinstance(config, SearchConfig):
+        raise ValueError(f"search_config must be a SearchConfig, got {type(config).__name__}.")
+    names, bounds, initial = check_search_inputs(merger, eval_datasets, config)
+    eval_sets = prepare_eval_sets(merger, eval_datasets, config, tokenizer, model, tokenize_kwargs)
+    model = model if model is not None else load_search_model(merger, config)
+    vectors = [merger.vectors[n] for n in names]
+    weighting = merger.config.weighting
+    lora_mode = resolve_lora_mode(config)
+    with CandidateModel(model, merger.base, vectors, lora_mode=lora_mode, cache_deltas=config.cache_deltas) as switcher:
+        problem = SearchProblem(switcher, eval_sets, config, names, bounds, initial, weighting, show_progress)
+        start = time.perf_counter()
+        try:
+            if problem.objective.needs_base:
+                base = problem.base()
+                problem.objective.base_losses = torch.tensor([base[n].loss for n in eval_sets], dtype=torch.float64)
+            get_strategy(config.strategy)(problem)
+        finally:
+            problem.close()
+        wall = time.perf_counter() - start
+    if not problem.records:
+        raise ValueError(f"The {config.strategy!r} strategy evaluated no candidate.")
+    best = min(problem.records, key=lambda c: c.objective)
+    logger.info(f"Best coefficients {best.coefficients}: {problem.objective.description} = {best.objective:.6g}")
+    return SearchResult(
+        best_coefficients=dict(best.coefficients),
+        best_objective=best.objective,
+        objective=problem.objective.description,
+        strategy=config.strategy,
+        candidates=problem.records,
+        wall_time_s=wall,
+        compute=problem.compute,
+        num_cache_hits=problem.cache_hits,
+        base_perplexities={n: r.perplexity for n, r in problem.base_results.items()} if problem.base_results else None,
+        eval_sets={
+            n: {"num_sequences": len(s), "num_tokens": s.num_tokens, "num_truncated": s.num_truncated}
+            for n, s in eval_sets.items()
+        },
+        weighting=weighting,
+        search_config=config.to_dict(),
+    )
+
+
+def resolve_lora_mode(config: SearchConfig) -> str:
+    """`lora_mode="auto"`: adapters for the gradient strategy (no weight gradients needed), in-place updates
+    otherwise (a memory pass per changed vector costs less than rank-r matmuls in every forward pass)."""
+    if config.lora_mode != "auto":
+        return config.lora_mode
+    return "adapter" if config.strategy == "gradient" else "update"
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def check_search_inputs(
+    merger: DEMMerger, eval_datasets: Any, config: SearchConfig
+) -> tuple[list[str], dict[str, tuple[float, float]], dict[str, float]]:
+    """Validate names against the merger's vectors; return the vector names, per-vector bounds and a start.
+
+    Every validation set must be named after a vector (so a typo cannot silently add a set to the
+    objective) unless `config.allow_extra_eval_sets` is set or `config.objective_weights` names the sets.
+    Vectors without a validation set of their own are fine: the objective is over all sets.
+    """
+    names = list(merger.resolve_coefficients())
+    if not isinstance(eval_datasets, Mapping) or not eval_datasets:
+        raise ValueError(
+            "eval_datasets must be a non-empty dict {set name: dataset or EvaluationSet}, got "
+            f"{type(eval_datasets).__name__ if not isinstance(eval_datasets, Mapping) else 'an empty dict'}."
+        )
+    sets = list(eval_datasets)
+    if not all(isinstance(n, str) for n in sets):
+        raise ValueError(f"Validation set names must be strings, got {sets}.")
+    extra = [n for n in sets if n not in names]
+    if extra and not (config.allow_extra_eval_sets or config.objective_weights):
+        raise ValueError(
+            f"Validation sets {extra} match no vector; the vectors are {names}. Name each set after the vector "
+            "trained on its distribution, or pass SearchConfig(allow_extra_eval_sets=True) to score extra sets."
+        )
+    if config.objective_weights and (unknown := sorted(set(config.objective_weights) - set(sets))):
+        raise ValueError(f"objective_weights name unknown validation sets {unknown}; the sets are {sets}.")
+    bounds = _per_vector(config.bounds, names, "bounds")
+    if isinstance(config.grid_values, dict):
+        _per_vector(config.grid_values, names, "grid_values")
+    start = config.initial_coefficients or {}
+    check_coefficients(start, known=names)
+    initial = {n: min(max(float(start.get(n, merger.config.coefficients.get(n, 1.0))), lo), hi) for n, (lo, hi) in bounds.items()}
+    return names, bounds, initial
+
+
+def _per_vector(value: Any, names: list[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {n: value for n in names}
+    if unknown := sorted(set(value) - set(names)):
+        raise ValueError(f"{what} name unknown vectors {unknown}; the vectors are {names}.")
+    if missing := [n for n in names if n not in value]:
+        raise ValueError(f"{what} has no entry for vectors {missing}; give one per vector {names}, or one for all.")
+    return {n: value[n] for n in names}
+
+
+def _max_positions(merger: DEMMerger, model: torch.nn.Module | None) -> int | None:
+    if model is not None:
+        config = getattr(model, "config", None)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(merger.base_folder)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def prepare_eval_sets(
+    merger: DEMMerger, eval_datasets: Mapping[str, Any], config: SearchConfig, tokenizer: Any,
+    model: torch.nn.Module | None, tokenize_kwargs: dict[str, Any],
+) -> dict[str, EvaluationSet]:
+    """Tokenise each validation set once (raw datasets) or check it (`EvaluationSet`s).
+
+    Raw sequences longer than `config.max_length` (default: the model's `max_position_embeddings`) are
+    truncated with a warning. A `max_length` above the model's limit, or an `EvaluationSet` holding longer
+    sequences, is refused: the model cannot score those positions.
+    """
+    limit = _max_positions(merger, model)
+    if config.max_length is not None and limit is not None and config.max_length > limit:
+        raise ValueError(f"max_length={config.max_length} exceeds the model's max_position_embeddings={limit}.")
+    max_length = config.max_length or limit
+    prepared = {}
+    for name, data in eval_datasets.items():
+        if isinstance(data, EvaluationSet):
+            if len(data) == 0:
+                raise ValueError(f"Validation set {name!r} is empty; it needs at least one sequence.")
+            if limit is not None and data.max_sequence_length > limit:
+                raise ValueError(
+                    f"Validation set {name!r} has sequences of {data.max_sequence_length} tokens, more than the model "
+                    f"allows ({limit}); tokenise it with max_length={limit} or pass the raw dataset (truncated for you)."
+                )
+            prepared[name] = data
+            continue
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(merger)
+        try:
+            prepared[name] = tokenize_for_evaluation(data, tokenizer, max_length=max_length, **tokenize_kwargs)
+        except ValueError as error:
+            raise ValueError(f"Validation set {name!r}: {error}") from error
+    return prepared
+
+
+def _load_tokenizer(merger: DEMMerger) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(merger.base_folder)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load a tokenizer from the base model folder {str(merger.base_folder)!r} ({error}); "
+            "pass tokenizer= to search, or EvaluationSets from tokenize_for_evaluation."
+        ) from error
+
+
+def load_search_model(merger: DEMMerger, config: SearchConfig) -> torch.nn.Module:
+    """The base model, in its checkpoint dtype, in eval mode, on `config.device` (default CPU; `"auto"`: an
+    accelerator when there is one)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merger.base_folder, dtype="auto")
+    if config.device is not None:
+        model = model.to(resolve_device(config.device))
+    return model.eval()
+
+
+def resolve_device(device):
+    """`"auto"` as the first accelerator present (CUDA, then MPS), else CPU; other values as they are."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"

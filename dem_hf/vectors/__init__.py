@@ -1,0 +1,22 @@
+"""Distribution vectors: a fine-tune minus its base (dense deltas), or a LoRA adapter's factors kept low-rank, read
+with PEFT's own loading and saved as safetensors beside `vector_config.json`.
+"""
+
+
+from ..lazy import lazy_exports
+
+_EXPORTS = {
+    "DistributionVector": "vector",
+    "VECTOR_CONFIG_NAME": "vector",
+    "check_vector_name": "config",
+    "read_vector_config": "config",
+    "VECTOR_TYPES": "config",
+    "write_vector_folder": "vector",
+    "LORA_A": "config",
+    "LORA_B": "config",
+    "LoraModule": "config",
+    "check_supported_adapter": "lora",
+    "vector_parts_from_peft": "lora",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

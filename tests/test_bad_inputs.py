@@ -400,6 +400,23 @@ CASES = {
     "merge method edited to an unknown one before a save": (
         lambda w: _edited_merger(w, merge_method="median").save_pretrained(w["out"]), ValueError, "Unknown merge_method 'median'",
     ),
+    "gradient search of a sign-electing merge method": (
+        lambda w: _edited_merger(w, merge_method="ties", density=0.5).search({"math": ["w1 w2 w3"]}, SearchConfig(strategy="gradient")),
+        ValueError, "cannot search merge_method='ties'",
+    ),
+    "density search without a density to search": (
+        lambda w: merger(w).search({"math": ["w1 w2 w3"]}, SearchConfig(search_density=True)), ValueError, "has none",
+    ),
+    "density search by gradient": (
+        lambda w: SearchConfig(strategy="gradient", search_density=True), ValueError, "density is not differentiable",
+    ),
+    "density bounds outside (0, 1]": (
+        lambda w: SearchConfig(search_density=True, density_bounds=(0.0, 0.5)), ValueError, "density_bounds must lie within (0, 1]",
+    ),
+    "LoRA adapters with a merge operator": (
+        lambda w: _edited_merger(w, merge_method="dare_linear", density=0.5).search({"math": ["w1 w2 w3"]}, SearchConfig(lora_mode="adapter")),
+        ValueError, "lora_mode='adapter' cannot apply",
+    ),
     "density edited out of range before a merge": (
         lambda w: _edited_merger(w, merge_method="ties", density=2.0).merge(), ValueError, "density must be in (0, 1]",
     ),

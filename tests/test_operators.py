@@ -350,3 +350,92 @@ def test_card_names_the_method_and_its_parameters(method, base_dir, finetuned_di
     assert f"`{merger.config.merge_operator.describe()}`" in line
     for key, value in PARAMETERS[method].items():
         assert f"{key} {value:g}" in line
+
+
+# ----------------------------------------------------------------------------------------- search
+
+
+def validation_texts(seed: int, count: int = 8) -> list[str]:
+    generator = np.random.default_rng(seed)
+    return [" ".join(f"w{i}" for i in generator.integers(0, 60, generator.integers(4, 16))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_candidate_switching_equals_the_merge_and_restores_the_base(method, base_dir, finetuned_dirs, monkeypatch):
+    """Any sequence of candidates and densities lands on what merge() gives for the last one; restore is exact."""
+    import dem_hf.search.candidates
+    from dem_hf.search.operator_candidates import OperatorCandidateModel
+
+    monkeypatch.setattr(dem_hf.search.candidates, "RESYNC_EVERY", 3)
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    vectors.append(lora_vector("lora", 4))
+    config = DEMConfig(merge_method=method, **PARAMETERS[method])
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=config)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    base = {n: t.clone() for n, t in untied_state_dict(model).items()}
+    steps = [([0.5, 1.0, 0.0], None), ([0.5, -0.7, 1.2], None), ([0.0, -0.7, 1.2], 0.8), ([1.5, 0.2, 0.3], 0.8), ([1.5, 0.2, 0.9], 0.35)]
+    with OperatorCandidateModel(model, merger.base, vectors, config.merge_operator) as switcher:
+        for weights, density in steps:
+            if density is not None:
+                switcher.set_density(density)
+                merger.config.density = density
+            switcher.set_weights(weights)
+            expected = untied_state_dict(merger.merge(dict(zip(["math", "chat", "lora"], weights))))
+            for name, tensor in untied_state_dict(model).items():
+                torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in untied_state_dict(model).items():
+        assert torch.equal(tensor, base[name]), name
+
+
+@pytest.mark.parametrize(("method", "strategy"), [("dare_linear", "grid"), ("ties", "bayesian"), ("breadcrumbs", "random")])
+def test_density_search_records_and_applies_the_best_density(method, strategy, base_dir, finetuned_dirs):
+    from dem_hf import SearchConfig
+    from dem_hf.evaluation.perplexity import compute_perplexities
+
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=DEMConfig(merge_method=method, **PARAMETERS[method]))
+    eval_sets = {"math": validation_texts(1), "chat": validation_texts(2)}
+    search = SearchConfig(strategy=strategy, grid_points=2, n_trials=5, bounds=(0.0, 1.5), search_density=True,
+                          density_bounds=(0.2, 0.9))
+    result = merger.search(eval_sets, search, show_progress=False)
+    densities = {c.density for c in result.candidates}
+    assert len(densities) > 1 and all(0.2 <= d <= 0.9 for d in densities)
+    if strategy == "grid":
+        assert densities == {0.2, 0.9} and len(result.candidates) == 8
+    assert merger.config.density == result.best_density == result.best.density
+    from dem_hf.evaluation.perplexity import tokenize_for_evaluation
+
+    sets = {n: tokenize_for_evaluation(texts, merger_tokenizer(base_dir)) for n, texts in eval_sets.items()}
+    merged = compute_perplexities(merger.merge(), sets, show_progress=False)
+    mean = sum(r.perplexity for r in merged.values()) / len(merged)
+    assert mean == pytest.approx(result.best_objective, rel=1e-4)
+
+
+def merger_tokenizer(base_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def test_gradient_of_a_linear_operator_matches_finite_differences(base_dir, finetuned_dirs):
+    """dare_linear with fixed draws is linear in ω: ∂L/∂ω_i = ⟨∇θ L, sparsified Δ_i⟩, against central differences."""
+    from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+    from dem_hf.search.operator_candidates import OperatorCandidateModel
+
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    operator = MergeOperator("dare_linear", density=0.5, seed=2)
+    sets = {"math": tokenize_for_evaluation(validation_texts(3), merger_tokenizer(base_dir))}
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    weights, step = [0.8, 0.4], 0.05
+    with OperatorCandidateModel(model, merger.base, vectors, operator) as switcher:
+        switcher.set_weights(weights)
+        _, gradients = switcher.loss_gradients(sets, batch_size=4)
+        for i in range(2):
+            losses = []
+            for sign in (1, -1):
+                moved = list(weights)
+                moved[i] += sign * step
+                switcher.set_weights(moved)
+                losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
+            assert gradients["math"][i] == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=2e-2, abs=1e-4)

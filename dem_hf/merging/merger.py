@@ -331,6 +331,8 @@ class DEMMerger:
             **tokenize_kwargs,
         )
         self.config.coefficients = dict(result.best_coefficients)
+        if result.best_density is not None:  # the density was searched too
+            self.config.density = result.best_density
         self.config.search_result = result.to_dict()
         return result
 

@@ -213,13 +213,24 @@ def trim_mask(method: str, delta: np.ndarray, density: float, gamma: float | Non
 
 
 def combine_numpy(op: MergeOperator, deltas: Sequence[np.ndarray], weights: Sequence[float], masks=None) -> np.ndarray:
-    """See [`MergeOperator.combine`]."""
+    """See [`MergeOperator.combine`]: [`sparsify_numpy`], then [`merge_sparse_numpy`]."""
     _check_lengths(deltas, weights, masks, op)
+    return merge_sparse_numpy(op, sparsify_numpy(op, deltas, masks), weights)
+
+
+def sparsify_numpy(op: MergeOperator, deltas: Sequence[np.ndarray], masks=None) -> list[np.ndarray]:
+    """The part of an operator that does not depend on the weights: each delta trimmed (TIES, breadcrumbs) or
+    randomly dropped and rescaled (DARE, given its keep `masks`); unchanged for task arithmetic."""
     if op.method in WHOLE_TENSOR_METHODS:
-        deltas = [np.where(trim_mask(op.method, delta, op.density, op.gamma), delta, np.float32(0.0)) for delta in deltas]
-    elif op.random:
+        return [np.where(trim_mask(op.method, delta, op.density, op.gamma), delta, np.float32(0.0)) for delta in deltas]
+    if op.random:
         density = np.float32(op.density)
-        deltas = [np.where(mask, delta / density, np.float32(0.0)) for delta, mask in zip(deltas, masks)]
+        return [np.where(mask, delta / density, np.float32(0.0)) for delta, mask in zip(deltas, masks)]
+    return list(deltas)
+
+
+def merge_sparse_numpy(op: MergeOperator, deltas: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """The weighted part: TIES's sign election and disjoint mean, or the weighted sum, of sparsified deltas."""
     if op.method in SIGN_ELECTION_METHODS:
         total = np.zeros_like(deltas[0])
         for delta in deltas:
@@ -265,16 +276,29 @@ def trim_mask_torch(method: str, delta: torch.Tensor, density: float, gamma: flo
 
 
 def combine_torch(op: MergeOperator, deltas: Sequence[torch.Tensor], weights: Sequence[float], masks=None) -> torch.Tensor:
-    """See [`MergeOperator.combine_torch`]."""
+    """See [`MergeOperator.combine_torch`]: [`sparsify_torch`], then [`merge_sparse_torch`]."""
+    _check_lengths(deltas, weights, masks, op)
+    return merge_sparse_torch(op, sparsify_torch(op, deltas, masks), weights)
+
+
+def sparsify_torch(op: MergeOperator, deltas: Sequence[torch.Tensor], masks=None) -> list[torch.Tensor]:
+    """[`sparsify_numpy`] in torch."""
     import torch
 
-    _check_lengths(deltas, weights, masks, op)
     zero = torch.zeros((), dtype=torch.float32, device=deltas[0].device)
     if op.method in WHOLE_TENSOR_METHODS:
-        deltas = [torch.where(trim_mask_torch(op.method, delta, op.density, op.gamma), delta, zero) for delta in deltas]
-    elif op.random:
+        return [torch.where(trim_mask_torch(op.method, delta, op.density, op.gamma), delta, zero) for delta in deltas]
+    if op.random:
         density = torch.tensor(op.density, dtype=torch.float32, device=zero.device)
-        deltas = [torch.where(mask.to(zero.device), delta / density, zero) for delta, mask in zip(deltas, masks)]
+        return [torch.where(mask.to(zero.device), delta / density, zero) for delta, mask in zip(deltas, masks)]
+    return list(deltas)
+
+
+def merge_sparse_torch(op: MergeOperator, deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """[`merge_sparse_numpy`] in torch."""
+    import torch
+
+    zero = torch.zeros((), dtype=torch.float32, device=deltas[0].device)
     if op.method in SIGN_ELECTION_METHODS:
         total = torch.zeros_like(deltas[0])
         for delta in deltas:

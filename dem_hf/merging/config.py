@@ -116,7 +116,9 @@ class DEMConfig(JsonConfigMixin):
             commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
         merge_method: how the vectors' deltas of each tensor are combined (see [`dem_hf.merging.operators`]):
             `"task_arithmetic"` (θ + Σ w_i Δ_i, the default; configs written before dem_hf had operators load as
-            it), `"ties"`, `"dare_linear"`, `"dare_ties"` or `"breadcrumbs"`.
+            it), `"ties"`, `"dare_linear"`, `"dare_ties"` or `"breadcrumbs"`. A streaming merge with `"ties"` or
+            `"breadcrumbs"` holds every vector's delta of one tensor at a time (about (vectors + 2) × the largest
+            tensor in float32 per merge thread); the others stream row blocks like task arithmetic.
         density: fraction of each delta's entries kept, in (0, 1]; required by every method but task arithmetic.
         gamma: fraction of the largest magnitudes `"breadcrumbs"` removes (default 0.01); only for breadcrumbs.
         seed: seed of DARE's random drop (default 0); only for `"dare_linear"` and `"dare_ties"`.

@@ -64,6 +64,14 @@ def merger(w) -> DEMMerger:
     return DEMMerger.from_pretrained(w["base"], vectors=list(w["vectors"].values()))
 
 
+def _edited_merger(w, **fields) -> DEMMerger:
+    """A merger whose config fields were set by hand after it was built (not validated by DEMConfig then)."""
+    edited = merger(w)
+    for key, value in fields.items():
+        setattr(edited.config, key, value)
+    return edited
+
+
 def nan_vector(w) -> DistributionVector:
     deltas = {name: torch.zeros(shape) for name, shape in [("model.norm.weight", (32,))]}
     deltas["model.norm.weight"][3] = math.nan
@@ -377,6 +385,41 @@ CASES = {
         ValueError, "sum of the coefficients",
     ),
     "unknown weighting": (lambda w: DEMConfig(weighting="median"), ValueError, "median"),
+    "unknown merge method": (lambda w: DEMConfig(merge_method="slerp"), ValueError, "Unknown merge_method 'slerp'"),
+    "merge method without density": (lambda w: DEMConfig(merge_method="ties"), ValueError, "needs density"),
+    "density zero": (lambda w: DEMConfig(merge_method="dare_linear", density=0.0), ValueError, "density must be in (0, 1], got 0.0"),
+    "density above one": (lambda w: DEMConfig(merge_method="ties", density=1.5), ValueError, "density must be in (0, 1], got 1.5"),
+    "density not a number": (lambda w: DEMConfig(merge_method="ties", density="0.5"), ValueError, "density must be a number"),
+    "density for task arithmetic": (lambda w: DEMConfig(density=0.5), ValueError, "takes no density"),
+    "gamma for ties": (lambda w: DEMConfig(merge_method="ties", density=0.5, gamma=0.1), ValueError, "only to merge_method='breadcrumbs'"),
+    "breadcrumbs gamma plus density above one": (
+        lambda w: DEMConfig(merge_method="breadcrumbs", density=0.95, gamma=0.1), ValueError, "density + gamma must be at most 1",
+    ),
+    "seed for a deterministic method": (lambda w: DEMConfig(merge_method="ties", density=0.5, seed=1), ValueError, "seed applies only"),
+    "negative seed": (lambda w: DEMConfig(merge_method="dare_ties", density=0.5, seed=-1), ValueError, "non-negative integer"),
+    "merge method edited to an unknown one before a save": (
+        lambda w: _edited_merger(w, merge_method="median").save_pretrained(w["out"]), ValueError, "Unknown merge_method 'median'",
+    ),
+    "gradient search of a sign-electing merge method": (
+        lambda w: _edited_merger(w, merge_method="ties", density=0.5).search({"math": ["w1 w2 w3"]}, SearchConfig(strategy="gradient")),
+        ValueError, "cannot search merge_method='ties'",
+    ),
+    "density search without a density to search": (
+        lambda w: merger(w).search({"math": ["w1 w2 w3"]}, SearchConfig(search_density=True)), ValueError, "has none",
+    ),
+    "density search by gradient": (
+        lambda w: SearchConfig(strategy="gradient", search_density=True), ValueError, "density is not differentiable",
+    ),
+    "density bounds outside (0, 1]": (
+        lambda w: SearchConfig(search_density=True, density_bounds=(0.0, 0.5)), ValueError, "density_bounds must lie within (0, 1]",
+    ),
+    "LoRA adapters with a merge operator": (
+        lambda w: _edited_merger(w, merge_method="dare_linear", density=0.5).search({"math": ["w1 w2 w3"]}, SearchConfig(lora_mode="adapter")),
+        ValueError, "lora_mode='adapter' cannot apply",
+    ),
+    "density edited out of range before a merge": (
+        lambda w: _edited_merger(w, merge_method="ties", density=2.0).merge(), ValueError, "density must be in (0, 1]",
+    ),
     "merger without vectors": (lambda w: DEMMerger.from_pretrained(w["base"]).merge(), ValueError, "no distribution vectors"),
     "base model folder does not exist": (lambda w: DEMMerger.from_pretrained(w["tmp"] / "no_base"), FileNotFoundError, "no_base"),
     "base folder without safetensors": (

@@ -14,6 +14,8 @@ _EXPORTS = {
     "JsonConfigMixin": "config",
     "WEIGHTINGS": "config",
     "check_coefficients": "config",
+    "MERGE_METHODS": "operators",
+    "MergeOperator": "operators",
     "DEMMerger": "merger",
     "DEFAULT_PUSH_MESSAGE": "merger",
     "STALE_REMOTE_PATTERNS": "merger",

@@ -30,6 +30,7 @@ from ..io.reader import BufferPool, CheckpointReader, to_torch
 from ..io.shards import ShardedWriter, TensorBlocks
 from ..io.tensors import TensorDict, untied_state_dict
 from .config import WEIGHTINGS
+from .operators import MergeOperator
 
 if TYPE_CHECKING:
     import torch
@@ -131,9 +132,12 @@ def raise_for_non_finite_result(name: str, terms: Terms, rows: tuple[int, int], 
     )
 
 
-def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_values: int | None = None) -> TensorBlocks:
+def merged_blocks(
+    source, name: str, terms: Terms, pool: BufferPool, block_values: int | None = None, operator: MergeOperator | None = None
+) -> TensorBlocks:
     """Tensor `name` of `source` plus Σ w · Δ[name], as [`TensorBlocks`] of NumPy arrays of about `block_values`
     values (rows `row_blocks(shape, block_values)`; default `MERGE_BLOCK_VALUES`), in the base's storage dtype.
+    With another `operator` than task arithmetic, plus op(Δ[name], w) instead ([`operator_blocks`]).
 
     Every block is read into `pool`'s buffers, the weighted deltas summed in float32, checked for NaN/inf, the
     base added last, and the block rounded once to the base dtype and checked again (a coefficient too large
@@ -143,6 +147,8 @@ def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_value
     shape, dtype = tuple(source.shape(name)), source.dtype_name(name)
     storage, block_values = STORAGE_DTYPES[dtype], block_values or MERGE_BLOCK_VALUES
     active = [(vector, weight) for vector, weight in terms if weight != 0.0] if dtype in FLOAT_DTYPES else []
+    if operator is not None and not operator.is_task_arithmetic and active:
+        return operator_blocks(source, name, active, pool, block_values, operator)
 
     def blocks() -> Iterator[np.ndarray]:
         for start, stop in row_blocks(shape, block_values):
@@ -167,6 +173,61 @@ def merged_blocks(source, name: str, terms: Terms, pool: BufferPool, block_value
             yield merged
 
     return TensorBlocks(shape, dtype, blocks())
+
+
+def operator_blocks(source, name: str, active: Terms, pool: BufferPool, block_values: int, operator: MergeOperator) -> TensorBlocks:
+    """Tensor `name` of `source` plus op(Δ[name], w) for a merge `operator` (see [`dem_hf.merging.operators`]), as
+    [`TensorBlocks`] like [`merged_blocks`]: `active` holds the vectors that change `name` with their (non-zero)
+    weights for this tensor, wherever those came from.
+
+    DARE works block by block (each block's keep masks are those entries' draws, whatever the block size). TIES and
+    breadcrumbs rank each delta's magnitudes over the whole tensor: every vector's delta of this one tensor is read
+    whole first (LoRA ones formed as B·A·scaling for this module only), so memory peaks at about (vectors + 2) ×
+    this tensor in float32 per merge thread. Each raw delta is checked for NaN/inf; the base is added last and the
+    sum rounded once to the base dtype, as in task arithmetic.
+    """
+    shape, dtype = tuple(source.shape(name)), source.dtype_name(name)
+    storage, weights = STORAGE_DTYPES[dtype], [weight for _, weight in active]
+    row_values = math.prod(shape[1:]) if shape else 1
+    whole = None
+    if operator.whole_tensor:
+        rows = (0, shape[0] if shape else 1)
+        whole = operator.combine([delta_rows(vector, name, rows, np.zeros(shape, np.float32), pool) for vector, _ in active], weights)
+
+    def blocks() -> Iterator[np.ndarray]:
+        for start, stop in row_blocks(shape, block_values):
+            block_shape = (stop - start, *shape[1:]) if shape else ()
+            count = math.prod(block_shape)
+            if whole is not None:
+                combined = whole[start:stop] if shape else whole
+            else:
+                deltas = [
+                    delta_rows(vector, name, (start, stop), pool.take(f"operand{i}", np.float32, count).reshape(block_shape), pool)
+                    for i, (vector, _) in enumerate(active)
+                ]
+                masks = operator.keep_masks(name, [vector.name for vector, _ in active], start * row_values, block_shape)
+                combined = operator.combine(deltas, weights, masks)
+            base = source.read_array(name, start, stop, pool.take("base", storage, count))
+            if dtype == "BF16":
+                base = to_float32(base, dtype, out=pool.take("base32", np.float32, count).reshape(block_shape))
+            accumulator = np.add(combined, base, out=pool.take("accumulator", np.float32, count).reshape(block_shape), casting="same_kind")
+            merged = from_float32(accumulator, dtype, out=pool.take("out", storage, count).reshape(block_shape))
+            if not all_finite(merged, dtype, pool):
+                raise_for_non_finite_result(name, active, (start, stop), dtype, base)
+            yield merged
+
+    return TensorBlocks(shape, dtype, blocks())
+
+
+def delta_rows(vector: DistributionVector, name: str, rows: tuple[int, int], out: np.ndarray, pool: BufferPool) -> np.ndarray:
+    """Rows `rows` of `vector`'s delta for `name` as float32 in `out` (shaped like them): a LoRA block is formed as
+    B·A·scaling. Raises `ValueError` naming the vector when the delta has NaN or inf."""
+    out.fill(0.0)
+    vector.add_rows_to(out, name, 1.0, rows, pool)
+    if not np.isfinite(out).all():
+        vector.check_delta_finite(name, rows)
+        raise ValueError(f"Vector {vector.name!r} has NaN or infinite values in {name!r} (rows {rows[0]}:{rows[1]}); refusing to merge it.")
+    return out
 
 
 def row_blocks(shape: tuple[int, ...], block_values: int) -> Iterator[tuple[int, int]]:
@@ -204,9 +265,9 @@ def terms_for(name: str, terms: Terms) -> list[tuple[DistributionVector, float]]
     return [(vector, weight) for vector, weight in terms if vector.changes(name)]
 
 
-def apply_vectors_(model: torch.nn.Module, terms: Terms) -> torch.nn.Module:
-    """Add Σ w·Δ to an in-memory model's parameters, in place, with the streaming merge's arithmetic
-    ([`merged_blocks`]), so the result is bitwise what `DEMMerger.save_pretrained` writes.
+def apply_vectors_(model: torch.nn.Module, terms: Terms, operator: MergeOperator | None = None) -> torch.nn.Module:
+    """Add Σ w·Δ (or op(Δ, w) for a merge `operator`) to an in-memory model's parameters, in place, with the
+    streaming merge's arithmetic ([`merged_blocks`]), so the result is bitwise what `DEMMerger.save_pretrained` writes.
 
     Tied parameters are updated once. Tensors whose names no vector changes are left untouched.
     """
@@ -220,16 +281,19 @@ def apply_vectors_(model: torch.nn.Module, terms: Terms) -> torch.nn.Module:
             if not relevant:
                 continue
             block_values = MERGE_BLOCK_VALUES  # read once: the blocks and their row ranges must agree
-            merged = merged_blocks(source, name, relevant, pool, block_values)
+            merged = merged_blocks(source, name, relevant, pool, block_values, operator)
             for (start, stop), block in zip(row_blocks(merged.shape, block_values), merged.blocks):
                 rows = tensor if tensor.dim() == 0 else tensor[start:stop]
                 rows.copy_(to_torch(block, merged.dtype))  # the base rows were read before this block was formed
     return model
 
 
-def write_merged(base: CheckpointReader, terms: Terms, writer: ShardedWriter, workers: int | None = None) -> None:
-    """Stream θ + Σ w·Δ into `writer` (planned with the base's layout), tensor by tensor and block by block, on
-    `workers` threads (default `MERGE_WORKERS`), largest tensors first.
+def write_merged(
+    base: CheckpointReader, terms: Terms, writer: ShardedWriter, workers: int | None = None, operator: MergeOperator | None = None
+) -> None:
+    """Stream θ + Σ w·Δ (or θ + op(Δ, w) for a merge `operator`, see [`operator_blocks`]) into `writer` (planned
+    with the base's layout), tensor by tensor and block by block, on `workers` threads (default `MERGE_WORKERS`),
+    largest tensors first.
 
     Memory holds a few block buffers per thread, never a tensor or a shard. The first error stops the merge:
     tensors not yet started are cancelled, and the error is raised once the running ones end.
@@ -239,7 +303,7 @@ def write_merged(base: CheckpointReader, terms: Terms, writer: ShardedWriter, wo
     def merge_one(name: str) -> None:
         if not hasattr(local, "pool"):
             local.pool = BufferPool()
-        writer.add(name, merged_blocks(base, name, terms_for(name, terms), local.pool))
+        writer.add(name, merged_blocks(base, name, terms_for(name, terms), local.pool, operator=operator))
 
     workers = workers or MERGE_WORKERS
     names = sorted(base.keys(), key=lambda name: -math.prod(base.shape(name)))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import __version__
+from .operators import MERGE_METHODS, MergeOperator, check_merge_operator
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
@@ -113,6 +114,14 @@ class DEMConfig(JsonConfigMixin):
         vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector. `"source"`
             is the absolute path of the folder the vector was read from, or a Hub repo id with `"revision"` (a
             commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
+        merge_method: how the vectors' deltas of each tensor are combined (see [`dem_hf.merging.operators`]):
+            `"task_arithmetic"` (θ + Σ w_i Δ_i, the default; configs written before dem_hf had operators load as
+            it), `"ties"`, `"dare_linear"`, `"dare_ties"` or `"breadcrumbs"`. A streaming merge with `"ties"` or
+            `"breadcrumbs"` holds every vector's delta of one tensor at a time (about (vectors + 2) × the largest
+            tensor in float32 per merge thread); the others stream row blocks like task arithmetic.
+        density: fraction of each delta's entries kept, in (0, 1]; required by every method but task arithmetic.
+        gamma: fraction of the largest magnitudes `"breadcrumbs"` removes (default 0.01); only for breadcrumbs.
+        seed: seed of DARE's random drop (default 0); only for `"dare_linear"` and `"dare_ties"`.
         search_result: the last coefficient search (see [`SearchResult`]), if any.
         max_shard_size: cap per weight shard written by `save_pretrained`.
         dem_hf_version: version of dem_hf that wrote the config.
@@ -142,6 +151,17 @@ class DEMConfig(JsonConfigMixin):
     vectors: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "Description of each distribution vector, by name."}
     )
+    merge_method: str = field(
+        default="task_arithmetic",
+        metadata={"help": f"How each tensor's deltas are combined: one of {list(MERGE_METHODS)}."},
+    )
+    density: float | None = field(
+        default=None, metadata={"help": "Fraction of each delta's entries kept, in (0, 1] (all methods but task_arithmetic)."}
+    )
+    gamma: float | None = field(
+        default=None, metadata={"help": "breadcrumbs only: fraction of the largest magnitudes removed (default 0.01)."}
+    )
+    seed: int | None = field(default=None, metadata={"help": "dare_linear/dare_ties only: seed of the random drop (default 0)."})
     search_result: dict[str, Any] | None = field(default=None, metadata={"help": "The last coefficient search."})
     max_shard_size: str = field(default="2GB", metadata={"help": "Largest weight shard written by a merge."})
     dem_hf_version: str = field(default=__version__, metadata={"help": "dem_hf version that wrote this config."})
@@ -150,6 +170,12 @@ class DEMConfig(JsonConfigMixin):
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {self.weighting!r}; expected one of {list(WEIGHTINGS)}.")
         self.coefficients = check_coefficients(self.coefficients)
+        self.density, self.gamma, self.seed = check_merge_operator(self.merge_method, self.density, self.gamma, self.seed)
+
+    @property
+    def merge_operator(self) -> MergeOperator:
+        """The merge method and its parameters as a [`MergeOperator`] (validated again: fields may have been edited)."""
+        return MergeOperator(self.merge_method, self.density, self.gamma, self.seed)
 
 
 

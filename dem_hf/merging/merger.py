@@ -223,9 +223,9 @@ class DEMMerger:
         from transformers import AutoModelForCausalLM
 
         chosen = self.resolve_coefficients(coefficients)
-        terms = self._terms(chosen)
+        terms, operator = self._terms(chosen), self.config.merge_operator
         model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{"dtype": "auto", **model_kwargs})
-        apply_vectors_(model, terms)
+        apply_vectors_(model, terms, operator)
         self.config.coefficients = chosen
         return model
 
@@ -266,7 +266,7 @@ class DEMMerger:
         """
         if not isinstance(save_vectors, bool):
             raise ValueError(f"save_vectors must be True or False, got {save_vectors!r}.")
-        terms = self._terms(coefficients)
+        terms, operator = self._terms(coefficients), self.config.merge_operator
         self.config.coefficients = self.resolve_coefficients(coefficients)  # the merger now describes this folder
         check_output_directory(save_directory, overwrite)
         check_not_inside(
@@ -280,7 +280,7 @@ class DEMMerger:
             copy_base_files(self.base_folder, staging, skip=NOT_COPIED_FROM_BASE)
             layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
             writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout)
-            write_merged(self.base, terms, writer)
+            write_merged(self.base, terms, writer, operator=operator)
             writer.close()
             save_vector_folders(self.vectors, staging, save_vectors)
             self.config.save_pretrained(staging)
@@ -331,6 +331,8 @@ class DEMMerger:
             **tokenize_kwargs,
         )
         self.config.coefficients = dict(result.best_coefficients)
+        if result.best_density is not None:  # the density was searched too
+            self.config.density = result.best_density
         self.config.search_result = result.to_dict()
         return result
 

@@ -13,6 +13,7 @@ _EXPORTS = {
     "SearchResult": "run",
     "run_search": "run",
     "CandidateModel": "candidates",
+    "OperatorCandidateModel": "operator_candidates",
     "import_matplotlib": "plots",
     "plot_search": "plots",
 }

@@ -17,6 +17,7 @@ SEARCH_METRICS = ("perplexity", "log_perplexity", "relative_perplexity")
 LORA_MODES = ("auto", "adapter", "update")
 BAYESIAN_SAMPLERS = ("gp", "tpe")
 GRADIENT_OPTIMIZERS = ("lbfgs", "adam")
+DENSITY = "(density)"  # the density's name among a search's dimensions (no vector can be named so)
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|mlu|musa)(:\d+)?|auto")
 
 
@@ -98,6 +99,11 @@ class SearchConfig(JsonConfigMixin):
             once) for fast switching; default: when they fit in half the available memory.
         device: device to load the base model on when `DEMMerger.search` is given no model (`cpu`, `cuda`,
             `cuda:0`, `mps`, ..., or `auto`: an accelerator when there is one).
+        search_density: also search the merge operator's `density` (the merger's `DEMConfig.merge_method` must be
+            one that has a density) within `density_bounds`, as one more dimension of the grid (`grid_points`
+            values), random and bayesian strategies; the best density becomes `DEMConfig.density`. Not with
+            `strategy="gradient"` (the density is not differentiable).
+        density_bounds: `(low, high)` of the density search, within (0, 1].
 
     Example:
         ```python
@@ -148,6 +154,8 @@ class SearchConfig(JsonConfigMixin):
         default=None, metadata={"help": "Keep dense deltas in memory (default: when they fit in half the free RAM)."}
     )
     device: str | None = field(default=None, metadata={"help": "Device for the base model when none is given."})
+    search_density: bool = field(default=False, metadata={"help": "Also search the merge operator's density."})
+    density_bounds: Any = field(default=(0.1, 1.0), metadata={"help": "(low, high) of the density search, in (0, 1]."})
 
     def __post_init__(self) -> None:
         if self.strategy not in strategy_names():
@@ -191,6 +199,16 @@ class SearchConfig(JsonConfigMixin):
             raise ValueError(f"Unknown lora_mode {self.lora_mode!r}; expected one of {list(LORA_MODES)}.")
         _check_positive_int("seed", self.seed, minimum=0)
         check_device(self.device)
+        self._check_density_search()
+
+    def _check_density_search(self) -> None:
+        if not isinstance(self.search_density, bool):
+            raise ValueError(f"search_density must be True or False, got {self.search_density!r}.")
+        low, high = self.density_bounds = _check_bound_pair(" (density_bounds)", self.density_bounds)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"density_bounds must lie within (0, 1], got {(low, high)}.")
+        if self.search_density and self.strategy == "gradient":
+            raise ValueError("search_density=True needs strategy grid, random or bayesian: the density is not differentiable.")
 
     def _check_objective_weights(self) -> None:
         if self.objective == "weighted_mean" and not self.objective_weights:
@@ -217,6 +235,7 @@ class SearchConfig(JsonConfigMixin):
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if callable(self.objective):
             values["objective"] = f"callable:{getattr(self.objective, '__qualname__', repr(self.objective))}"
+        values["density_bounds"] = list(self.density_bounds)
         values["bounds"] = (
             {n: list(p) for n, p in self.bounds.items()} if isinstance(self.bounds, dict) else list(self.bounds)
         )

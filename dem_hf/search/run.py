@@ -29,7 +29,8 @@ from transformers.utils import logging
 from .. import __version__
 from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation
 from ..merging.config import check_coefficients
-from .config import SearchConfig
+from ..merging.operators import SIGN_ELECTION_METHODS
+from .config import DENSITY, SearchConfig
 from .registry import SEARCH_STRATEGIES, get_strategy, register_strategy
 from .strategies import Candidate, SearchProblem
 
@@ -57,6 +58,7 @@ class SearchResult:
         eval_sets: per validation set, `num_sequences`, `num_tokens` and `num_truncated`.
         weighting: the merger's weighting (`"sum"` or `"average"`).
         search_config: the [`SearchConfig`] used, as a dict.
+        best_density: the merge operator's density of the best candidate, when the density was searched.
 
     Saved in `dem_config.json` by `DEMMerger.save_pretrained`; `SearchResult.from_dict(merger.config.search_result)`
     brings it back.
@@ -82,6 +84,7 @@ class SearchResult:
     weighting: str = "sum"
     search_config: dict[str, Any] = field(default_factory=dict)
     dem_hf_version: str = __version__
+    best_density: float | None = None
 
     @property
     def best(self) -> Candidate:
@@ -148,8 +151,6 @@ def run_search(
     Everything cheap is validated before the model is loaded; the model's weights are restored exactly
     when the search ends, fails or is interrupted.
     """
-    from .candidates import CandidateModel
-
     config = search_config if search_config is not None else SearchConfig()
     if not isinstance(config, SearchConfig):
         raise ValueError(f"search_config must be a SearchConfig, got {type(config).__name__}.")
@@ -159,7 +160,7 @@ def run_search(
     vectors = [merger.vectors[n] for n in names]
     weighting = merger.config.weighting
     lora_mode = resolve_lora_mode(config)
-    with CandidateModel(model, merger.base, vectors, lora_mode=lora_mode, cache_deltas=config.cache_deltas) as switcher:
+    with candidate_model(merger, model, vectors, config, lora_mode) as switcher:
         problem = SearchProblem(switcher, eval_sets, config, names, bounds, initial, weighting, show_progress)
         start = time.perf_counter()
         try:
@@ -176,6 +177,7 @@ def run_search(
     logger.info(f"Best coefficients {best.coefficients}: {problem.objective.description} = {best.objective:.6g}")
     return SearchResult(
         best_coefficients=dict(best.coefficients),
+        best_density=best.density,
         best_objective=best.objective,
         objective=problem.objective.description,
         strategy=config.strategy,
@@ -191,6 +193,43 @@ def run_search(
         weighting=weighting,
         search_config=config.to_dict(),
     )
+
+
+def candidate_model(merger: DEMMerger, model: torch.nn.Module, vectors: list, config: SearchConfig, lora_mode: str):
+    """The in-place switcher: a `CandidateModel`, or an `OperatorCandidateModel` for a merge operator other than
+    task arithmetic (LoRA vectors then switched as dense deltas)."""
+    operator = merger.config.merge_operator
+    if operator.is_task_arithmetic:
+        from .candidates import CandidateModel
+
+        return CandidateModel(model, merger.base, vectors, lora_mode=lora_mode, cache_deltas=config.cache_deltas)
+    from .operator_candidates import OperatorCandidateModel
+
+    return OperatorCandidateModel(model, merger.base, vectors, operator)
+
+
+def check_operator_search(merger: DEMMerger, config: SearchConfig, bounds: dict, initial: dict) -> None:
+    """Refuse what a merge operator cannot search, and add the density dimension to `bounds` and `initial`."""
+    operator = merger.config.merge_operator
+    if config.search_density:
+        if operator.density is None:
+            raise ValueError(
+                f"search_density=True searches the merge operator's density, but merge_method={operator.method!r} has "
+                "none; set DEMConfig.merge_method to ties, dare_linear, dare_ties or breadcrumbs (with a density)."
+            )
+        low, high = config.density_bounds
+        bounds[DENSITY] = (low, high)
+        initial[DENSITY] = min(max(operator.density, low), high)
+    if operator.method in SIGN_ELECTION_METHODS and config.strategy == "gradient":
+        raise ValueError(
+            f"strategy='gradient' cannot search merge_method={operator.method!r}: its sign election is not "
+            "differentiable in the coefficients; use grid, random or bayesian."
+        )
+    if not operator.is_task_arithmetic and config.lora_mode == "adapter":
+        raise ValueError(
+            f"lora_mode='adapter' cannot apply merge_method={operator.method!r} (a sparsified delta has no low-rank "
+            "form); use lora_mode='update' or 'auto'."
+        )
 
 
 def resolve_lora_mode(config: SearchConfig) -> str:
@@ -236,6 +275,7 @@ def check_search_inputs(
     start = config.initial_coefficients or {}
     check_coefficients(start, known=names)
     initial = {n: min(max(float(start.get(n, merger.config.coefficients.get(n, 1.0))), lo), hi) for n, (lo, hi) in bounds.items()}
+    check_operator_search(merger, config, bounds, initial)
     return names, bounds, initial
 
 

@@ -26,7 +26,7 @@ from ..evaluation.perplexity import (
     PerplexityResult,
     compute_perplexities,
 )
-from .config import SearchConfig
+from .config import DENSITY, SearchConfig
 from .registry import register_strategy
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Candidate:
     seconds: float
     label: str = ""
     gradient: dict[str, float] | None = None
+    density: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -117,7 +118,8 @@ class SearchProblem:
 
     Attributes:
         vector_names: coefficient names, in order.
-        bounds: `{vector name: (low, high)}`.
+        dimensions: what a strategy chooses: the coefficients, and `DENSITY` when the density is searched too.
+        bounds: `{vector name: (low, high)}` (and `DENSITY`'s bounds).
         initial: a starting point inside the bounds (`config.initial_coefficients` or the merger's).
         config: the [`SearchConfig`].
     """
@@ -127,6 +129,8 @@ class SearchProblem:
                  weighting: str, show_progress: bool | None) -> None:
         self.candidates, self.eval_sets, self.config = candidates, eval_sets, config
         self.vector_names, self.bounds, self.initial, self.weighting = vector_names, bounds, initial, weighting
+        # The density first: a grid varies it slowest, so the sparsified deltas are rebuilt once per density.
+        self.dimensions = ([DENSITY] if DENSITY in bounds else []) + vector_names
         self.objective = Objective(config, list(eval_sets))
         self.records: list[Candidate] = []
         self.compute = 0.0
@@ -152,6 +156,8 @@ class SearchProblem:
             self.cache_hits += 1
             return self._cache[key].objective
         start = time.perf_counter()
+        if DENSITY in coefficients:
+            self.candidates.set_density(float(coefficients[DENSITY]))
         self.candidates.set_weights(weights)
         results = compute_perplexities(
             self.candidates.model, self.eval_sets, batch_size=self.config.batch_size, show_progress=False
@@ -188,7 +194,8 @@ class SearchProblem:
             weights = [w / total for w in omega]
         else:
             weights = omega
-        return tuple(round(w, 12) for w in weights), weights
+        density = (round(float(coefficients[DENSITY]), 12),) if DENSITY in coefficients else ()
+        return tuple(round(w, 12) for w in weights) + density, weights
 
     def _chain(self, coefficients: Mapping[str, float], d_weights: list[float]) -> list[float]:
         """∂/∂ω from ∂/∂w: identity for 'sum'; w = ω/Σω for 'average'."""
@@ -218,6 +225,7 @@ class SearchProblem:
             seconds=time.perf_counter() - start,
             label=label,
             gradient=gradient,
+            density=float(coefficients[DENSITY]) if DENSITY in coefficients else None,
         )
         if replace is not None:
             self.records.remove(replace)
@@ -238,13 +246,18 @@ class SearchProblem:
 
 
 def _grid_values(problem: SearchProblem) -> dict[str, list[float]]:
-    values = problem.config.grid_values
+    values, count = problem.config.grid_values, problem.config.grid_points
     if values is None:
-        count = problem.config.grid_points
-        return {
+        chosen = {
             n: sorted({lo + (hi - lo) * i / max(count - 1, 1) for i in range(count)}) for n, (lo, hi) in problem.bounds.items()
         }
-    return {n: list(values[n] if isinstance(values, dict) else values) for n in problem.vector_names}
+    else:
+        chosen = {n: list(values[n] if isinstance(values, dict) else values) for n in problem.vector_names}
+    if DENSITY in problem.bounds:
+        low, high = problem.bounds[DENSITY]
+        steps = [i / max(count - 1, 1) for i in range(count)]
+        chosen[DENSITY] = sorted({low * (1 - t) + high * t for t in steps})  # the bounds themselves at the ends
+    return chosen
 
 
 @register_strategy("grid")
@@ -253,8 +266,8 @@ def grid_search(problem: SearchProblem) -> None:
     consecutive candidates differ in one vector and a switch reads one delta)."""
     values = _grid_values(problem)
     problem.expect(math.prod(len(v) for v in values.values()))
-    for point in itertools.product(*(values[n] for n in problem.vector_names)):
-        problem.evaluate(dict(zip(problem.vector_names, point)), label="grid")
+    for point in itertools.product(*(values[n] for n in problem.dimensions)):
+        problem.evaluate(dict(zip(problem.dimensions, point)), label="grid")
 
 
 @register_strategy("random")
@@ -263,7 +276,7 @@ def random_search(problem: SearchProblem) -> None:
     rng = random.Random(problem.config.seed)
     problem.expect(problem.config.n_trials)
     for trial in range(problem.config.n_trials):
-        point = {n: rng.uniform(*problem.bounds[n]) for n in problem.vector_names}
+        point = {n: rng.uniform(*problem.bounds[n]) for n in problem.dimensions}
         problem.evaluate(point, label=f"random {trial}")
 
 
@@ -288,7 +301,7 @@ def bayesian_search(problem: SearchProblem) -> None:
         problem.expect(config.n_trials)
 
         def objective(trial) -> float:
-            point = {n: trial.suggest_float(n, *problem.bounds[n]) for n in problem.vector_names}
+            point = {n: trial.suggest_float(n, *problem.bounds[n]) for n in problem.dimensions}
             return problem.evaluate(point, label=f"trial {trial.number}")
 
         study.optimize(objective, n_trials=config.n_trials)

@@ -102,6 +102,7 @@ def template_context(
         "weighting": config.weighting,
         "weighting_formula": WEIGHTING_FORMULAS[config.weighting],
         "weighting_explanation": WEIGHTING_EXPLANATIONS[config.weighting],
+        "merge_method": config.merge_operator.describe(),
         "vector_rows": _vector_rows(config, facts, coefficients),
         "example_coefficients": _example_coefficients(coefficients),
         "search": _search_context(search, list(config.vectors)) if search is not None else None,

@@ -163,3 +163,173 @@ def test_lora_vectors_take_per_group_coefficients(base_dir):
     name0, name1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
     assert torch.equal(split[name1], flat[name1])
     assert not torch.equal(split[name0], flat[name0])
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+import random  # noqa: E402
+
+from dem_hf import SearchConfig  # noqa: E402
+from dem_hf.evaluation.perplexity import tokenize_for_evaluation  # noqa: E402
+from dem_hf.io.tensors import TensorDict  # noqa: E402
+from dem_hf.search import run as search_module  # noqa: E402
+from dem_hf.search.layerwise import split_holdout  # noqa: E402
+from dem_hf.search.registry import register_strategy  # noqa: E402
+
+from .conftest import make_tokenizer, save_model  # noqa: E402
+
+# The validation data is sampled from θ + 1.2·Δ on block 0 and θ + 0.2·Δ on block 1 (Δ unchanged elsewhere):
+# the vector helps block 0 and mostly hurts block 1, so no single coefficient is optimal.
+LAYER_OPTIMUM = {"embeddings": 1.0, "layer.0": 1.2, "layer.1": 0.2, "head": 1.0}
+
+
+def noise_vector(name: str, seed: int, scale: float = 0.15) -> DistributionVector:
+    state = untied_state_dict(make_llama(seed=0))
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {n: torch.randn(t.shape, generator=generator) * scale for n, t in state.items() if t.dtype.is_floating_point}
+    return DistributionVector(name, TensorDict(deltas))
+
+
+def lora_vector(name: str, seed: int) -> DistributionVector:
+    model = make_llama(seed=0)  # before seeding: make_llama seeds torch itself
+    torch.manual_seed(seed)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's random B is tiny: larger deltas give derivatives well above float32 noise
+        for param_name, param in peft_model.named_parameters():
+            if "lora_B" in param_name:
+                param.mul_(30.0)
+    return DistributionVector.from_peft(peft_model, name=name)
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("per_layer")
+    tokenizer = make_tokenizer()
+    base = save_model(make_llama(seed=0), tmp / "base", tokenizer)
+    vector = noise_vector("math", 1, scale=0.2)
+    target = make_llama(seed=0)
+    with torch.no_grad():
+        state = untied_state_dict(target)
+        for name in vector.target_names:
+            vector.add_to_(state[name], name, coefficient_for(LAYER_OPTIMUM, name))
+    torch.manual_seed(0)
+    ids = target.generate(torch.full((160, 1), 2), do_sample=True, top_k=0, max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+    sampled = tokenize_for_evaluation({"input_ids": ids.tolist()}, tokenizer)
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(60)}" for _ in range(rng.randint(3, 20))) for _ in range(12)]
+    return dict(base=base, vector=vector, sampled=sampled, texts=texts, tokenizer=tokenizer)
+
+
+def test_the_per_layer_gradient_search_finds_a_per_layer_optimum(layered):
+    """(b) block 0 wants 1.2 and block 1 wants 0.2; the per-vector optimum lies between, the per-layer fit finds both."""
+    merger = DEMMerger.from_pretrained(layered["base"], vectors=[layered["vector"]])
+    per_vector = merger.search(
+        {"math": layered["sampled"]},
+        SearchConfig(strategy="gradient", metric="log_perplexity", bounds=(0.0, 2.0), gradient_steps=12),
+        show_progress=False,
+    )
+    assert 0.3 < per_vector.best_coefficients["math"] < 1.1
+    config = SearchConfig(
+        strategy="gradient", granularity="layer", metric="log_perplexity", bounds=(0.0, 2.0), gradient_steps=60,
+        gradient_lr=0.08, holdout_fraction=0.0, layer_regularization=0.0,
+    )
+    result = merger.search({"math": layered["sampled"]}, config, show_progress=False)
+    best = result.best_coefficients["math"]
+    assert set(best) == set(LAYER_OPTIMUM)
+    assert best["layer.0"] == pytest.approx(1.2, abs=0.15)
+    assert best["layer.1"] == pytest.approx(0.2, abs=0.15)
+    assert result.best_objective < per_vector.best_objective
+    assert result.granularity == "layer"
+    assert merger.config.coefficients == result.best_coefficients  # merge() and save_pretrained() use them
+    assert "group" in result.per_group_table() and "layer.1" in result.per_group_table()
+
+
+@pytest.mark.parametrize("path", ["full", "lora-adapter"])
+@pytest.mark.parametrize("granularity,weighting", [("layer", "sum"), ("module", "sum"), ("layer", "average")])
+def test_every_per_group_gradient_matches_central_finite_differences(layered, path, granularity, weighting):
+    """(d) ∂ℓ/∂ω_{i,g} from one backward pass equals (ℓ(ω + h e) − ℓ(ω − h e)) / 2h for every vector and group."""
+    vectors = [noise_vector("math", 1), noise_vector("chat", 2)] if path == "full" else [lora_vector("math", 1), lora_vector("chat", 2)]
+    merger = DEMMerger.from_pretrained(layered["base"], vectors=vectors, config=DEMConfig(weighting=weighting))
+    h, seen = 1e-2, {}  # float32 losses: a smaller step drowns the difference in rounding
+
+    @register_strategy("per-group-fd")
+    def probe(problem):
+        rng = random.Random(0)
+        point = {n: rng.uniform(0.3, 1.2) for n in problem.parameter_names}
+        seen["names"] = problem.parameter_names
+        seen["grad"] = problem.value_and_grad(point)[1]
+        seen["fd"] = {
+            n: (problem.evaluate({**point, n: point[n] + h}) - problem.evaluate({**point, n: point[n] - h})) / (2 * h)
+            for n in point
+        }
+
+    sets = {"math": layered["sampled"], "chat": tokenize_for_evaluation(layered["texts"], layered["tokenizer"])}
+    try:
+        config = SearchConfig(strategy="per-group-fd", granularity=granularity, metric="log_perplexity", lora_mode="adapter")
+        merger.search(sets, config, show_progress=False)
+    finally:
+        search_module.SEARCH_STRATEGIES.pop("per-group-fd")
+    groups = {n.split(":", 1)[1] for n in seen["names"]}
+    expected = {("full", "layer"): 4, ("full", "module"): 8, ("lora-adapter", "layer"): 2, ("lora-adapter", "module"): 4}
+    assert len(seen["names"]) == 2 * len(groups) and len(groups) == expected[path, granularity]  # groups the vectors change
+    for name in seen["names"]:
+        assert seen["grad"][name] == pytest.approx(seen["fd"][name], rel=2e-2, abs=5e-4), name
+    assert max(abs(v) for v in seen["grad"].values()) > 3e-3  # a real check, not zeros against zeros
+
+
+def test_holdout_and_early_stopping_are_recorded(layered):
+    """(e) every step records its fit and held-out objective; the best held-out step wins; a fit that starts at the
+    optimum with a large step gets worse on the held-out data and stops after `early_stopping_patience` steps."""
+    merger = DEMMerger.from_pretrained(layered["base"], vectors=[layered["vector"]])
+    config = SearchConfig(
+        strategy="gradient", granularity="layer", metric="log_perplexity", gradient_steps=8, gradient_lr=0.05,
+        holdout_fraction=0.25, gradient_batch_sequences=16, initial_coefficients={"math": 0.7},
+    )
+    result = merger.search({"math": layered["sampled"]}, config, show_progress=False)
+    steps = result.candidates
+    assert all(c.fit_objective is not None and c.holdout_objective is not None for c in steps)
+    assert all(c.objective == c.holdout_objective for c in steps)
+    assert result.best.holdout_objective == min(c.holdout_objective for c in steps)
+    assert result.best_coefficients == result.best.coefficients
+    assert steps[0].coefficients["math"] == {g: 0.7 for g in LAYER_OPTIMUM}
+    # compute: a gradient on 16 of the 120 fit sequences (3 × its share of the tokens) + the 40 held-out ones (1 ×)
+    share = lambda n: n * 25 / (160 * 25)  # noqa: E731 -- every sampled sequence has 25 tokens, 24 scored
+    assert result.compute == pytest.approx(len(steps) * (3 * share(16) + share(40)), rel=1e-6)
+    table = result.table()
+    assert "fit" in table and "held-out" in table and "mean:math" in table
+
+    overfit = SearchConfig(
+        strategy="gradient", granularity="layer", metric="log_perplexity", gradient_steps=10, gradient_lr=0.6,
+        holdout_fraction=0.25, early_stopping_patience=1, initial_coefficients={"math": LAYER_OPTIMUM},
+    )
+    stopped = merger.search({"math": layered["sampled"]}, overfit, show_progress=False)
+    assert len(stopped.candidates) == 2
+    assert stopped.best is stopped.candidates[0]
+    assert stopped.candidates[1].holdout_objective > stopped.candidates[0].holdout_objective
+
+
+def test_the_holdout_split_is_by_sequence_seeded_and_disjoint(layered):
+    fit, held = split_holdout({"math": layered["sampled"]}, 0.25, seed=3)
+    again, _ = split_holdout({"math": layered["sampled"]}, 0.25, seed=3)
+    assert len(held["math"]) == 40 and len(fit["math"]) == 120
+    assert not set(fit["math"].example_indices) & set(held["math"].example_indices)
+    assert fit["math"].example_indices == again["math"].example_indices
+    assert split_holdout({"math": layered["sampled"]}, 0.0, seed=3)[1] == {}
+
+
+def test_a_per_group_search_result_merges_and_saves(tmp_path, layered):
+    merger = DEMMerger.from_pretrained(layered["base"], vectors=[layered["vector"]])
+    config = SearchConfig(strategy="gradient", granularity="module", gradient_steps=3, holdout_fraction=0.25)
+    result = merger.search({"math": layered["sampled"]}, config, show_progress=False)
+    in_memory = untied_state_dict(merger.merge())
+    merger.save_pretrained(tmp_path / "dem")
+    restored = DEMMerger.from_pretrained(tmp_path / "dem")
+    assert restored.config.coefficients == result.best_coefficients
+    assert restored.config.search_result["granularity"] == "module"
+    on_disk = saved_weights(tmp_path / "dem")
+    for name, tensor in in_memory.items():
+        assert torch.equal(on_disk[name], tensor), name
+    card = (tmp_path / "dem" / "README.md").read_text()
+    assert "Per-group coefficients" in card and "`layer.1.mlp`" in card
+    assert "coefficients_heatmap.png" in card and (tmp_path / "dem" / "coefficients_heatmap.png").is_file()

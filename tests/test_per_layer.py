@@ -333,3 +333,14 @@ def test_a_per_group_search_result_merges_and_saves(tmp_path, layered):
     card = (tmp_path / "dem" / "README.md").read_text()
     assert "Per-group coefficients" in card and "`layer.1.mlp`" in card
     assert "coefficients_heatmap.png" in card and (tmp_path / "dem" / "coefficients_heatmap.png").is_file()
+
+
+def test_a_per_group_search_plots_its_steps(tmp_path, layered):
+    from dem_hf.search.plots import plot_search
+
+    merger = DEMMerger.from_pretrained(layered["base"], vectors=[layered["vector"]])
+    config = SearchConfig(strategy="gradient", granularity="layer", gradient_steps=3, gradient_batch_sequences=8)
+    result = merger.search({"math": layered["sampled"]}, config, show_progress=False)
+    plot_search(merger.config.search_result, tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").stat().st_size > 0
+    assert len(result.candidates) <= 3

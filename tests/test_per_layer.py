@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from dem_hf import DEMConfig, DEMMerger, DistributionVector
-from dem_hf.io.tensors import untied_state_dict
+from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig
+from dem_hf.evaluation.perplexity import tokenize_for_evaluation
+from dem_hf.io.tensors import TensorDict, untied_state_dict
 from dem_hf.merging.groups import coefficient_for, group_names, tensor_group, tensor_groups
+from dem_hf.search import run as search_module
+from dem_hf.search.layerwise import split_holdout
+from dem_hf.search.registry import register_strategy
 
-from .conftest import make_llama
+from .conftest import make_llama, make_tokenizer, save_model
 
 LAYER_GROUPS = ["embeddings", "layer.0", "layer.1", "head"]
 
@@ -166,17 +171,6 @@ def test_lora_vectors_take_per_group_coefficients(base_dir):
 
 
 # ------------------------------------------------------------------------------------------------ search
-
-import random  # noqa: E402
-
-from dem_hf import SearchConfig  # noqa: E402
-from dem_hf.evaluation.perplexity import tokenize_for_evaluation  # noqa: E402
-from dem_hf.io.tensors import TensorDict  # noqa: E402
-from dem_hf.search import run as search_module  # noqa: E402
-from dem_hf.search.layerwise import split_holdout  # noqa: E402
-from dem_hf.search.registry import register_strategy  # noqa: E402
-
-from .conftest import make_tokenizer, save_model  # noqa: E402
 
 # The validation data is sampled from θ + 1.2·Δ on block 0 and θ + 0.2·Δ on block 1 (Δ unchanged elsewhere):
 # the vector helps block 0 and mostly hurts block 1, so no single coefficient is optimal.
@@ -344,3 +338,24 @@ def test_a_per_group_search_plots_its_steps(tmp_path, layered):
     plot_search(merger.config.search_result, tmp_path / "steps.png")
     assert (tmp_path / "steps.png").stat().st_size > 0
     assert len(result.candidates) <= 3
+
+
+def test_a_vector_search_after_a_per_group_one_starts_at_the_group_means(layered):
+    merger = DEMMerger.from_pretrained(layered["base"], vectors=[layered["vector"]])
+    merger.merge({"math": {"layer.0": 0.4, "layer.1": 0.8}})  # recorded: 0.4, 0.8 and 1.0 for embeddings and head by "*"
+    result = merger.search({"math": layered["sampled"]}, SearchConfig(strategy="gradient", gradient_steps=1), show_progress=False)
+    assert result.candidates[0].coefficients == {"math": pytest.approx(0.6)}
+
+
+def test_without_matplotlib_the_card_keeps_the_table_and_says_how_to_get_the_heat_map(tmp_path, base_dir, vector_dirs, monkeypatch):
+    monkeypatch.setattr("dem_hf.merging.card.context.has_matplotlib", lambda: False)
+    monkeypatch.setattr("dem_hf.merging.card.heatmap.has_matplotlib", lambda: False)
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[vector_dirs["math"]])
+    merger.save_pretrained(tmp_path / "dem", {"math": {"layer.0": 0.25, "*": 0.5}})
+    card = (tmp_path / "dem" / "README.md").read_text()
+    assert "| `layer.0` | 0.25 |" in card and "| other groups (`*`) | 0.5 |" in card
+    assert 'pip install "dem_hf[plot]"' in card and "coefficients_heatmap.png" not in card
+    assert not (tmp_path / "dem" / "coefficients_heatmap.png").exists()
+    plain = tmp_path / "plain"
+    merger.save_pretrained(plain, {"math": 0.5})
+    assert "Per-group coefficients" not in (plain / "README.md").read_text()

@@ -267,7 +267,8 @@ class DEMMerger:
         """Stream the merge into a standard Transformers folder, plus `dem_config.json` and a model card.
 
         The folder holds the base's config, generation config and tokenizer files, the merged weights as
-        size-capped safetensors shards with an index, `dem_config.json` and `README.md` (the model card of
+        size-capped safetensors shards with an index, `dem_config.json`, `coefficients_heatmap.png` when coefficients
+        are per group (and matplotlib is installed) and `README.md` (the model card of
         [`dem_hf.merging.card.render.build_model_card`]). It is built under a temporary name and moved into place only when
         complete.
 

@@ -43,12 +43,11 @@ def save_heatmap(coefficients: Mapping[str, Any], path: str | os.PathLike) -> Pa
     groups, vectors, values = coefficient_grid(coefficients)
     if not groups or not has_matplotlib():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, safe in threads
 
     figure = Figure(figsize=(1.6 + 1.1 * len(vectors), 1.2 + 0.35 * len(groups)), dpi=100)
+    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(values, aspect="auto", cmap="viridis")
     axes.set_xticks(range(len(vectors)), labels=vectors, rotation=30, ha="right")

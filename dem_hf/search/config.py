@@ -83,7 +83,8 @@ class SearchConfig(JsonConfigMixin):
         initial_coefficients: start of `"gradient"` and first trial of `"bayesian"`; default the merger's
             current coefficients, clipped into `bounds`.
         gradient_optimizer: `"lbfgs"` (SciPy's L-BFGS-B: quasi-Newton within the bounds) or `"adam"`
-            (projected Adam with a cosine-decayed step).
+            (projected Adam with a cosine-decayed step). At `"layer"`/`"module"` granularity the per-group fit
+            always takes projected Adam steps (its minibatch gradients are stochastic).
         gradient_steps: at most this many gradient evaluations (one forward + backward pass each).
         gradient_lr: Adam step size, in coefficient units.
         gradient_tolerance: stop when the objective improves by less than this, relatively (L-BFGS-B; also

@@ -35,7 +35,7 @@ from dem_hf import (
 from dem_hf.commands.cli import main
 from dem_hf.commands.push import push_saved_folder
 from dem_hf.io.shards import ShardedWriter
-from dem_hf.io.tensors import TensorDict
+from dem_hf.io.tensors import TensorDict, untied_state_dict
 from dem_hf.merging.card.render import build_model_card
 
 from .conftest import make_llama, perturbed, save_model
@@ -70,6 +70,16 @@ def _edited_merger(w, **fields) -> DEMMerger:
     for key, value in fields.items():
         setattr(edited.config, key, value)
     return edited
+def deep_merger(w, layers: int = 6) -> DEMMerger:
+    """A merger over a deeper base (more groups) with two in-memory noise vectors."""
+    model = make_llama(seed=0, num_hidden_layers=layers)
+    base = save_model(model, w["tmp"] / "deep_base")
+    generator = torch.Generator().manual_seed(0)
+    vectors = [
+        DistributionVector(name, TensorDict({n: torch.randn(t.shape, generator=generator) * 0.01 for n, t in untied_state_dict(model).items()}))
+        for name in ("math", "chat")
+    ]
+    return DEMMerger.from_pretrained(base, vectors=vectors)
 
 
 def nan_vector(w) -> DistributionVector:
@@ -420,6 +430,51 @@ CASES = {
     "density edited out of range before a merge": (
         lambda w: _edited_merger(w, merge_method="ties", density=2.0).merge(), ValueError, "density must be in (0, 1]",
     ),
+    # per-group coefficients (issue 16)
+    "per-group coefficients: unknown group": (
+        lambda w: merger(w).save_pretrained(w["out"], {"math": {"layer.7": 0.5}}), ValueError,
+        "Per-group coefficients for 'math' name unknown groups ['layer.7']; the groups are ['*', 'embeddings', 'layer.0'",
+    ),
+    "per-group coefficients: NaN for a group": (
+        lambda w: merger(w).merge({"math": {"layer.0": math.nan}}), ValueError, "'math[layer.0]' must be a finite number, got nan",
+    ),
+    "per-group coefficients: empty dict": (
+        lambda w: merger(w).save_pretrained(w["out"], {"chat": {}}), ValueError, "'chat' are an empty dict",
+    ),
+    "per-group coefficients: average weighting with a group summing to zero": (
+        lambda w: DEMMerger.from_pretrained(w["base"], vectors=list(w["vectors"].values()), config=DEMConfig(weighting="average"))
+        .save_pretrained(w["out"], {"math": {"layer.1": 1.0, "*": 1.0}, "chat": {"layer.1": -1.0, "*": 1.0}, "code": {"layer.1": 0.0}}),
+        ValueError, "sum of the coefficients",
+    ),
+    "per-group coefficients: dem_config.json from a newer schema": (
+        lambda w: DEMConfig(schema_version=3), ValueError, "schema_version 3, newer than this dem_hf reads (2)",
+    ),
+    "search per-group: per-group start for a vector-granularity search": (
+        lambda w: SearchConfig(strategy="gradient", initial_coefficients={"math": {"layer.0": 0.5}}), ValueError,
+        "initial_coefficients give per-group values for ['math'], but granularity='vector'",
+    ),
+    "search per-group: unknown group in the start": (
+        lambda w: merger(w).search({"math": ["w1 w2 w3"] * 4}, SearchConfig(
+            strategy="gradient", granularity="layer", initial_coefficients={"math": {"block.0": 0.5}})),
+        ValueError, "name unknown groups ['block.0']",
+    ),
+    "search per-group: too many coefficients for bayesian": (
+        lambda w: deep_merger(w).search({"math": ["w1 w2 w3"]}, SearchConfig(strategy="bayesian", granularity="module")),
+        ValueError, "would sample 40 coefficients (2 vectors × 20 groups), more than it handles (32); use strategy='gradient'",
+    ),
+    "search per-group: grid over per-group coefficients": (
+        lambda w: SearchConfig(granularity="module"), ValueError, "strategy='grid' cannot search granularity='module'",
+    ),
+    "search per-group: unknown granularity": (
+        lambda w: SearchConfig(strategy="gradient", granularity="block"), ValueError, "Unknown granularity 'block'",
+    ),
+    "search per-group: holdout_fraction of 1": (
+        lambda w: SearchConfig(strategy="gradient", holdout_fraction=1.0), ValueError, "holdout_fraction must be below 1",
+    ),
+    "search per-group: too few sequences to hold some out": (
+        lambda w: merger(w).search({"math": ["w1 w2 w3"]}, SearchConfig(strategy="gradient", granularity="layer")),
+        ValueError, "Validation set 'math' has 1 sequence(s): too few to hold out 25%",
+    ),
     "merger without vectors": (lambda w: DEMMerger.from_pretrained(w["base"]).merge(), ValueError, "no distribution vectors"),
     "base model folder does not exist": (lambda w: DEMMerger.from_pretrained(w["tmp"] / "no_base"), FileNotFoundError, "no_base"),
     "base folder without safetensors": (
@@ -622,7 +677,7 @@ def test_bad_input_is_refused_clearly_and_early(case, world, monkeypatch):
     writes = []
     monkeypatch.setattr(ShardedWriter, "add", lambda self, name, tensor: writes.append(name))
     monkeypatch.setattr(Trainer, "train", lambda self, *args, **kwargs: writes.append("a training run"))
-    if case.startswith("ablation"):
+    if case.startswith(("ablation", "search per-group")):
         monkeypatch.setattr(dem_hf.search.run, "load_search_model", lambda *args, **kwargs: writes.append("a model load"))
     with pytest.raises(error, match=re.escape(message)):
         call(world)

@@ -285,7 +285,7 @@ def test_cache_and_tokenise_once(world, monkeypatch):
         return original_forward(*args, **kwargs)
 
     monkeypatch.setattr(search_module, "tokenize_for_evaluation", counting_tokenize)
-    monkeypatch.setattr("dem_hf.search.strategies.compute_perplexities", counting_forward)
+    monkeypatch.setattr("dem_hf.search.problem.compute_perplexities", counting_forward)
 
     @register_strategy("repeat")
     def repeat(problem):

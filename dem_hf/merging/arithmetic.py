@@ -7,6 +7,10 @@ Nothing here opens files or builds models. Two engines compute the same sum:
   and the in-memory model are bitwise identical;
 - [`merge_tensor`], on torch tensors on any device: the exact re-anchoring of a coefficient search on GPU.
 
+A merge's weights are either one float per vector (`Terms`) or per tensor ([`TensorTerms`]: per-layer / per-module
+coefficients, looked up for each tensor by its group); [`terms_for`] gives the `(vector, weight)` pairs of one
+tensor either way, so the per-tensor arithmetic is the same and equal weights give bit-identical merges.
+
 Both do the same float32 operations in the same order, so they agree bit for bit: the weighted deltas are
 summed first (`w·Δ` rounded to float32, then added), the base is added last, and the result is rounded once
 to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the exact (float32) merge.
@@ -30,6 +34,7 @@ from ..io.reader import BufferPool, CheckpointReader, to_torch
 from ..io.shards import ShardedWriter, TensorBlocks
 from ..io.tensors import TensorDict, untied_state_dict
 from .config import WEIGHTINGS
+from .groups import Coefficient, coefficient_for
 from .operators import MergeOperator
 
 if TYPE_CHECKING:
@@ -69,6 +74,31 @@ def effective_weights(coefficients: dict[str, float], weighting: str = "sum") ->
     if abs(total) < 1e-12:
         raise ValueError(f"The 'average' weighting divides by the sum of the coefficients, which is 0: {coefficients}.")
     return {name: weight / total for name, weight in coefficients.items()}
+
+
+class TensorTerms:
+    """Weights that differ per tensor: each vector's coefficient is a number or a `{group: ω}` dict, resolved for
+    a tensor with `dem_hf.merging.groups.coefficient_for` and then weighted per tensor (so `"average"` normalises
+    over the vectors' coefficients of that tensor's group).
+
+    Args:
+        vectors: the vectors, in merge order.
+        coefficients: one coefficient per vector, in the same order.
+        weighting: `"sum"` or `"average"` (see [`effective_weights`]).
+    """
+
+    def __init__(self, vectors: Sequence[DistributionVector], coefficients: Sequence[Coefficient], weighting: str) -> None:
+        self.vectors, self.coefficients, self.weighting = list(vectors), list(coefficients), weighting
+
+    def weights(self, name: str) -> list[tuple[DistributionVector, float]]:
+        """`(vector, effective weight)` of every vector on tensor `name`."""
+        raw = {vector.name: coefficient_for(value, name) for vector, value in zip(self.vectors, self.coefficients)}
+        weights = effective_weights(raw, self.weighting)
+        return [(vector, weights[vector.name]) for vector in self.vectors]
+
+    def __iter__(self):
+        """`(vector, coefficient)` pairs, as a plain `Terms` list iterates (coefficients may be dicts)."""
+        return iter(zip(self.vectors, self.coefficients))
 
 
 def merge_tensor(base: torch.Tensor, name: str, terms: Terms) -> torch.Tensor:
@@ -260,12 +290,16 @@ def single_threaded(import_torch: bool = False) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def terms_for(name: str, terms: Terms) -> list[tuple[DistributionVector, float]]:
-    """The subset of `terms` whose vector changes tensor `name`."""
-    return [(vector, weight) for vector, weight in terms if vector.changes(name)]
+def terms_for(name: str, terms: Terms | TensorTerms) -> list[tuple[DistributionVector, float]]:
+    """The `(vector, weight)` pairs for tensor `name`: those of `terms` whose vector changes it (for
+    [`TensorTerms`], with each vector's weight on that tensor)."""
+    pairs = terms.weights(name) if isinstance(terms, TensorTerms) else terms
+    return [(vector, weight) for vector, weight in pairs if vector.changes(name)]
 
 
-def apply_vectors_(model: torch.nn.Module, terms: Terms, operator: MergeOperator | None = None) -> torch.nn.Module:
+def apply_vectors_(
+    model: torch.nn.Module, terms: Terms | TensorTerms, operator: MergeOperator | None = None
+) -> torch.nn.Module:
     """Add Σ w·Δ (or op(Δ, w) for a merge `operator`) to an in-memory model's parameters, in place, with the
     streaming merge's arithmetic ([`merged_blocks`]), so the result is bitwise what `DEMMerger.save_pretrained` writes.
 
@@ -289,11 +323,15 @@ def apply_vectors_(model: torch.nn.Module, terms: Terms, operator: MergeOperator
 
 
 def write_merged(
-    base: CheckpointReader, terms: Terms, writer: ShardedWriter, workers: int | None = None, operator: MergeOperator | None = None
+    base: CheckpointReader,
+    terms: Terms | TensorTerms,
+    writer: ShardedWriter,
+    workers: int | None = None,
+    operator: MergeOperator | None = None,
 ) -> None:
     """Stream θ + Σ w·Δ (or θ + op(Δ, w) for a merge `operator`, see [`operator_blocks`]) into `writer` (planned
     with the base's layout), tensor by tensor and block by block, on `workers` threads (default `MERGE_WORKERS`),
-    largest tensors first.
+    largest tensors first; each tensor's weights come from `terms` (per vector, or per group with [`TensorTerms`]).
 
     Memory holds a few block buffers per thread, never a tensor or a shard. The first error stops the merge:
     tensors not yet started are cancelled, and the error is raised once the running ones end.

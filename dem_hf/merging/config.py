@@ -22,6 +22,9 @@ from .operators import MERGE_METHODS, MergeOperator, check_merge_operator
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
 WEIGHTINGS = ("sum", "average")
+# Version of dem_config.json's layout. 1 (files without the key): one float per vector. 2: a vector's coefficient
+# may also be a {group: ω} dict (per-layer / per-module coefficients, see dem_hf.merging.groups).
+SCHEMA_VERSION = 2
 
 
 class JsonConfigMixin:
@@ -84,6 +87,34 @@ def check_coefficients(coefficients: dict[str, float], known: list[str] | None =
     return {name: _finite_number(name, weight) for name, weight in coefficients.items()}
 
 
+def check_any_coefficients(
+    coefficients: dict[str, Any], known: list[str] | None = None, groups: list[str] | None = None
+) -> dict[str, float | dict[str, float]]:
+    """Validate coefficients of any granularity: `{vector name: ω or {group: ω}}`.
+
+    A vector's coefficient is a number (checked as by [`check_coefficients`]) or a non-empty dict `{group: ω}` of
+    numbers (see `dem_hf.merging.groups.coefficient_for` for how a tensor finds its value). `known` restricts the
+    vector names and `groups` the group keys (when given; `[]` means the model has no groups at all).
+    """
+    if not isinstance(coefficients, dict):
+        raise ValueError(f"Expected coefficients as a dict {{vector name: weight}}, got {type(coefficients).__name__}.")
+    flat = check_coefficients({n: w for n, w in coefficients.items() if not isinstance(w, dict)}, known)
+    checked: dict[str, float | dict[str, float]] = {}
+    for name, weight in coefficients.items():
+        if not isinstance(weight, dict):
+            checked[name] = flat[name]
+            continue
+        if known is not None and name not in known:
+            raise ValueError(f"Coefficients name unknown vectors {[name]}; the vectors are {sorted(known)}.")
+        if not weight:
+            raise ValueError(f"Per-group coefficients for {name!r} are an empty dict; give {{group: weight}} or a number.")
+        if groups is not None and (unknown := sorted(set(weight) - set(groups))):
+            expected = f"the groups are {groups}" if groups else "this model has no transformer blocks, so no groups"
+            raise ValueError(f"Per-group coefficients for {name!r} name unknown groups {unknown}; {expected}.")
+        checked[name] = {group: _finite_number(f"{name}[{group}]", w) for group, w in weight.items()}
+    return checked
+
+
 def _finite_number(name: str, weight: Any) -> float:
     """`weight` as a Python float, unwrapping one-value NumPy/torch arrays (without importing either library)."""
     shape = getattr(weight, "shape", None)
@@ -110,7 +141,8 @@ class DEMConfig(JsonConfigMixin):
         weighting: `"sum"` for DEM's free weights θ + Σ ω_i Δ_i (task arithmetic), or `"average"` for
             the normalised convention θ + Σ (ω_i / Σω) Δ_i, i.e. the weighted parameter average of the
             fine-tuned models (the data-ablation convention).
-        coefficients: `{vector name: ω}` used by the last merge (or found by the search).
+        coefficients: `{vector name: ω}` used by the last merge (or found by the search); a vector's ω may be a
+            `{group: ω}` dict of per-layer / per-module coefficients (see `dem_hf.merging.groups`).
         vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector. `"source"`
             is the absolute path of the folder the vector was read from, or a Hub repo id with `"revision"` (a
             commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
@@ -125,6 +157,8 @@ class DEMConfig(JsonConfigMixin):
         search_result: the last coefficient search (see [`SearchResult`]), if any.
         max_shard_size: cap per weight shard written by `save_pretrained`.
         dem_hf_version: version of dem_hf that wrote the config.
+        schema_version: layout of this file: 2 (per-group coefficients allowed); files without it are version 1
+            (one float per vector) and load unchanged. A newer version is refused.
 
     Example:
         ```python
@@ -147,7 +181,9 @@ class DEMConfig(JsonConfigMixin):
         default="sum",
         metadata={"help": "'sum': θ + Σ ω_i Δ_i (DEM). 'average': weights normalised to sum to 1 (parameter average)."},
     )
-    coefficients: dict[str, float] = field(default_factory=dict, metadata={"help": "Merging weight per vector."})
+    coefficients: dict[str, float | dict[str, float]] = field(
+        default_factory=dict, metadata={"help": "Merging weight per vector, or {group: weight} per vector."}
+    )
     vectors: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "Description of each distribution vector, by name."}
     )
@@ -165,11 +201,20 @@ class DEMConfig(JsonConfigMixin):
     search_result: dict[str, Any] | None = field(default=None, metadata={"help": "The last coefficient search."})
     max_shard_size: str = field(default="2GB", metadata={"help": "Largest weight shard written by a merge."})
     dem_hf_version: str = field(default=__version__, metadata={"help": "dem_hf version that wrote this config."})
+    schema_version: int = field(default=SCHEMA_VERSION, metadata={"help": "Layout version of dem_config.json."})
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {self.weighting!r}; expected one of {list(WEIGHTINGS)}.")
-        self.coefficients = check_coefficients(self.coefficients)
+        if isinstance(self.schema_version, bool) or not isinstance(self.schema_version, int) or self.schema_version < 1:
+            raise ValueError(f"schema_version must be an integer >= 1, got {self.schema_version!r}.")
+        if self.schema_version > SCHEMA_VERSION:
+            raise ValueError(
+                f"This dem_config.json has schema_version {self.schema_version}, newer than this dem_hf reads "
+                f"({SCHEMA_VERSION}); upgrade dem_hf (this is {__version__})."
+            )
+        self.schema_version = SCHEMA_VERSION  # what save_pretrained writes
+        self.coefficients = check_any_coefficients(self.coefficients)
         self.density, self.gamma, self.seed = check_merge_operator(self.merge_method, self.density, self.gamma, self.seed)
 
     @property

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,9 +26,11 @@ from ..io.reader import CheckpointReader
 from ..io.shards import ShardedWriter
 from ..io.tensors import fingerprint
 from ..vectors.vector import DistributionVector
-from .arithmetic import apply_vectors_, effective_weights, write_merged
-from .card.render import CARD_NAME, render_model_card, save_card_text
-from .config import DEMConfig, check_coefficients
+from .arithmetic import TensorTerms, apply_vectors_, effective_weights, write_merged
+from .card.heatmap import HEATMAP_NAME, save_heatmap
+from .card.render import CARD_NAME, card_text_for_save, place_card
+from .config import DEMConfig, check_any_coefficients, check_coefficients
+from .groups import is_per_group, known_group_keys
 from .sources import (
     VECTORS_FOLDER,
     base_reference,
@@ -183,21 +184,43 @@ class DEMMerger:
 
     # ----------------------------------------------------------------------------------------- merging
 
-    def resolve_coefficients(self, coefficients: dict[str, float] | None = None) -> dict[str, float]:
-        """Validated coefficients for every vector: `coefficients` over the recorded ones."""
+    def resolve_coefficients(self, coefficients: dict | None = None) -> dict[str, float | dict[str, float]]:
+        """Validated coefficients for every vector: `coefficients` over the recorded ones.
+
+        A vector's coefficient is a number, or `{group: ω}` per transformer block / module group of the base
+        (keys from `group_keys`; groups not named take the `"*"` entry, else 1.0: see `dem_hf.merging.groups`).
+        """
         if not self.config.vectors:
             raise ValueError("The merger has no distribution vectors; add some with add_vector(...).")
         chosen = dict(self.config.coefficients)
         if coefficients is not None:
-            chosen.update(check_coefficients(coefficients, known=self.vector_names))
+            groups = self.group_keys if is_per_group(coefficients) else None
+            chosen.update(check_any_coefficients(coefficients, known=self.vector_names, groups=groups))
         missing = [name for name in self.vector_names if name not in self.vectors]
         if missing:
             raise ValueError(f"Vectors {missing} are recorded but not loaded; add them with add_vector(...) first.")
-        return {name: chosen.get(name, 1.0) for name in self.vector_names}
+        chosen = {name: chosen.get(name, 1.0) for name in self.vector_names}
+        if is_per_group(chosen):  # recorded ones too: a config may come from another base
+            check_any_coefficients(chosen, groups=self.group_keys)
+        return chosen
 
-    def _terms(self, coefficients: dict[str, float] | None) -> list[tuple[DistributionVector, float]]:
-        weights = effective_weights(self.resolve_coefficients(coefficients), self.config.weighting)
-        return [(self.vectors[name], weight) for name, weight in weights.items()]
+    @property
+    def group_keys(self) -> list[str]:
+        """The keys a per-group coefficient may use for this base: `"*"`, its blocks (`"layer.0"`, ...), their module
+        groups (`"layer.0.attention"`, ...), `"embeddings"` and `"head"` (see `dem_hf.merging.groups`)."""
+        if not hasattr(self, "_group_keys"):
+            self._group_keys = known_group_keys(self.base.keys())
+        return self._group_keys
+
+    def _terms(self, coefficients: dict | None) -> list[tuple[DistributionVector, float]] | TensorTerms:
+        resolved = self.resolve_coefficients(coefficients)
+        if not is_per_group(resolved):
+            weights = effective_weights(resolved, self.config.weighting)
+            return [(self.vectors[name], weight) for name, weight in weights.items()]
+        terms = TensorTerms([self.vectors[n] for n in resolved], list(resolved.values()), self.config.weighting)
+        for name in self.base.keys():  # every tensor's weights now: an undefined 'average' fails before any work
+            terms.weights(name)
+        return terms
 
     def merge(self, coefficients: dict[str, float] | None = None, **model_kwargs):
         """Load the base and return θ + Σ ω_i Δ_i as an in-memory `PreTrainedModel`.
@@ -209,7 +232,7 @@ class DEMMerger:
         folder restores them. A refused call records nothing.
 
         Args:
-            coefficients: `{vector name: ω}`; unnamed vectors keep their recorded coefficient.
+            coefficients: `{vector name: ω or {group: ω}}`; unnamed vectors keep their recorded coefficient.
             model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`).
 
         Example:
@@ -244,7 +267,8 @@ class DEMMerger:
         """Stream the merge into a standard Transformers folder, plus `dem_config.json` and a model card.
 
         The folder holds the base's config, generation config and tokenizer files, the merged weights as
-        size-capped safetensors shards with an index, `dem_config.json` and `README.md` (the model card of
+        size-capped safetensors shards with an index, `dem_config.json`, `coefficients_heatmap.png` when coefficients
+        are per group (and matplotlib is installed) and `README.md` (the model card of
         [`dem_hf.merging.card.render.build_model_card`]). It is built under a temporary name and moved into place only when
         complete.
 
@@ -275,7 +299,7 @@ class DEMMerger:
         )
         card_text = None
         if card:  # built before the merge, so that a bad card argument fails early
-            card_text = self._model_card(save_directory, save_vectors, regenerate_card, model_card_kwargs)
+            card_text = card_text_for_save(self, save_directory, save_vectors, regenerate_card, model_card_kwargs)
         with atomic_directory(save_directory, overwrite=overwrite) as staging:
             copy_base_files(self.base_folder, staging, skip=NOT_COPIED_FROM_BASE)
             layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
@@ -285,7 +309,8 @@ class DEMMerger:
             save_vector_folders(self.vectors, staging, save_vectors)
             self.config.save_pretrained(staging)
             if card:
-                self._write_card(staging, Path(save_directory), card_text)
+                place_card(staging, Path(save_directory), card_text)
+            save_heatmap(self.config.coefficients, staging / HEATMAP_NAME)  # per-group coefficients only
         return Path(save_directory)
 
     def search(
@@ -335,25 +360,6 @@ class DEMMerger:
             self.config.density = result.best_density
         self.config.search_result = result.to_dict()
         return result
-
-    def _model_card(self, save_directory, save_vectors: bool, regenerate: bool, card_kwargs: dict | None):
-        """The text of the card for `save_pretrained`; `None` when the folder's existing card is to be kept."""
-        existing = Path(save_directory) / CARD_NAME
-        if existing.is_file() and not regenerate:
-            return None
-        kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": save_vectors}
-        return render_model_card(self, **{**kwargs, **(card_kwargs or {})})
-
-    @staticmethod
-    def _write_card(staging: Path, target: Path, card_text: str | None) -> None:
-        if card_text is not None:
-            save_card_text(card_text, staging / CARD_NAME)
-            return
-        shutil.copy2(target / CARD_NAME, staging / CARD_NAME)
-        logger.warning(
-            f"Kept the existing {target / CARD_NAME} (it may describe an earlier merge); pass regenerate_card=True "
-            "to replace it with a generated card."
-        )
 
     def push_to_hub(
         self,

@@ -16,10 +16,15 @@ one candidate to the next without reloading or copying it:
   `(x @ L) * c @ R`, where `c` holds each rank's `w_i · scaling_i`: a candidate only rewrites `c`, and the
   weights are never touched. Mathematically this is the dense merge (exact up to float rounding).
 
+**Per-group weights.** With `groups` (e.g. one per transformer block, `dem_hf.merging.groups`) the weights are
+a (vectors × groups) matrix w_{i,g}: a dense tensor W of group g(W) moves by `W += Σ_i (w'_{i,g(W)} − w_{i,g(W)}) Δ_i`,
+and an adapter hook (one layer, so one group) takes its group's column as its scalings. With one group
+(`"vector"` granularity) this is the one-weight-per-vector switch.
+
 [`CandidateModel.restore`] copies each touched tensor back from the base checkpoint (bitwise exact) and
-removes the hooks. [`CandidateModel.loss_gradients`] gives ∂ℓ_s/∂w_i for every validation set `s`: by
-autograd through the hooks for adapter LoRA, and as ⟨∇_W ℓ_s, Δ_i⟩ for dense deltas, so one backward
-pass per set gives every coefficient's derivative.
+removes the hooks. [`CandidateModel.loss_gradients`] gives ∂ℓ_s/∂w_{i,g} for every validation set `s`: by
+autograd through the hooks for adapter LoRA, and as Σ_{W∈g} ⟨∇_W ℓ_s, Δ_i⟩ for dense deltas (tensor by tensor),
+so one backward pass per set gives every coefficient's derivative.
 """
 
 from __future__ import annotations
@@ -28,38 +33,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers.utils import logging
 
 from ..evaluation.perplexity import EvaluationSet, PerplexityResult, batch_nll
 from ..io.tensors import TensorSource, untied_state_dict
 from ..merging.arithmetic import merge_tensor
+from ..merging.groups import VECTOR_GROUP, group_names, tensor_group
 from ..vectors.config import LORA_A, LORA_B
 from ..vectors.vector import DistributionVector
+from .adapters import (
+    Adapter,
+    LowRank,
+    checked,
+    free_memory,
+    hookable,
+    parameters_by_storage,
+    storage_key,
+    weight_owners,
+)
 
 logger = logging.get_logger(__name__)
 
 RESYNC_EVERY = 64
 _HEAD = 64
-
-
-@dataclass
-class _LowRank:
-    a: torch.Tensor
-    b: torch.Tensor
-    scaling: float
-    transpose: bool
-
-    def add_to_(self, target: torch.Tensor, weight: float) -> None:
-        if self.transpose:
-            target.addmm_(self.a.T, self.b.T, alpha=weight * self.scaling)
-        else:
-            target.addmm_(self.b, self.a, alpha=weight * self.scaling)
-
-    def inner(self, grad: torch.Tensor) -> torch.Tensor:
-        """⟨grad, Δ⟩ without forming Δ: Σ (Bᵀ G) ⊙ A (with G transposed for transposed deltas)."""
-        g = grad.T if self.transpose else grad
-        return (self.b.T @ g * self.a).sum() * self.scaling
 
 
 @dataclass
@@ -69,59 +65,15 @@ class _Unit:
     name: str
     tensor: torch.Tensor
     dense: list[tuple[int, DistributionVector, torch.Tensor | None]] = field(default_factory=list)
-    low_rank: list[tuple[int, _LowRank]] = field(default_factory=list)
+    low_rank: list[tuple[int, LowRank]] = field(default_factory=list)
     master: torch.Tensor | None = None
     switches: int = 0
+    group: int = 0
 
     def delta(self, vector: DistributionVector, cached: torch.Tensor | None) -> torch.Tensor:
         if cached is not None:
             return cached
-        return _checked(vector, self.name, vector.tensors.get(self.name).to(self.tensor.device, torch.float32))
-
-
-class _Adapter:
-    """Forward hook adding Σ_i w_i · scaling_i · (x @ L_i) @ R_i to one layer's output.
-
-    The factors of all vectors on the layer are concatenated along the rank, so one pair of skinny matmuls
-    serves every vector. Outside autograd the per-rank scale is folded into `L` once per candidate and the
-    product is accumulated into the layer's fresh output in place (`addmm_`: no extra allocation).
-    """
-
-    def __init__(self, module: torch.nn.Module, embedding: bool, left, right, index, scaling) -> None:
-        self.embedding = embedding
-        self.left, self.right = left, right  # (in or num, R) and (R, out)
-        self.index, self.scaling = index, scaling  # (R,) vector index and LoRA scaling of each rank
-        self.scale: torch.Tensor | None = None
-        self.scaled_left: torch.Tensor | None = None
-        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
-
-    def set_weights(self, weights: torch.Tensor, *, keep_zero: bool = False) -> None:
-        """Scale of each rank from the vectors' weights; all-zero weights skip the layer unless `keep_zero`
-        (gradients at ω = 0 need the adapter in the graph)."""
-        rows = weights[self.index]
-        if not (keep_zero or bool((rows != 0).any())):
-            self.scale = self.scaled_left = None
-            return
-        self.scale = (rows * self.scaling).to(self.left.dtype)
-        self.scaled_left = None if self.scale.requires_grad else self.left * self.scale
-
-    def _hook(self, module, args, kwargs, output):
-        if self.scale is None:
-            return output
-        x = args[0] if args else kwargs["input"]
-        tracked = self.scaled_left is None  # the scale carries a gradient
-        left = self.left if tracked else self.scaled_left
-        if self.embedding:
-            hidden = F.embedding(x.reshape(-1), left)
-        else:
-            hidden = x.reshape(-1, x.shape[-1]).to(left.dtype) @ left
-        if tracked:
-            hidden = hidden * self.scale
-        flat = output.reshape(-1, output.shape[-1])
-        if tracked or torch.is_grad_enabled() or flat.dtype != hidden.dtype or flat.data_ptr() != output.data_ptr():
-            return torch.addmm(flat.to(hidden.dtype), hidden, self.right).to(output.dtype).view(output.shape)
-        flat.addmm_(hidden, self.right)  # the layer's own fresh output: accumulate in place
-        return output
+        return checked(vector, self.name, vector.tensors.get(self.name).to(self.tensor.device, torch.float32))
 
 
 class CandidateModel:
@@ -132,6 +84,9 @@ class CandidateModel:
         base: the base checkpoint (a tensor source), used to restore θ exactly.
         vectors: the distribution vectors, in coefficient order.
         lora_mode: `"adapter"` (hooks, no weight change) or `"update"` (LoRA deltas added to the weights).
+        granularity: `"vector"` (one weight per vector), `"layer"` or `"module"` (one per vector and group of
+            tensors; see `dem_hf.merging.groups`). The groups, in order, are `self.groups`: those of the tensors the
+            vectors change.
         cache_deltas: keep deltas in memory as float32; `None` caches when they fit in half the free memory.
 
     Use it as a context manager, or call [`~CandidateModel.restore`] when done.
@@ -152,16 +107,20 @@ class CandidateModel:
         *,
         lora_mode: str = "adapter",
         cache_deltas: bool | None = None,
+        granularity: str = "vector",
     ) -> None:
         self.model, self.base, self.vectors = model, base, list(vectors)
-        self.weights = [0.0] * len(self.vectors)
+        self.granularity = granularity
+        self.groups = group_names({n for v in self.vectors for n in v.target_names}, granularity) or [VECTOR_GROUP]
+        self._group_index = {g: i for i, g in enumerate(self.groups)}
+        self.weights = [[0.0] * len(self.groups) for _ in self.vectors]
         self.num_switches = 0
         state = untied_state_dict(model)
         self._check_is_base(state)
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
         modules = dict(model.named_modules())
-        owners = _weight_owners(modules)
-        self.adapters: list[_Adapter] = []
+        owners = weight_owners(modules)
+        self.adapters: list[Adapter] = []
         self.units: dict[str, _Unit] = {}
         plans: dict[str, list[tuple[int, DistributionVector]]] = {}
         for index, vector in enumerate(self.vectors):
@@ -169,7 +128,7 @@ class CandidateModel:
                 if name in vector.dense_names:
                     self._unit(name, state).dense.append((index, vector, None))
                 if name in vector.lora_modules:
-                    if lora_mode == "adapter" and _hookable(name, state, modules, owners):
+                    if lora_mode == "adapter" and hookable(name, state, modules, owners):
                         plans.setdefault(name, []).append((index, vector))
                     else:
                         self._unit(name, state).low_rank.append((index, self._factors(vector, name)))
@@ -199,16 +158,20 @@ class CandidateModel:
         if name not in self.units:
             tensor = state[name]
             master = tensor.to(torch.float32, copy=True) if tensor.dtype != torch.float32 else None
-            self.units[name] = _Unit(name, tensor, master=master)
+            self.units[name] = _Unit(name, tensor, master=master, group=self.group_of(name))
         return self.units[name]
 
-    def _factors(self, vector: DistributionVector, name: str) -> _LowRank:
-        a = _checked(vector, name + LORA_A, vector.tensors.get(name + LORA_A).to(self.device, torch.float32))
-        b = _checked(vector, name + LORA_B, vector.tensors.get(name + LORA_B).to(self.device, torch.float32))
-        module = vector.lora_modules[name]
-        return _LowRank(a, b, module.scaling, module.transpose)
+    def group_of(self, name: str) -> int:
+        """Index in `self.groups` of tensor `name`'s group."""
+        return self._group_index[tensor_group(name, self.granularity)]
 
-    def _adapter(self, name: str, terms: list[tuple[int, DistributionVector]], module: torch.nn.Module) -> _Adapter:
+    def _factors(self, vector: DistributionVector, name: str) -> LowRank:
+        a = checked(vector, name + LORA_A, vector.tensors.get(name + LORA_A).to(self.device, torch.float32))
+        b = checked(vector, name + LORA_B, vector.tensors.get(name + LORA_B).to(self.device, torch.float32))
+        module = vector.lora_modules[name]
+        return LowRank(a, b, module.scaling, module.transpose)
+
+    def _adapter(self, name: str, terms: list[tuple[int, DistributionVector]], module: torch.nn.Module) -> Adapter:
         dtype = module.weight.dtype
         lefts, rights, index, scaling = [], [], [], []
         for vector_index, vector in terms:
@@ -223,13 +186,14 @@ class CandidateModel:
             rights.append(right)
             index += [vector_index] * left.shape[1]
             scaling += [factors.scaling] * left.shape[1]
-        return _Adapter(
+        return Adapter(
             module,
             isinstance(module, torch.nn.Embedding),
             torch.cat(lefts, dim=1).to(dtype).contiguous(),
             torch.cat(rights, dim=0).to(dtype).contiguous(),
             torch.tensor(index, device=self.device),
             torch.tensor(scaling, device=self.device, dtype=torch.float32),
+            self.group_of(name),
         )
 
     def _cache_deltas(self, cache: bool | None) -> None:
@@ -243,7 +207,7 @@ class CandidateModel:
         if cache is None:
             count = len(pending) + sum(len(u.low_rank) for u in self.units.values())
             needed = sum(u.tensor.numel() * 4 for u in self.units.values()) * count // max(len(self.units), 1)
-            cache = needed <= _free_memory(self.device) // 2
+            cache = needed <= free_memory(self.device) // 2
             logger.info(f"{'Caching' if cache else 'Not caching'} ~{needed / 2**30:.2f} GiB of deltas in memory.")
         for unit, position, (index, vector, _) in pending:
             delta = unit.delta(vector, None)  # also checks for NaN/inf once
@@ -263,23 +227,38 @@ class CandidateModel:
         """Number of layers whose LoRA vectors run as adapters."""
         return len(self.adapters)
 
-    def set_weights(self, weights: Sequence[float]) -> None:
-        """Switch to θ + Σ weights[i] · Δ_i (effective weights, after any averaging), in place."""
-        if len(weights) != len(self.vectors):
-            raise ValueError(f"Expected {len(self.vectors)} weights, got {len(weights)}.")
-        new = [float(w) for w in weights]
-        changes = [n - o for n, o in zip(new, self.weights)]
-        if any(changes):
+    def set_weights(self, weights: Sequence[float] | Sequence[Sequence[float]]) -> None:
+        """Switch to θ + Σ w_{i,g(W)} Δ_i (effective weights, after any averaging), in place: `weights` holds one
+        number per vector (the same on every group) or, per vector, one number per group of `self.groups`."""
+        new = self._matrix(weights)
+        changes = [[n - o for n, o in zip(row, old)] for row, old in zip(new, self.weights)]
+        if any(any(row) for row in changes):
             with torch.no_grad():
                 for unit in self.units.values():
-                    self._switch_unit(unit, changes, new)
+                    self._switch_unit(unit, [row[unit.group] for row in changes], [row[unit.group] for row in new])
             weight_tensor = torch.tensor(new, device=self.device)
             for adapter in self.adapters:
                 adapter.set_weights(weight_tensor)
             self.num_switches += 1
         self.weights = new
 
+    def _matrix(self, weights) -> list[list[float]]:
+        if len(weights) != len(self.vectors):
+            raise ValueError(f"Expected {len(self.vectors)} weights (one per vector), got {len(weights)}.")
+        rows = []
+        for vector, row in zip(self.vectors, weights):
+            if isinstance(row, Sequence):
+                if len(row) != len(self.groups):
+                    raise ValueError(
+                        f"Expected {len(self.groups)} weights for vector {vector.name!r} (groups {self.groups}), got {len(row)}."
+                    )
+                rows.append([float(w) for w in row])
+            else:
+                rows.append([float(row)] * len(self.groups))
+        return rows
+
     def _switch_unit(self, unit: _Unit, changes: list[float], new: list[float]) -> None:
+        """Move one tensor by its group's weight changes (`changes[i]`, `new[i]`: vector i's, for this group)."""
         relevant = [i for i, _, _ in unit.dense] + [i for i, _ in unit.low_rank]
         if not any(changes[i] for i in relevant):
             return
@@ -316,7 +295,7 @@ class CandidateModel:
         for adapter in self.adapters:
             adapter.handle.remove()
         self.adapters = []
-        self.weights = [0.0] * len(self.vectors)
+        self.weights = [[0.0] * len(self.groups) for _ in self.vectors]
 
     def __enter__(self) -> CandidateModel:
         return self
@@ -329,22 +308,23 @@ class CandidateModel:
     def loss_gradients(
         self, eval_sets: Mapping[str, EvaluationSet], batch_size: int
     ) -> tuple[dict[str, PerplexityResult], dict[str, list[float]]]:
-        """Per-set results at the current weights and ∂ℓ_s/∂w_i (ℓ_s: mean NLL per token of set s).
+        """Per-set results at the current weights and ∂ℓ_s/∂w_{i,g} as `gradients[s][i][g]` (ℓ_s: mean NLL per token
+        of set s; one group, `[i][0]`, at `"vector"` granularity).
 
         One forward and one backward pass per batch. Dense deltas contribute ⟨∇_W ℓ_s, Δ_i⟩ (weight
         gradients are computed only for the tensors the vectors change); adapter LoRA contributes through
         autograd on the weights themselves.
         """
-        params = _parameters_by_storage(self.model)
+        params = parameters_by_storage(self.model)
         trainable = {name: p for name, p in self.model.named_parameters()}
         flags = {name: p.requires_grad for name, p in trainable.items()}
         grads_of = {}
         for name in self.units:
-            key = _storage_key(self.units[name].tensor)
+            key = storage_key(self.units[name].tensor)
             if key not in params:
                 raise ValueError(f"{name!r} is a buffer, not a parameter; the gradient strategy cannot differentiate it.")
             grads_of[name] = params[key]
-        weights = torch.tensor(self.weights, device=self.device, requires_grad=True)
+        weights = torch.tensor(self.weights, device=self.device, requires_grad=True)  # (vectors, groups)
         results, gradients = {}, {}
         modes = [(m, m.training) for m in self.model.modules()]
         try:
@@ -377,8 +357,11 @@ class CandidateModel:
                     adapter.set_weights(torch.tensor(self.weights, device=self.device))
         return results, gradients
 
-    def _collect(self, weights: torch.Tensor, grads_of: dict[str, torch.nn.Parameter]) -> list[float]:
-        total = weights.grad.double().clone() if weights.grad is not None else torch.zeros(len(self.vectors), dtype=torch.float64)
+    def _collect(self, weights: torch.Tensor, grads_of: dict[str, torch.nn.Parameter]) -> list[list[float]]:
+        """The (vectors × groups) gradient: the adapters' from autograd, plus Σ ⟨∇_W, Δ_i⟩ over each dense tensor W
+        added to its group's column, one tensor at a time."""
+        shape = (len(self.vectors), len(self.groups))
+        total = weights.grad.double().cpu().clone() if weights.grad is not None else torch.zeros(shape, dtype=torch.float64)
         weights.grad = None
         with torch.no_grad():
             for name, unit in self.units.items():
@@ -387,61 +370,10 @@ class CandidateModel:
                     continue
                 grad = grad.float()
                 for index, vector, cached in unit.dense:
-                    total[index] += float(torch.dot(grad.reshape(-1), unit.delta(vector, cached).reshape(-1)))
+                    total[index, unit.group] += float(torch.dot(grad.reshape(-1), unit.delta(vector, cached).reshape(-1)))
                 for index, factors in unit.low_rank:
-                    total[index] += float(factors.inner(grad))
+                    total[index, unit.group] += float(factors.inner(grad))
                 grads_of[name].grad = None
         return total.tolist()
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _checked(vector: DistributionVector, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"Vector {vector.name!r} has NaN or infinite values in {name!r}; refusing to merge it.")
-    return tensor
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
-
-
-def _parameters_by_storage(model: torch.nn.Module) -> dict[tuple, torch.nn.Parameter]:
-    return {_storage_key(p): p for p in model.parameters()}
-
-
-def _weight_owners(modules: dict[str, torch.nn.Module]) -> dict[tuple, int]:
-    """How many modules hold each weight tensor (tied weights are held by two)."""
-    owners: dict[tuple, int] = {}
-    for module in modules.values():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            key = _storage_key(weight)
-            owners[key] = owners.get(key, 0) + 1
-    return owners
-
-
-def _hookable(name: str, state, modules: dict[str, torch.nn.Module], owners: dict[tuple, int]) -> bool:
-    """Whether a LoRA delta on `name` can run as an adapter hook: the weight of a plain Linear, Conv1D or
-    Embedding layer, used by that layer alone (a tied weight also feeds another layer)."""
-    from transformers.pytorch_utils import Conv1D
-
-    module_name, _, attribute = name.rpartition(".")
-    module = modules.get(module_name)
-    if attribute != "weight" or module is None or type(module) not in (torch.nn.Linear, torch.nn.Embedding, Conv1D):
-        return False
-    if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
-        return False
-    key = _storage_key(module.weight)
-    return key == _storage_key(state[name]) and owners.get(key, 0) == 1
-
-
-def _free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover
-        return 1 << 62
-    return psutil.virtual_memory().available

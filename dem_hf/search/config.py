@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..merging.config import JsonConfigMixin, check_coefficients
+from ..merging.config import JsonConfigMixin, check_any_coefficients, check_coefficients
+from ..merging.groups import GRANULARITIES
 from .registry import strategy_names
 
 SEARCH_OBJECTIVES = ("mean", "weighted_mean", "max")
@@ -18,6 +19,9 @@ LORA_MODES = ("auto", "adapter", "update")
 BAYESIAN_SAMPLERS = ("gp", "tpe")
 GRADIENT_OPTIMIZERS = ("lbfgs", "adam")
 DENSITY = "(density)"  # the density's name among a search's dimensions (no vector can be named so)
+# Most parameters (vectors × groups) the random and bayesian strategies accept: beyond this, sampling a box of
+# that many dimensions with a few dozen trials finds little (and Optuna's GP slows down); use "gradient".
+MAX_SAMPLED_PARAMETERS = 32
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|mlu|musa)(:\d+)?|auto")
 
 
@@ -80,7 +84,8 @@ class SearchConfig(JsonConfigMixin):
         initial_coefficients: start of `"gradient"` and first trial of `"bayesian"`; default the merger's
             current coefficients, clipped into `bounds`.
         gradient_optimizer: `"lbfgs"` (SciPy's L-BFGS-B: quasi-Newton within the bounds) or `"adam"`
-            (projected Adam with a cosine-decayed step).
+            (projected Adam with a cosine-decayed step). At `"layer"`/`"module"` granularity the per-group fit
+            always takes projected Adam steps (its minibatch gradients are stochastic).
         gradient_steps: at most this many gradient evaluations (one forward + backward pass each).
         gradient_lr: Adam step size, in coefficient units.
         gradient_tolerance: stop when the objective improves by less than this, relatively (L-BFGS-B; also
@@ -104,6 +109,22 @@ class SearchConfig(JsonConfigMixin):
             values), random and bayesian strategies; the best density becomes `DEMConfig.density`. Not with
             `strategy="gradient"` (the density is not differentiable).
         density_bounds: `(low, high)` of the density search, within (0, 1].
+        granularity: `"vector"` (one ω per vector, default), `"layer"` (one per vector and transformer block, plus
+            `embeddings` and `head`) or `"module"` (per block: attention, mlp, norm); see `dem_hf.merging.groups`.
+            The best coefficients are then `{vector: {group: ω}}`. Per-group search suits `strategy="gradient"`
+            (one backward pass gives every ω_{i,g}); `random` and `bayesian` accept at most
+            `MAX_SAMPLED_PARAMETERS` (32) vectors × groups, and `grid` none. The fit starts from
+            `initial_coefficients`, else the merger's current coefficients (a per-vector ω on each of its groups):
+            run a `"vector"` search first to start from the per-vector optimum (it records its best in the merger).
+        layer_regularization: weight λ of the penalty λ·Σ_{i,g} (ω_{i,g} − ω⁰_{i,g})² pulling the per-group fit
+            toward its start ω⁰ (added to the objective the fit minimises; not to the recorded objectives).
+        holdout_fraction: share of each validation set's sequences (split by sequence, seeded with `seed`) kept
+            out of the per-group fit to score every step; the result keeps the step with the best held-out
+            objective, and stops after `early_stopping_patience` steps without improvement. `0` fits on everything
+            and keeps the best fit objective (no early stopping).
+        gradient_batch_sequences: sequences per validation set in each stochastic step of the per-group fit (drawn
+            without replacement from the fit part, seeded); `None` uses all of them (full-batch steps).
+        early_stopping_patience: steps of the per-group fit without a better held-out objective before it stops.
 
     Example:
         ```python
@@ -156,6 +177,21 @@ class SearchConfig(JsonConfigMixin):
     device: str | None = field(default=None, metadata={"help": "Device for the base model when none is given."})
     search_density: bool = field(default=False, metadata={"help": "Also search the merge operator's density."})
     density_bounds: Any = field(default=(0.1, 1.0), metadata={"help": "(low, high) of the density search, in (0, 1]."})
+    granularity: str = field(
+        default="vector", metadata={"help": "One coefficient per vector, per vector and layer, or per module group."}
+    )
+    layer_regularization: float = field(
+        default=1e-3, metadata={"help": "L2 pull of per-group coefficients toward their start (gradient fit)."}
+    )
+    holdout_fraction: float = field(
+        default=0.25, metadata={"help": "Share of validation sequences held out to stop the per-group fit early."}
+    )
+    gradient_batch_sequences: int | None = field(
+        default=None, metadata={"help": "Sequences per set in each stochastic step of the per-group fit (None: all)."}
+    )
+    early_stopping_patience: int = field(
+        default=5, metadata={"help": "Per-group fit steps without a better held-out objective before stopping."}
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in strategy_names():
@@ -179,8 +215,7 @@ class SearchConfig(JsonConfigMixin):
                 self.grid_values = {name: _check_values(f" for {name!r}", v) for name, v in self.grid_values.items()}
             else:
                 self.grid_values = _check_values("", self.grid_values)
-        if self.initial_coefficients is not None:
-            self.initial_coefficients = check_coefficients(self.initial_coefficients)
+        self._check_granularity()
         for name in ("grid_points", "n_trials", "gradient_steps", "batch_size"):
             _check_positive_int(name, getattr(self, name))
         if self.max_length is not None:
@@ -209,6 +244,32 @@ class SearchConfig(JsonConfigMixin):
             raise ValueError(f"density_bounds must lie within (0, 1], got {(low, high)}.")
         if self.search_density and self.strategy == "gradient":
             raise ValueError("search_density=True needs strategy grid, random or bayesian: the density is not differentiable.")
+
+    def _check_granularity(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Unknown granularity {self.granularity!r}; expected one of {list(GRANULARITIES)}.")
+        if self.initial_coefficients is not None:
+            self.initial_coefficients = check_any_coefficients(self.initial_coefficients)
+            grouped = sorted(n for n, v in self.initial_coefficients.items() if isinstance(v, dict))
+            if grouped and self.granularity == "vector":
+                raise ValueError(
+                    f"initial_coefficients give per-group values for {grouped}, but granularity='vector' searches one "
+                    "number per vector; pass numbers, or granularity='layer' / 'module'."
+                )
+        if self.granularity != "vector" and self.strategy == "grid":
+            raise ValueError(
+                f"strategy='grid' cannot search granularity={self.granularity!r}: its product grid has grid_points ** "
+                "(vectors × groups) candidates; use strategy='gradient' (or random / bayesian for a few groups)."
+            )
+        for name in ("layer_regularization", "holdout_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.holdout_fraction >= 1:
+            raise ValueError(f"holdout_fraction must be below 1 (some sequences must be fitted), got {self.holdout_fraction!r}.")
+        if self.gradient_batch_sequences is not None:
+            _check_positive_int("gradient_batch_sequences", self.gradient_batch_sequences)
+        _check_positive_int("early_stopping_patience", self.early_stopping_patience)
 
     def _check_objective_weights(self) -> None:
         if self.objective == "weighted_mean" and not self.objective_weights:

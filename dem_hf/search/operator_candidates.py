@@ -66,7 +66,7 @@ class OperatorCandidateModel(CandidateModel):
         self._sparsify()
         with torch.no_grad():
             for unit in self.units.values():
-                self._resync(unit, self.weights)
+                self._resync(unit, [row[unit.group] for row in self.weights])
 
     def _sparsify(self) -> None:
         for name, terms in self.raw.items():

@@ -63,7 +63,9 @@ def plot_search(result: SearchResult | Mapping[str, Any], path: str | os.PathLik
     figure = Figure(figsize=(7.5, 5.5) if len(names) < 3 else (max(7.5, 1.6 * (len(names) + 1)), 5.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    if len(names) == 1:
+    if any(c.fit_objective is not None for c in candidates):  # the per-group fit: objectives per step
+        _steps(axes, candidates, result)
+    elif len(names) == 1:
         _line(axes, candidates, names[0], result)
     elif len(names) == 2:
         _heat_map(figure, axes, candidates, names, result)
@@ -74,6 +76,19 @@ def plot_search(result: SearchResult | Mapping[str, Any], path: str | os.PathLik
     if path is not None:
         write_file_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=120), binary=True)
     return figure
+
+
+def _steps(axes, candidates, result) -> None:
+    """The per-group gradient fit, step by step: fit and held-out objectives (overfitting shows as a gap)."""
+    steps = range(len(candidates))
+    axes.plot(steps, [c.fit_objective for c in candidates], "o-", markersize=3, label="fit (minibatch)")
+    if any(c.holdout_objective is not None for c in candidates):
+        axes.plot(steps, [c.holdout_objective for c in candidates], "s-", markersize=3, label="held-out")
+    best = min(steps, key=lambda i: candidates[i].objective)
+    axes.plot([best], [candidates[best].objective], "*", color=BEST_COLOR, markersize=14, label="best (kept)")
+    axes.set_xlabel(f"step ({result.granularity} granularity)")
+    axes.set_ylabel("objective")
+    axes.legend()
 
 
 def _line(axes, candidates, name: str, result) -> None:

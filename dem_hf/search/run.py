@@ -28,11 +28,12 @@ from transformers.utils import logging
 
 from .. import __version__
 from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation
-from ..merging.config import check_coefficients
+from ..merging.config import check_any_coefficients
+from ..merging.groups import group_names, mean_coefficient
 from ..merging.operators import SIGN_ELECTION_METHODS
-from .config import DENSITY, SearchConfig
+from .config import DENSITY, MAX_SAMPLED_PARAMETERS, SearchConfig
+from .problem import Candidate, SearchProblem
 from .registry import SEARCH_STRATEGIES, get_strategy, register_strategy
-from .strategies import Candidate, SearchProblem
 
 if TYPE_CHECKING:
     from ..merging.merger import DEMMerger
@@ -46,7 +47,8 @@ class SearchResult:
     """What a coefficient search found, and everything it evaluated on the way.
 
     Args:
-        best_coefficients: the coefficients ω with the lowest objective.
+        best_coefficients: the coefficients ω with the lowest objective: `{vector: ω}`, or `{vector: {group: ω}}`
+            at `"layer"`/`"module"` granularity (the step with the best held-out objective of the per-group fit).
         best_objective: that objective's value.
         objective: the objective in words, e.g. `"mean log_perplexity over ['chat', 'math']"`.
         strategy: the strategy's name.
@@ -59,6 +61,7 @@ class SearchResult:
         weighting: the merger's weighting (`"sum"` or `"average"`).
         search_config: the [`SearchConfig`] used, as a dict.
         best_density: the merge operator's density of the best candidate, when the density was searched.
+        granularity: `"vector"`, `"layer"` or `"module"`.
 
     Saved in `dem_config.json` by `DEMMerger.save_pretrained`; `SearchResult.from_dict(merger.config.search_result)`
     brings it back.
@@ -85,6 +88,7 @@ class SearchResult:
     search_config: dict[str, Any] = field(default_factory=dict)
     dem_hf_version: str = __version__
     best_density: float | None = None
+    granularity: str = "vector"
 
     @property
     def best(self) -> Candidate:
@@ -107,10 +111,14 @@ class SearchResult:
         shown = rows if top is None or top <= 0 else rows[:top]
         vectors = list(self.best_coefficients)
         sets = list(self.eval_sets) or (list(shown[0].perplexities) if shown else [])
-        header = ["#", *vectors, "objective", *(f"ppl:{s}" for s in sets)]
+        split = any(c.fit_objective is not None for c in self.candidates)  # the per-group fit: fit and held-out
+        grouped = any(isinstance(v, Mapping) for v in self.best_coefficients.values())
+        header = ["#", *(f"mean:{v}" if grouped else v for v in vectors), "objective",
+                  *(["fit", "held-out"] if split else []), *(f"ppl:{s}" for s in sets)]
         order = {id(c): i for i, c in enumerate(self.candidates)}
         body = [
-            [str(order[id(c)]), *(f"{c.coefficients[v]:.4g}" for v in vectors), f"{c.objective:.6g}",
+            [str(order[id(c)]), *(f"{mean_coefficient(c.coefficients[v]):.4g}" for v in vectors), f"{c.objective:.6g}",
+             *([_cell(c.fit_objective), _cell(c.holdout_objective)] if split else []),
              *(f"{c.perplexities.get(s, math.nan):.4f}" for s in sets)]
             for c in shown
         ]
@@ -120,17 +128,50 @@ class SearchResult:
             lines.append(f"({len(rows) - len(shown)} more candidates not shown)")
         return "\n".join(lines)
 
+    def per_group_table(self) -> str:
+        """The best per-group coefficients as text, a row per group and a column per vector ("" at "vector"
+        granularity)."""
+        groups = list(dict.fromkeys(g for v in self.best_coefficients.values() if isinstance(v, Mapping) for g in v))
+        if not groups:
+            return ""
+        vectors = list(self.best_coefficients)
+        rows = [["group", *vectors]] + [
+            [g, *(f"{_value(self.best_coefficients[v], g):.4g}" for v in vectors)] for g in groups
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
     def to_pandas(self):
         """The candidates as a `pandas.DataFrame`: one column per coefficient, objective, perplexities."""
         import pandas as pd
 
         return pd.DataFrame(
             [
-                {**c.coefficients, "objective": c.objective, **{f"ppl:{k}": v for k, v in c.perplexities.items()},
+                {**_flat(c.coefficients), "objective": c.objective, "fit_objective": c.fit_objective,
+                 "holdout_objective": c.holdout_objective, **{f"ppl:{k}": v for k, v in c.perplexities.items()},
                  "label": c.label}
                 for c in self.candidates
             ]
         )
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _value(coefficient: Any, group: str) -> float:
+    return coefficient[group] if isinstance(coefficient, Mapping) else coefficient
+
+
+def _flat(coefficients: Mapping[str, Any]) -> dict[str, float]:
+    """`{vector: ω}` as it is, `{vector: {group: ω}}` as `{"vector:group": ω}` columns."""
+    flat = {}
+    for name, value in coefficients.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}:{group}": w for group, w in value.items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -156,6 +197,10 @@ def run_search(
         raise ValueError(f"search_config must be a SearchConfig, got {type(config).__name__}.")
     names, bounds, initial = check_search_inputs(merger, eval_datasets, config)
     eval_sets = prepare_eval_sets(merger, eval_datasets, config, tokenizer, model, tokenize_kwargs)
+    if config.granularity != "vector" and config.strategy == "gradient":
+        from .layerwise import split_holdout
+
+        split_holdout(eval_sets, config.holdout_fraction, config.seed)  # too few sequences: refused before loading
     model = model if model is not None else load_search_model(merger, config)
     vectors = [merger.vectors[n] for n in names]
     weighting = merger.config.weighting
@@ -192,6 +237,7 @@ def run_search(
         },
         weighting=weighting,
         search_config=config.to_dict(),
+        granularity=config.granularity,
     )
 
 
@@ -202,7 +248,9 @@ def candidate_model(merger: DEMMerger, model: torch.nn.Module, vectors: list, co
     if operator.is_task_arithmetic:
         from .candidates import CandidateModel
 
-        return CandidateModel(model, merger.base, vectors, lora_mode=lora_mode, cache_deltas=config.cache_deltas)
+        return CandidateModel(
+            model, merger.base, vectors, lora_mode=lora_mode, cache_deltas=config.cache_deltas, granularity=config.granularity
+        )
     from .operator_candidates import OperatorCandidateModel
 
     return OperatorCandidateModel(model, merger.base, vectors, operator)
@@ -211,6 +259,13 @@ def candidate_model(merger: DEMMerger, model: torch.nn.Module, vectors: list, co
 def check_operator_search(merger: DEMMerger, config: SearchConfig, bounds: dict, initial: dict) -> None:
     """Refuse what a merge operator cannot search, and add the density dimension to `bounds` and `initial`."""
     operator = merger.config.merge_operator
+    if not operator.is_task_arithmetic and config.granularity != "vector":
+        raise ValueError(
+            f"A search at granularity={config.granularity!r} switches coefficients per group with task arithmetic; "
+            f"merge_method={operator.method!r} is searched per vector only. Search per group with "
+            "merge_method='task_arithmetic' (per-group coefficients then merge with any operator), or use "
+            "granularity='vector'."
+        )
     if config.search_density:
         if operator.density is None:
             raise ValueError(
@@ -245,8 +300,9 @@ def resolve_lora_mode(config: SearchConfig) -> str:
 
 def check_search_inputs(
     merger: DEMMerger, eval_datasets: Any, config: SearchConfig
-) -> tuple[list[str], dict[str, tuple[float, float]], dict[str, float]]:
-    """Validate names against the merger's vectors; return the vector names, per-vector bounds and a start.
+) -> tuple[list[str], dict[str, tuple[float, float]], dict[str, Any]]:
+    """Validate names against the merger's vectors; return the vector names, per-vector bounds and a start (per
+    vector a number, or `{group: ω}` at `"layer"`/`"module"` granularity, clipped into the bounds later).
 
     Every validation set must be named after a vector (so a typo cannot silently add a set to the
     objective) unless `config.allow_extra_eval_sets` is set or `config.objective_weights` names the sets.
@@ -273,10 +329,27 @@ def check_search_inputs(
     if isinstance(config.grid_values, dict):
         _per_vector(config.grid_values, names, "grid_values")
     start = config.initial_coefficients or {}
-    check_coefficients(start, known=names)
-    initial = {n: min(max(float(start.get(n, merger.config.coefficients.get(n, 1.0))), lo), hi) for n, (lo, hi) in bounds.items()}
+    check_any_coefficients(start, known=names, groups=merger.group_keys if config.granularity != "vector" else None)
+    chosen = {n: start.get(n, merger.config.coefficients.get(n, 1.0)) for n in names}
+    if config.granularity == "vector":  # a per-group recorded coefficient starts a per-vector search at its mean
+        initial = {n: min(max(mean_coefficient(chosen[n]), lo), hi) for n, (lo, hi) in bounds.items()}
+    else:
+        initial = chosen
+        _check_dimension(merger, names, config)
     check_operator_search(merger, config, bounds, initial)
     return names, bounds, initial
+
+
+def _check_dimension(merger: DEMMerger, names: list[str], config: SearchConfig) -> None:
+    """The groups exist (the base has transformer blocks) and sampling strategies get few enough parameters."""
+    changed = {tensor for n in names for tensor in merger.vectors[n].target_names}
+    count = len(names) * len(group_names(changed, config.granularity))
+    if config.strategy in ("random", "bayesian") and count > MAX_SAMPLED_PARAMETERS:
+        raise ValueError(
+            f"strategy={config.strategy!r} at granularity={config.granularity!r} would sample {count} coefficients "
+            f"({len(names)} vectors × {count // len(names)} groups), more than it handles ({MAX_SAMPLED_PARAMETERS}); "
+            "use strategy='gradient' (one backward pass gives every coefficient's derivative), or a coarser granularity."
+        )
 
 
 def _per_vector(value: Any, names: list[str], what: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from huggingface_hub.repocard_data import EvalResult, ModelCardData
 
 from ..arithmetic import effective_weights
 from ..config import DEMConfig
+from ..groups import is_per_group, mean_coefficient
 from .facts import (
     CardFacts,
     SearchSummary,
@@ -20,6 +21,7 @@ from .facts import (
     hub_id_of,
     is_hub_dataset_id,
 )
+from .heatmap import HEATMAP_NAME, coefficient_grid, group_label, has_matplotlib
 
 CARD_TAGS = ("dem", "merge", "dem_hf")
 LIBRARY_NAME = "transformers"
@@ -104,6 +106,7 @@ def template_context(
         "weighting_explanation": WEIGHTING_EXPLANATIONS[config.weighting],
         "merge_method": config.merge_operator.describe(),
         "vector_rows": _vector_rows(config, facts, coefficients),
+        "group_table": _group_table(coefficients),
         "example_coefficients": _example_coefficients(coefficients),
         "search": _search_context(search, list(config.vectors)) if search is not None else None,
         "vectors_included": vectors_included,
@@ -113,9 +116,22 @@ def template_context(
     }
 
 
-def _vector_rows(config: DEMConfig, facts: CardFacts, coefficients: dict[str, float]) -> list[dict[str, str]]:
+def _group_table(coefficients: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-group coefficients as a table (a row per group, a column per vector) and the heat map's file name (or
+    `None` without matplotlib: the card then says how to get it); `None` when every coefficient is one number."""
+    groups, vectors, values = coefficient_grid(coefficients)
+    if not groups:
+        return None
+    return {
+        "columns": [f"ω `{v}`" for v in vectors],
+        "rows": [{"group": group_label(g), "values": [_format_number(x) for x in line]} for g, line in zip(groups, values)],
+        "heatmap": HEATMAP_NAME if has_matplotlib() else None,
+    }
+
+
+def _vector_rows(config: DEMConfig, facts: CardFacts, coefficients: dict[str, Any]) -> list[dict[str, str]]:
     try:
-        effective = effective_weights(coefficients, config.weighting)
+        effective = None if is_per_group(coefficients) else effective_weights(coefficients, config.weighting)
     except ValueError:  # "average" of coefficients summing to 0: no effective weights to show
         effective = None
     return [
@@ -123,12 +139,18 @@ def _vector_rows(config: DEMConfig, facts: CardFacts, coefficients: dict[str, fl
             "name": f"`{name}`",
             "type": "LoRA (low-rank)" if info.get("vector_type") == "lora" else "full",
             "data": ", ".join(_dataset_link(d) for d in facts.vector_datasets[name]),
-            "coefficient": _format_number(coefficients[name]),
+            "coefficient": _coefficient_cell(coefficients[name]),
             "effective": _format_number(effective[name]) if effective is not None else "-",
             "details": _escape(facts.vector_details[name]),
         }
         for name, info in config.vectors.items()
     ]
+
+
+def _coefficient_cell(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"per group (mean {_format_number(mean_coefficient(value))}, see below)"
+    return _format_number(value)
 
 
 def _vector_locations(config: DEMConfig) -> list[dict[str, str]]:
@@ -201,7 +223,9 @@ def _objective_label(search: SearchSummary) -> str:
 
 def _example_coefficients(coefficients: dict[str, float]) -> str:
     """A `{name: ω}` literal for the re-merge snippet: the current coefficients, each halved, for illustration."""
-    return "{" + ", ".join(f'"{name}": {_format_number(value / 2)}' for name, value in coefficients.items()) + "}"
+    return "{" + ", ".join(
+        f'"{name}": {_format_number(mean_coefficient(value) / 2)}' for name, value in coefficients.items()
+    ) + "}"
 
 
 def _dataset_link(name: str) -> str:

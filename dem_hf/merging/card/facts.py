@@ -249,7 +249,7 @@ class SearchSummary:
             return None
         candidates = [_candidate(c) for c in _first(result, "candidates", "history", "trials", default=[]) or []]
         candidates = [c for c in candidates if c is not None]
-        best_coefficients = _numbers(_first(result, "best_coefficients", default=None))
+        best_coefficients = _numbers(_summarised(_first(result, "best_coefficients", default=None)))
         best_value = _number(_first(result, "best_objective", default=None))
         best = _best_candidate(candidates, best_coefficients)
         if best is not None:
@@ -311,7 +311,7 @@ def _set_tokens(eval_sets: Any) -> dict[str, int]:
 def _candidate(entry: Any) -> dict[str, Any] | None:
     if not isinstance(entry, Mapping):
         return None
-    coefficients = _numbers(_first(entry, "coefficients", default=None))
+    coefficients = _numbers(_summarised(_first(entry, "coefficients", default=None)))
     if not coefficients:
         return None
     return {
@@ -319,6 +319,18 @@ def _candidate(entry: Any) -> dict[str, Any] | None:
         "objective": _number(_first(entry, "objective", "value", default=None)),
         "perplexities": _numbers(_first(entry, "perplexities", default=None)),
     }
+
+
+def _summarised(coefficients: Any) -> Any:
+    """Per-group coefficients (`{vector: {group: ω}}`) with each vector's groups replaced by their mean."""
+    if not isinstance(coefficients, Mapping):
+        return coefficients
+    return {n: (_mean(v) if isinstance(v, Mapping) else v) for n, v in coefficients.items()}
+
+
+def _mean(values: Mapping[str, Any]) -> float | None:
+    numbers = [v for v in values.values() if _number(v) is not None]
+    return sum(numbers) / len(numbers) if numbers else None
 
 
 def _best_candidate(candidates: list[dict[str, Any]], coefficients: dict[str, float]) -> dict[str, Any] | None:

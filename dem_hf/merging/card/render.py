@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,6 +182,31 @@ def save_card_text(text: str, path: str | os.PathLike) -> Path:
     with path.open("w", newline="", encoding="utf-8") as file:
         file.write(text)
     return path
+
+
+def card_text_for_save(
+    merger: Any, save_directory: str | os.PathLike, vectors_included: bool, regenerate: bool, card_kwargs: dict | None
+) -> str | None:
+    """The card text `DEMMerger.save_pretrained` writes into `save_directory`; `None` when the folder's existing
+    `README.md` is to be kept (`regenerate=False`)."""
+    existing = Path(save_directory) / CARD_NAME
+    if existing.is_file() and not regenerate:
+        return None
+    kwargs = {"model_id": Path(save_directory).resolve().name, "vectors_included": vectors_included}
+    return render_model_card(merger, **{**kwargs, **(card_kwargs or {})})
+
+
+def place_card(staging: Path, target: Path, card_text: str | None) -> None:
+    """Put the card in the staging folder of a save: the new text, or a copy of `target`'s existing card (with a
+    warning that it may describe an earlier merge)."""
+    if card_text is not None:
+        save_card_text(card_text, staging / CARD_NAME)
+        return
+    shutil.copy2(target / CARD_NAME, staging / CARD_NAME)
+    logger.warning(
+        f"Kept the existing {target / CARD_NAME} (it may describe an earlier merge); pass regenerate_card=True "
+        "to replace it with a generated card."
+    )
 
 
 def card_for_folder(folder: str | os.PathLike, **card_kwargs: Any) -> ModelCard:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.utils import logging
+from .. import logging
 
 from ..evaluation.perplexity import (
     EvaluationSet,

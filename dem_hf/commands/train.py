@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging as std_logging
-import sys
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import HELP
@@ -105,26 +106,19 @@ def lora_config_from_args(args: argparse.Namespace):
     return LoraConfig(task_type="CAUSAL_LM", use_rslora=args.use_rslora, **kwargs)
 
 
-class _StderrHandler(std_logging.StreamHandler):
-    """A handler writing to `sys.stderr` as it is at each message (callers such as test runners replace it)."""
+@contextmanager
+def _progress_messages_shown(shown: bool) -> Iterator[None]:
+    """Show dem_hf's INFO messages (which run starts, resumes or is reused) next to TRL's progress bars while the
+    command runs, unless the user asked for fewer (`TRANSFORMERS_VERBOSITY`, `dem_hf.logging.set_verbosity_*`)."""
+    from .. import logging
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _show_progress_messages() -> None:
-    """Print dem_hf's INFO messages (which run starts, resumes or is reused) next to TRL's progress bars."""
-    logger = std_logging.getLogger("dem_hf")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(std_logging.Formatter("[dem-hf] %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(std_logging.INFO)
+    explicit = logging.get_logger().level  # dem_hf's own level; NOTSET: it follows Transformers'
+    if shown and logging.get_verbosity() > logging.INFO and not os.getenv("TRANSFORMERS_VERBOSITY"):
+        logging.set_verbosity_info()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(explicit or None)
 
 
 def run(args) -> int:
@@ -133,12 +127,11 @@ def run(args) -> int:
     sft_config = sft_config_from_args(args)
     peft_config = lora_config_from_args(args)
     main_process = sft_config.process_index == 0  # under `accelerate launch`, report once
-    if main_process:
-        _show_progress_messages()
-    vectors = train_distributions(
-        args.base, args.dataset, sft_config=sft_config, peft_config=peft_config,
-        output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
-    )
+    with _progress_messages_shown(main_process):
+        vectors = train_distributions(
+            args.base, args.dataset, sft_config=sft_config, peft_config=peft_config,
+            output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
+        )
     if main_process:
         print_summary(vectors)
     return 0

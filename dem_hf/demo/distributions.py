@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Value
-from transformers.utils import logging as hf_logging
+from .. import logging as hf_logging
 
 from dem_hf.demo.files import _move_into_place, _read_jsonl, _temp_folder, _write_jsonl
 from dem_hf.demo.gsm import _GSM_TIME_LIMIT_S, _math_items

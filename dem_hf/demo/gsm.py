@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging as hf_logging
+from .. import logging as hf_logging
 
 from dem_hf.demo.files import _jsonl, _read_jsonl, _write_text_atomic
 from dem_hf.demo.packages import _package_version, _require

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
+from .. import logging as hf_logging
 
 from dem_hf.demo.files import _move_into_place, _temp_folder
 from dem_hf.demo.packages import _package_version, _require

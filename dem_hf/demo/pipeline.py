@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers.utils import logging
+from .. import logging
 
 from ..io.outputs import write_file_atomic
 from ..search.config import SearchConfig

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging as hf_logging
+from .. import logging as hf_logging
 
 from dem_hf.demo.packages import _require
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import numbers
 import os
@@ -16,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .. import __version__
+from .. import __version__, logging
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 WEIGHTINGS = ("sum", "average")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.utils import logging
+from .. import logging
 
 from ..evaluation.perplexity import EvaluationSet, PerplexityResult, batch_nll
 from ..io.tensors import TensorSource, untied_state_dict

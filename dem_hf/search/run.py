@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.utils import logging
+from .. import logging
 
 from .. import __version__
 from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation

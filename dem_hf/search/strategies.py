@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.utils import logging
+from .. import logging
 
 from ..evaluation.perplexity import (
     EvaluationSet,
@@ -183,7 +183,7 @@ class SearchProblem:
         if self.weighting == "average":
             total = sum(omega)
             if abs(total) < 1e-12:
-                logger.warning_once("Skipping candidates whose coefficients sum to 0: undefined under 'average' weighting.")
+                logging.warning_once(logger, "Skipping candidates whose coefficients sum to 0: undefined under 'average' weighting.")
                 return None, omega
             weights = [w / total for w in omega]
         else:

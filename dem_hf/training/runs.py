@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging
+from .. import logging
 
 from .. import __version__
 from ..io.outputs import write_file_atomic

@@ -96,6 +96,63 @@ def _finite_number(name: str, weight: Any) -> float:
     return float(weight)
 
 
+def parse_command_line_values(name: str, value: Any) -> Any:
+    """A setting as `transformers.HfArgumentParser` hands it over (strings) turned into numbers; others unchanged.
+
+    The command-line forms, for a field `--name` given one or more words:
+    - numbers: `0 0.5 1` -> `[0.0, 0.5, 1.0]`;
+    - per name: `math=0.5 chat=1` or `math=0.5,chat=1` -> `{"math": [0.5], "chat": [1.0]}`, and `math=0,1 chat=0,2`
+      -> `{"math": [0.0, 1.0], "chat": [0.0, 2.0]}` (after a name, commas separate its values);
+    - a JSON object: `'{"math": 0.5}'` -> `{"math": 0.5}` (values as written).
+
+    Raises:
+        ValueError: naming the field and the word that is neither a number nor `NAME=NUMBER[,NUMBER...]`.
+    """
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list) or not words or not all(isinstance(word, str) for word in words):
+        return value
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        try:
+            return json.loads(words[0])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}: expected a JSON object, got {words[0]!r} ({error}).") from None
+    expected = f"{name}: expected numbers, NAME=NUMBER[,NUMBER...] pairs or a JSON object"
+    if not any("=" in word for word in words):
+        return [_command_line_number(word, expected) for word in words]
+    values: dict[str, list[float]] = {}
+    for word in words:
+        key = None
+        for part in word.split(","):
+            if "=" in part:
+                key, _, part = part.partition("=")
+                if not key or key in values:
+                    raise ValueError(f"{expected}; got {word!r}" + (f" (name {key!r} twice)." if key else "."))
+                values[key] = []
+            elif key is None:
+                raise ValueError(f"{expected}; got {word!r}.")
+            values[key].append(_command_line_number(part, expected))
+    return values
+
+
+def parse_command_line_mapping(name: str, value: Any) -> Any:
+    """`{name: number}` from the command-line forms of [`parse_command_line_values`] (`math=0.5 chat=1`, JSON)."""
+    value = parse_command_line_values(name, value)
+    if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+        if any(len(v) != 1 for v in value.values()):
+            raise ValueError(f"{name}: expected one number per name (NAME=NUMBER), got {value}.")
+        return {key: numbers[0] for key, numbers in value.items()}
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        raise ValueError(f"{name}: expected NAME=NUMBER pairs, got bare numbers {value}.")
+    return value
+
+
+def _command_line_number(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{expected}; got {text!r}.") from None
+
+
 @dataclass
 class DEMConfig(JsonConfigMixin):
     """Configuration of a Distribution-Edited Model, stored as `dem_config.json` beside the merged weights.
@@ -108,7 +165,8 @@ class DEMConfig(JsonConfigMixin):
         weighting: `"sum"` for DEM's free weights θ + Σ ω_i Δ_i (task arithmetic), or `"average"` for
             the normalised convention θ + Σ (ω_i / Σω) Δ_i, i.e. the weighted parameter average of the
             fine-tuned models (the data-ablation convention).
-        coefficients: `{vector name: ω}` used by the last merge (or found by the search).
+        coefficients: `{vector name: ω}` used by the last merge (or found by the search); from the command line
+            `math=0.7 chat=0.5` or a JSON object (see [`parse_command_line_values`]); `None` is `{}`.
         vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector. `"source"`
             is the absolute path of the folder the vector was read from, or a Hub repo id with `"revision"` (a
             commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
@@ -135,20 +193,33 @@ class DEMConfig(JsonConfigMixin):
     )
     weighting: str = field(
         default="sum",
-        metadata={"help": "'sum': θ + Σ ω_i Δ_i (DEM). 'average': weights normalised to sum to 1 (parameter average)."},
+        metadata={
+            "help": "'sum': θ + Σ ω_i Δ_i (DEM). 'average': weights normalised to sum to 1 (parameter average).",
+            "choices": WEIGHTINGS,
+        },
     )
-    coefficients: dict[str, float] = field(default_factory=dict, metadata={"help": "Merging weight per vector."})
+    # `| str | None`: how HfArgumentParser takes a command-line value (as TrainingArguments' dict fields do).
+    coefficients: dict[str, float] | str | None = field(
+        default_factory=dict,
+        metadata={"help": "Merging weight per vector: NAME=WEIGHT ... or a JSON object.", "nargs": "+"},
+    )
     vectors: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"help": "Description of each distribution vector, by name."}
+        default_factory=dict,
+        metadata={"help": "Description of each distribution vector, by name (recorded by a merge, not a command-line "
+                  "setting)."},
     )
-    search_result: dict[str, Any] | None = field(default=None, metadata={"help": "The last coefficient search."})
-    max_shard_size: str = field(default="2GB", metadata={"help": "Largest weight shard written by a merge."})
-    dem_hf_version: str = field(default=__version__, metadata={"help": "dem_hf version that wrote this config."})
+    search_result: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The last coefficient search (recorded by a search, not a command-line setting)."}
+    )
+    max_shard_size: str = field(default="2GB", metadata={"help": "Largest weight shard written by a merge, e.g. 2GB."})
+    dem_hf_version: str = field(
+        default=__version__, metadata={"help": "dem_hf version that wrote this config (recorded, not a setting)."}
+    )
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {self.weighting!r}; expected one of {list(WEIGHTINGS)}.")
-        self.coefficients = check_coefficients(self.coefficients)
+        self.coefficients = check_coefficients(parse_command_line_mapping("coefficients", self.coefficients) or {})
 
 
 

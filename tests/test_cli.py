@@ -45,10 +45,10 @@ def test_cli_debug_shows_the_exception(tmp_path, base_dir):
 
 
 def test_cli_rejects_a_non_numeric_weight(tmp_path, base_dir, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "--base", str(base_dir), "--vector", "vec=heavy", "--output", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
-    assert "PATH=WEIGHT" in capsys.readouterr().err
+    """A command line argparse refuses is one line too, status 2, with where to look."""
+    assert main(["merge", "--base", str(base_dir), "--vector", "vec=heavy", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PATH=WEIGHT" in err and "see dem-hf merge --help" in err
 
 
 def test_merge_command_imports_neither_torch_nor_the_hub_client(tmp_path, base_dir, finetuned_dirs):

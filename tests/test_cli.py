@@ -236,11 +236,11 @@ def test_repeated_objective_weights_add_up_as_in_dem_hf_0_1():
 
 
 CHOICES = {
-    "search": ["{grid,random,bayesian,gradient}", "{mean,weighted_mean,max}", "{sum,average}", "{auto,adapter,update}",
+    "search": ["{bayesian,gradient,grid,random}", "{mean,weighted_mean,max}", "{sum,average}", "{auto,adapter,update}",
                "{perplexity,log_perplexity,relative_perplexity}", "{gp,tpe}", "{lbfgs,adam}"],
     "merge": ["{sum,average}"],
     "ablate": ["{mean,weighted_mean,max}", "{perplexity,log_perplexity,relative_perplexity}"],
-    "demo": ["{grid,random,bayesian,gradient}", "{perplexity,log_perplexity,relative_perplexity}"],
+    "demo": ["{bayesian,gradient,grid,random}", "{perplexity,log_perplexity,relative_perplexity}"],
 }
 
 

@@ -4,9 +4,9 @@
 
 A folder saved by `DEMMerger.save_pretrained` (it has a `dem_config.json`) is pushed as it is: nothing is merged
 again and the base model is not needed. Only the card changes: the folder's `README.md` was generated for a local
-folder, so the push carries a card regenerated for the repo id from `dem_config.json` (`--local-card` pushes the
-folder's own `README.md` instead). A `README.md` already in the repo is kept unless `--regenerate-card`.
-Distribution vectors go up only with `--push-vectors`, from the folder's `vectors/` or, failing that, from where
+folder, so the push carries a card regenerated for the repo id from `dem_config.json` (`--local_card` pushes the
+folder's own `README.md` instead). A `README.md` already in the repo is kept unless `--regenerate_card`.
+Distribution vectors go up only with `--push_vectors`, from the folder's `vectors/` or, failing that, from where
 `dem_config.json` says they were; weight shards and vectors an earlier push left behind are deleted in the same
 commit, exactly as `DEMMerger.push_to_hub` does. Any other folder (a plain Transformers checkpoint) is pushed
 unchanged.
@@ -112,7 +112,7 @@ def push_saved_folder(
     message = commit_message or DEFAULT_PUSH_MESSAGE
     if not (folder / DEMConfig.config_name).is_file():
         if push_vectors:
-            raise ValueError(f"--push-vectors needs a DEM folder; {str(folder)!r} has no {DEMConfig.config_name}.")
+            raise ValueError(f"--push_vectors needs a DEM folder; {str(folder)!r} has no {DEMConfig.config_name}.")
         return push_folder(folder, repo_id, commit_message=message, **push_kwargs)
 
     vector_folders = _vector_folders(folder, DEMConfig.from_pretrained(folder)) if push_vectors else {}
@@ -145,8 +145,8 @@ def _vector_folders(folder: Path, config: DEMConfig) -> dict[str, Path]:
     if missing:
         raise ValueError(
             f"Cannot push the vectors {missing}: they are neither in {str(folder / VECTORS_FOLDER)!r} nor at the "
-            "sources dem_config.json records. Save the model with save_vectors=True (--save-vectors), or push "
-            "without --push-vectors."
+            "sources dem_config.json records. Save the model with save_vectors=True (--save_vectors), or push "
+            "without --push_vectors."
         )
     return found
 

@@ -51,15 +51,15 @@ def parse_named_dataset(text: str) -> tuple[str, str]:
 
 def register(subparsers) -> None:
     from transformers import HfArgumentParser
-    from trl import ModelConfig, SFTConfig
+    from trl import SFTConfig
 
     sft_options = type("SFTConfigOptions", (SFTConfig,), {"_argument_group_name": "training (trl.SFTConfig)"})
     parser = add_command(
-        subparsers, "train", __doc__, parents=[HfArgumentParser(sft_options, add_help=False)],
+        subparsers, "train", __doc__, parents=[_lora_options(), HfArgumentParser(sft_options, add_help=False)],
         conflict_handler="resolve", usage="dem-hf train --base BASE --dataset NAME=PATH [--dataset NAME=PATH ...] "
         "--output_dir DIR [dem-hf options] [LoRA options] [trl.SFTConfig options]",
     )
-    # dem-hf's own options go into the first group `--help` lists, before TRL's.
+    # dem-hf's own options go into the first group `--help` lists, before the parents' groups.
     add_option(parser, "base", required=True, help="Base model folder or Hub id.")
     add_option(
         parser, "dataset", action="append", required=True, type=parse_named_dataset, metavar="NAME=PATH",
@@ -72,21 +72,21 @@ def register(subparsers) -> None:
     )
     add_switch(parser, "checkpoint_vectors", help="Also save a vector in every checkpoint.")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks on errors.")
-    lora = parser.add_argument_group("LoRA (trl.ModelConfig; any of these turns LoRA on)")
-    trl_defaults = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name in LORA_FIELDS}
-    add_config_options(lora, ModelConfig, LORA_FIELDS, aliases=LORA_ALIASES, **{  # absent: not given (TRL's default)
-        name: {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (TRL's default: {f.default})"}
-        for name, f in trl_defaults.items()
-    })
-    _move_group_after(parser, lora, "options")
     parser.set_defaults(run=run)
 
 
-def _move_group_after(parser: argparse.ArgumentParser, group, title: str) -> None:
-    """List `group` in `--help` right after the group titled `title`."""
-    groups = parser._action_groups
-    groups.remove(group)
-    groups.insert(next(i for i, g in enumerate(groups) if g.title == title) + 1, group)
+def _lora_options() -> argparse.ArgumentParser:
+    """TRL's ModelConfig LoRA options; absent ones stay out of the namespace (TRL's defaults apply, LoRA stays off)."""
+    from trl import ModelConfig
+
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("LoRA (trl.ModelConfig; any of these turns LoRA on)")
+    trl_fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name in LORA_FIELDS}
+    add_config_options(group, ModelConfig, LORA_FIELDS, aliases=LORA_ALIASES, **{
+        name: {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (TRL's default: {f.default})"}
+        for name, f in trl_fields.items()
+    })
+    return parser
 
 
 def sft_config_from_args(args: argparse.Namespace):

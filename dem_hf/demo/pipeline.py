@@ -52,7 +52,9 @@ class DemoConfig:
     max_length: int = field(default=256, metadata={"help": "Tokens per training and evaluation sequence."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    strategy: str = field(default="bayesian", metadata={"help": "Coefficient search.", "choices": BUILTIN_STRATEGIES})
+    strategy: str = field(
+        default="bayesian", metadata={"help": "Coefficient search.", "choices": sorted(BUILTIN_STRATEGIES)}
+    )
     n_trials: int = field(default=12, metadata={"help": "Candidates for the random and bayesian strategies."})
     metric: str = field(
         default="log_perplexity", metadata={"help": "Per-set metric the objective averages.", "choices": SEARCH_METRICS}

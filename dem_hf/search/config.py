@@ -123,7 +123,7 @@ class SearchConfig(JsonConfigMixin):
     strategy: str = field(
         default="grid",
         metadata={"help": "Search strategy (one registered with register_strategy works from Python).",
-                  "choices": BUILTIN_STRATEGIES},
+                  "choices": sorted(BUILTIN_STRATEGIES)},
     )
     objective: str = field(
         default="mean",

@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
+    if name == "logging":  # `dem_hf.logging.set_verbosity_info()`, as `transformers.logging`
+        return importlib.import_module(".logging", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
@@ -71,4 +73,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS, "logging"})

@@ -15,7 +15,13 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from dem_hf import logging as dem_hf_logging  # noqa: E402
+
 pytest_plugins = ["tests.hub_server"]
+
+# dem_hf's messages also reach the root logger, where pytest's `caplog` listens (they do not by default, as
+# Transformers' do not).
+dem_hf_logging.enable_propagation()
 
 # The models here are tiny: one thread beats two (thread hand-offs dominate), more so on a busy machine.
 torch.set_num_threads(1)

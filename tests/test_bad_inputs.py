@@ -740,6 +740,17 @@ CLI_CASES = {
                    "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--device", "gpu0"],
         "expected a torch device such as cpu, cuda, cuda:0, mps or auto, got 'gpu0'",
     ),
+    # options built from the configs (issue 15)
+    "cli search: bounds that are not numbers": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--bounds", "low", "high"],
+        "bounds: expected numbers, NAME=NUMBER[,NUMBER...] pairs or a JSON object; got 'low'",
+    ),
+    "cli search: metric that is not one of the choices": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--metric", "accuracy"],
+        "argument --metric: invalid choice: 'accuracy'",
+    ),
     "cli search: result JSON inside the base model": (
         lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
                    "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--result-json", str(w["base"] / "search.json")],

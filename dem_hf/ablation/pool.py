@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.utils import logging
 
+from .. import logging
 from ..evaluation.perplexity import (
     EvaluationSet,
     PerplexityResult,

@@ -11,37 +11,34 @@ to 1). Prints the candidates best first; `--output` writes the table as CSV, `--
 
 from __future__ import annotations
 
-from . import HELP
-from .search import _HELP, _weighted, input_paths
+from ..search.config import SearchConfig
+from .options import add_command, add_config_options, add_option, config_from_args
+from .search import OBJECTIVE_WEIGHT_ALIASES, OBJECTIVE_WEIGHTS, input_paths
+
+# The SearchConfig fields an ablation uses: how candidates are scored, and on what.
+SEARCH_FIELDS = ("objective", "metric", "objective_weights", "batch_size", "max_length", "device")
 
 
 def register(subparsers) -> None:
     from .train import parse_named_dataset
 
-    parser = subparsers.add_parser("ablate", help=HELP["ablate"])
-    parser.add_argument("--base", required=True, help="Base model folder or Hub id the partition models started from.")
-    parser.add_argument("--vector", action="append", required=True, metavar="DIR",
-                        help="A partition's saved distribution vector; repeat.")
-    parser.add_argument(
-        "--candidate", action="append", required=True, metavar="MIXTURE",
+    parser = add_command(subparsers, "ablate", __doc__)
+    add_option(parser, "base", required=True, help="Base model folder or Hub id the partition models started from.")
+    add_option(parser, "vector", action="append", required=True, metavar="DIR",
+               help="A partition's saved distribution vector; repeat.")
+    add_option(
+        parser, "candidate", action="append", required=True, metavar="MIXTURE",
         help="A candidate mixture: 'a,b' (uniform average) or 'a=0.7,c=0.3' (weights); repeat.",
     )
-    parser.add_argument(
-        "--eval", action="append", required=True, type=parse_named_dataset, metavar="NAME=PATH",
+    add_option(
+        parser, "eval", action="append", required=True, type=parse_named_dataset, metavar="NAME=PATH",
         help="A validation set: a .json/.jsonl/.csv/.parquet file or a saved dataset folder; repeat.",
     )
-    parser.add_argument(
-        "--objective", default="mean", help=_HELP["objective"].replace(", or a callable", "") + " Default: mean."
-    )
-    parser.add_argument("--metric", default="perplexity", help=_HELP["metric"])
-    parser.add_argument("--objective-weight", action="append", type=_weighted, metavar="SET=WEIGHT",
-                        help="Weight of a validation set for --objective weighted_mean; repeat.")
-    parser.add_argument("--batch-size", type=int, default=8, help=_HELP["batch_size"])
-    parser.add_argument("--max-length", type=int, help=_HELP["max_length"])
-    parser.add_argument("--device", help=_HELP["device"])
-    parser.add_argument("--top", type=int, default=0, help="Rows of the printed table (best first); 0 for all.")
-    parser.add_argument("--output", metavar="CSV", help="Write the ranked table here as CSV.")
-    parser.add_argument("--plot", metavar="PNG", help="Save a bar chart of the proxy objective per candidate.")
+    add_option(parser, "top", type=int, default=0, help="Rows of the printed table (best first); 0 for all.")
+    add_option(parser, "output", metavar="CSV", help="Write the ranked table here as CSV.")
+    add_option(parser, "plot", metavar="PNG", help="Save a bar chart of the proxy objective per candidate.")
+    add_config_options(parser.add_argument_group("scoring (SearchConfig)"), SearchConfig, SEARCH_FIELDS,
+                       aliases=OBJECTIVE_WEIGHT_ALIASES, **OBJECTIVE_WEIGHTS)
     parser.set_defaults(run=run)
 
 
@@ -50,10 +47,9 @@ def run(args) -> int:
     from ..ablation.pool import PartitionPool, evaluate_mixtures
     from ..ablation.report import plot_ablation
     from ..io.outputs import check_output_file
-    from ..search.config import check_device
     from ..training.data import load_training_dataset
 
-    check_device(args.device)
+    scoring = config_from_args(SearchConfig, args, SEARCH_FIELDS)  # checked before anything is loaded
     for output in (args.output, args.plot):
         check_output_file(output, input_paths(args))
     if args.plot:
@@ -67,9 +63,7 @@ def run(args) -> int:
     check_mixtures(args.candidate, pool.names)  # before the validation data is read
     eval_sets = {name: load_training_dataset(path, name, split="validation") for name, path in args.eval}
     result = evaluate_mixtures(
-        pool, args.candidate, eval_sets, objective=args.objective, metric=args.metric,
-        objective_weights=dict(args.objective_weight) if args.objective_weight else None,
-        batch_size=args.batch_size, max_length=args.max_length, device=args.device,
+        pool, args.candidate, eval_sets, **{name: getattr(scoring, name) for name in SEARCH_FIELDS},
     )
     print(f"Best mixture: {result.best.name} ({result.objective} = {result.best.objective:.6g})")
     print(f"{len(result.scores)} candidates, {result.compute:g} forward passes, {result.wall_time_s:.1f} s")

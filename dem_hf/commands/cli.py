@@ -1,6 +1,6 @@
 """The `dem-hf` command line: one subcommand per pipeline stage, each in `dem_hf/commands/<name>.py`.
 
-Errors a user can fix (bad paths, bad names, incompatible vectors) print one line and exit with status 2;
+Errors a user can fix (bad options, bad paths, bad names, incompatible vectors) print one line and exit with status 2;
 failures of the environment (network, Hub, full disk) print one line and exit with status 1, and so does any
 other exception (with a hint to rerun with `--debug`); `--debug` shows the full traceback instead.
 """
@@ -22,9 +22,20 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 ENVIRONMENT_ERRORS = (OSError,)  # after USER_ERRORS, which holds some OSError subclasses
 
 
+class UsageError(Exception):
+    """A command line argparse refuses (unknown option, invalid choice, missing value): one line, status 2."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors raise [`UsageError`] (one line in `main`) instead of printing the usage."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The `dem-hf` parser; only the subcommand named in `argv` is imported and given its full options."""
-    parser = argparse.ArgumentParser(prog="dem-hf", description="Distribution-Edited Models for Hugging Face models.")
+    parser = CommandLineParser(prog="dem-hf", description="Distribution-Edited Models for Hugging Face models.")
     parser.add_argument("--version", action="version", version=f"dem_hf {__version__}")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -33,13 +44,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == chosen:
             importlib.import_module(f".{name}", __package__).register(subparsers)
         else:
-            subparsers.add_parser(name, help=help_text)
+            subparsers.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(_one_line(error), file=sys.stderr)
+        return 2
     with _exit_cleanly_on_sigterm():
         return _run(args)
 

@@ -1,4 +1,10 @@
-"""`dem-hf extract`: a distribution vector from a fine-tuned model or a PEFT adapter."""
+"""`dem-hf extract`: a distribution vector from a fine-tuned model or a PEFT adapter.
+
+    dem-hf extract --base HuggingFaceTB/SmolLM2-135M --finetuned runs/math/model --name math --output vectors/math
+    dem-hf extract --base HuggingFaceTB/SmolLM2-135M --adapter runs/chat/adapter --name chat --output vectors/chat
+
+A full fine-tune gives the dense difference θ_ft − θ; a PEFT LoRA adapter keeps its low-rank factors.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,19 @@ from pathlib import Path
 
 from ..io.outputs import check_not_inside, local_folder
 from ..vectors.vector import DistributionVector
-from . import HELP
+from .options import add_command, add_option, add_switch
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("extract", help=HELP["extract"])
-    parser.add_argument("--base", required=True, help="Base model folder or Hub id.")
+    parser = add_command(subparsers, "extract", __doc__)
+    add_option(parser, "base", required=True, help="Base model folder or Hub id.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--finetuned", help="Fully fine-tuned model folder or Hub id.")
-    source.add_argument("--adapter", help="PEFT LoRA adapter folder or Hub id (kept low-rank).")
-    parser.add_argument("--name", required=True, help="Vector name, usually the dataset's.")
-    parser.add_argument("--output", required=True, help="Folder for the vector.")
-    parser.add_argument("--max-shard-size", default="2GB", help="Largest shard, e.g. 2GB.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    add_option(source, "finetuned", help="Fully fine-tuned model folder or Hub id.")
+    add_option(source, "adapter", help="PEFT LoRA adapter folder or Hub id (kept low-rank).")
+    add_option(parser, "name", required=True, help="Vector name, usually the dataset's.")
+    add_option(parser, "output", required=True, help="Folder for the vector.")
+    add_option(parser, "max_shard_size", default="2GB", help="Largest shard, e.g. 2GB.")
+    add_switch(parser, "overwrite", help="Replace a non-empty output folder.")
     parser.set_defaults(run=run)
 
 

@@ -1,10 +1,12 @@
 """`dem-hf push`: push a saved model folder to the Hub in one commit, with a model card generated for the repo.
 
+    dem-hf push --model dem-model --repo_id org/dem-model --push_vectors
+
 A folder saved by `DEMMerger.save_pretrained` (it has a `dem_config.json`) is pushed as it is: nothing is merged
 again and the base model is not needed. Only the card changes: the folder's `README.md` was generated for a local
-folder, so the push carries a card regenerated for the repo id from `dem_config.json` (`--local-card` pushes the
-folder's own `README.md` instead). A `README.md` already in the repo is kept unless `--regenerate-card`.
-Distribution vectors go up only with `--push-vectors`, from the folder's `vectors/` or, failing that, from where
+folder, so the push carries a card regenerated for the repo id from `dem_config.json` (`--local_card` pushes the
+folder's own `README.md` instead). A `README.md` already in the repo is kept unless `--regenerate_card`.
+Distribution vectors go up only with `--push_vectors`, from the folder's `vectors/` or, failing that, from where
 `dem_config.json` says they were; weight shards and vectors an earlier push left behind are deleted in the same
 commit, exactly as `DEMMerger.push_to_hub` does. Any other folder (a plain Transformers checkpoint) is pushed
 unchanged.
@@ -28,25 +30,21 @@ from ..merging.card.render import CARD_NAME, card_for_folder
 from ..merging.config import DEMConfig
 from ..merging.merger import DEFAULT_PUSH_MESSAGE, STALE_REMOTE_PATTERNS, VECTORS_FOLDER
 from ..vectors.vector import VECTOR_CONFIG_NAME
-from . import HELP
+from .options import add_command, add_option, add_switch
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("push", help=HELP["push"])
-    parser.add_argument("--model", required=True, help="Folder saved by `dem-hf merge` / save_pretrained.")
-    parser.add_argument("--repo-id", required=True, help="Hub repo id, 'namespace/name' (or 'name' for your own).")
-    parser.add_argument("--private", action="store_true", help="Create the repo as private (if it is created).")
-    parser.add_argument("--token", help="Hub token with write access (default: HF_TOKEN or the saved login).")
-    parser.add_argument("--revision", help="Branch to push to (created from main if missing).")
-    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing to main.")
-    parser.add_argument("--push-vectors", action="store_true", help="Also push the distribution vectors (vectors/).")
-    parser.add_argument("--commit-message", help=f"Commit message (default: {DEFAULT_PUSH_MESSAGE!r}).")
-    parser.add_argument(
-        "--regenerate-card", action="store_true", help="Replace a README.md the repo already has with the new card."
-    )
-    parser.add_argument(
-        "--local-card", action="store_true", help="Push the folder's own README.md instead of a card for REPO_ID."
-    )
+    parser = add_command(subparsers, "push", __doc__)
+    add_option(parser, "model", required=True, help="Folder saved by `dem-hf merge` / save_pretrained.")
+    add_option(parser, "repo_id", required=True, help="Hub repo id, 'namespace/name' (or 'name' for your own).")
+    add_switch(parser, "private", help="Create the repo as private (if it is created).")
+    add_option(parser, "token", help="Hub token with write access (default: HF_TOKEN or the saved login).")
+    add_option(parser, "revision", help="Branch to push to (created from main if missing).")
+    add_switch(parser, "create_pr", help="Open a pull request instead of committing to main.")
+    add_switch(parser, "push_vectors", help="Also push the distribution vectors (vectors/).")
+    add_option(parser, "commit_message", help=f"Commit message (default: {DEFAULT_PUSH_MESSAGE!r}).")
+    add_switch(parser, "regenerate_card", help="Replace a README.md the repo already has with the new card.")
+    add_switch(parser, "local_card", help="Push the folder's own README.md instead of a card for REPO_ID.")
     parser.set_defaults(run=run)
 
 
@@ -114,7 +112,7 @@ def push_saved_folder(
     message = commit_message or DEFAULT_PUSH_MESSAGE
     if not (folder / DEMConfig.config_name).is_file():
         if push_vectors:
-            raise ValueError(f"--push-vectors needs a DEM folder; {str(folder)!r} has no {DEMConfig.config_name}.")
+            raise ValueError(f"--push_vectors needs a DEM folder; {str(folder)!r} has no {DEMConfig.config_name}.")
         return push_folder(folder, repo_id, commit_message=message, **push_kwargs)
 
     vector_folders = _vector_folders(folder, DEMConfig.from_pretrained(folder)) if push_vectors else {}
@@ -147,8 +145,8 @@ def _vector_folders(folder: Path, config: DEMConfig) -> dict[str, Path]:
     if missing:
         raise ValueError(
             f"Cannot push the vectors {missing}: they are neither in {str(folder / VECTORS_FOLDER)!r} nor at the "
-            "sources dem_config.json records. Save the model with save_vectors=True (--save-vectors), or push "
-            "without --push-vectors."
+            "sources dem_config.json records. Save the model with save_vectors=True (--save_vectors), or push "
+            "without --push_vectors."
         )
     return found
 

@@ -1,34 +1,41 @@
 """`dem-hf train`: one TRL SFT run per dataset, each turned into a distribution vector.
 
-Every `trl.SFTConfig` field is an option, parsed by `transformers.HfArgumentParser` exactly as TRL's own CLI
-parses it (`--learning_rate 2e-4`, `--max_steps 500`, `--per_device_train_batch_size 8`, `--output_dir runs`,
-...; dashes work too: `--output-dir`). dem_hf adds `--base`, `--dataset NAME=PATH` (repeat), and LoRA options;
-without `--lora-r` / `--target-modules` the runs are full fine-tunes. `--debug` keeps its dem-hf meaning (full
-tracebacks), so TrainingArguments' own `debug` field is not available here.
+    dem-hf train --base HuggingFaceTB/SmolLM2-135M --dataset math=data/math.jsonl --dataset chat=data/chat.jsonl \\
+        --output_dir runs --max_steps 200 --learning_rate 2e-4 --use_peft --lora_r 16 --lora_target_modules all-linear
+
+dem-hf's own options come first: `--base`, `--dataset NAME=PATH` (repeat), `--retrain`, `--checkpoint_vectors`.
+Then TRL's `ModelConfig` LoRA options, as TRL's own scripts take them (`--use_peft --lora_r --lora_alpha
+--lora_dropout --lora_target_modules --use_rslora ...`, with TRL's defaults); giving any of them turns LoRA on, so
+`--lora-r 16 --target-modules all-linear` (dem_hf 0.1's spelling) still works; a single target module is a module
+name (`all-linear` is PEFT's keyword); without them the runs are full fine-tunes. Then every `trl.SFTConfig`
+field, parsed by `transformers.HfArgumentParser` exactly as TRL's CLI parses it (`--learning_rate 2e-4`,
+`--max_steps 500`, `--per_device_train_batch_size 8`, `--output_dir runs`; dashes work too: `--output-dir`).
+`--debug` keeps its dem-hf meaning (full tracebacks), so TrainingArguments' own `debug` field is not available here.
 
 Runs already in `--output_dir` are reused (finished) or resumed (interrupted) only when they were trained with
 the same data (by content) and settings; otherwise the command stops, before training, with the differences.
 `--retrain` trains such runs again from the base instead (each old run stays until its new one has finished).
-
-    dem-hf train --base HuggingFaceTB/SmolLM2-135M --dataset math=data/math.jsonl --dataset chat=data/chat.jsonl \\
-        --output_dir runs --max_steps 200 --learning_rate 2e-4 --lora-r 16 --target-modules all-linear
-
-Run it under `accelerate launch -m dem_hf.commands.cli train ...` to train each run on several GPUs.
+Run it under `accelerate launch -m dem_hf train ...` to train each run on several GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging as std_logging
-import sys
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from . import HELP
+from .options import add_command, add_config_options, add_option, add_switch
 
-OUR_OPTIONS = (
-    "base", "dataset", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "checkpoint_vectors", "retrain",
+# TRL's ModelConfig fields that make a LoRA config (trl.get_peft_config reads them); the others (dtype, quantisation,
+# attention implementation) load the base, which dem_hf does itself.
+LORA_FIELDS = (
+    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+    "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora",
 )
+LORA_ALIASES = {"lora_target_modules": ["--target-modules", "--target_modules"]}  # dem_hf 0.1's spelling
 
 
 def parse_named_dataset(text: str) -> tuple[str, str]:
@@ -46,32 +53,40 @@ def register(subparsers) -> None:
     from transformers import HfArgumentParser
     from trl import SFTConfig
 
-    parser = subparsers.add_parser(
-        "train",
-        help=HELP["train"],
-        description=__doc__.split("\n\n")[0] + " Every trl.SFTConfig field is an option (listed below).",
-        parents=[HfArgumentParser(SFTConfig, add_help=False)],
-        conflict_handler="resolve",
+    sft_options = type("SFTConfigOptions", (SFTConfig,), {"_argument_group_name": "training (trl.SFTConfig)"})
+    parser = add_command(
+        subparsers, "train", __doc__, parents=[_lora_options(), HfArgumentParser(sft_options, add_help=False)],
+        conflict_handler="resolve", usage="dem-hf train --base BASE --dataset NAME=PATH [--dataset NAME=PATH ...] "
+        "--output_dir DIR [dem-hf options] [LoRA options] [trl.SFTConfig options]",
     )
-    group = parser.add_argument_group("dem_hf")
-    group.add_argument("--base", required=True, help="Base model folder or Hub id.")
-    group.add_argument(
-        "--dataset", action="append", required=True, type=parse_named_dataset, metavar="NAME=PATH",
+    # dem-hf's own options go into the first group `--help` lists, before the parents' groups.
+    add_option(parser, "base", required=True, help="Base model folder or Hub id.")
+    add_option(
+        parser, "dataset", action="append", required=True, type=parse_named_dataset, metavar="NAME=PATH",
         help="A training dataset: a .json/.jsonl/.csv/.parquet/.txt file, a folder or a Hub id; repeat per dataset.",
     )
-    group.add_argument("--lora-r", type=int, help="Train LoRA adapters of this rank instead of full fine-tunes.")
-    group.add_argument("--lora-alpha", type=float, help="LoRA alpha (PEFT's default if omitted).")
-    group.add_argument("--lora-dropout", type=float, help="LoRA dropout (PEFT's default if omitted).")
-    group.add_argument("--target-modules", nargs="+", help="LoRA target modules, e.g. q_proj v_proj, or all-linear.")
-    group.add_argument("--use-rslora", action="store_true", help="Scale LoRA by alpha/sqrt(r) (rsLoRA).")
-    group.add_argument("--checkpoint-vectors", action="store_true", help="Also save a vector in every checkpoint.")
-    group.add_argument(
-        "--retrain", action="store_true",
+    add_switch(
+        parser, "retrain",
         help="Train again, from the base, runs in --output_dir recorded with other data or settings (instead of "
         "stopping); each old run is replaced only once its new one has finished.",
     )
-    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks on errors.")
+    add_switch(parser, "checkpoint_vectors", help="Also save a vector in every checkpoint.")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks on errors.")
     parser.set_defaults(run=run)
+
+
+def _lora_options() -> argparse.ArgumentParser:
+    """TRL's ModelConfig LoRA options; absent ones stay out of the namespace (TRL's defaults apply, LoRA stays off)."""
+    from trl import ModelConfig
+
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("LoRA (trl.ModelConfig; any of these turns LoRA on)")
+    trl_fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name in LORA_FIELDS}
+    add_config_options(group, ModelConfig, LORA_FIELDS, aliases=LORA_ALIASES, **{
+        name: {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (TRL's default: {f.default})"}
+        for name, f in trl_fields.items()
+    })
+    return parser
 
 
 def sft_config_from_args(args: argparse.Namespace):
@@ -89,42 +104,45 @@ def sft_config_from_args(args: argparse.Namespace):
     return SFTConfig(**values)
 
 
-def lora_config_from_args(args: argparse.Namespace):
-    """A `peft.LoraConfig` from the LoRA options, or None for full fine-tunes."""
-    if args.lora_r is None and args.target_modules is None:
-        if args.lora_alpha is not None or args.lora_dropout is not None or args.use_rslora:
-            raise ValueError("LoRA options were given without --lora-r or --target-modules.")
+def model_config_from_args(args: argparse.Namespace):
+    """TRL's `ModelConfig` from the LoRA options (TRL's defaults for the others), or None when none was given."""
+    from trl import ModelConfig
+
+    given = {name: getattr(args, name) for name in LORA_FIELDS if hasattr(args, name)}
+    if not given:
         return None
-    from peft import LoraConfig
-
-    given = {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
-    kwargs = {key: value for key, value in given.items() if value is not None}
-    if args.target_modules is not None:
-        targets = args.target_modules
-        kwargs["target_modules"] = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else targets
-    return LoraConfig(task_type="CAUSAL_LM", use_rslora=args.use_rslora, **kwargs)
-
-
-class _StderrHandler(std_logging.StreamHandler):
-    """A handler writing to `sys.stderr` as it is at each message (callers such as test runners replace it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    if given.get("use_peft") is False:
+        raise ValueError(f"LoRA options {sorted(set(given) - {'use_peft'})} were given with --use_peft false.")
+    config = ModelConfig(**{**given, "use_peft": True})
+    targets = config.lora_target_modules  # ModelConfig makes one listed module a string, which PEFT reads as a regex
+    if isinstance(targets, str) and targets != "all-linear":
+        config.lora_target_modules = [targets]
+    return config
 
 
-def _show_progress_messages() -> None:
-    """Print dem_hf's INFO messages (which run starts, resumes or is reused) next to TRL's progress bars."""
-    logger = std_logging.getLogger("dem_hf")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(std_logging.Formatter("[dem-hf] %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(std_logging.INFO)
+def lora_config_from_args(args: argparse.Namespace):
+    """The `peft.LoraConfig` TRL builds from the LoRA options (`trl.get_peft_config`), or None for full fine-tunes."""
+    model_config = model_config_from_args(args)
+    if model_config is None:
+        return None
+    from trl import get_peft_config
+
+    return get_peft_config(model_config)
+
+
+@contextmanager
+def _progress_messages_shown(shown: bool) -> Iterator[None]:
+    """Show dem_hf's INFO messages (which run starts, resumes or is reused) next to TRL's progress bars while the
+    command runs, unless the user asked for fewer (`TRANSFORMERS_VERBOSITY`, `dem_hf.logging.set_verbosity_*`)."""
+    from .. import logging
+
+    explicit = logging.get_logger().level  # dem_hf's own level; NOTSET: it follows Transformers'
+    if shown and logging.get_verbosity() > logging.INFO and not os.getenv("TRANSFORMERS_VERBOSITY"):
+        logging.set_verbosity_info()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(explicit or None)
 
 
 def run(args) -> int:
@@ -133,12 +151,11 @@ def run(args) -> int:
     sft_config = sft_config_from_args(args)
     peft_config = lora_config_from_args(args)
     main_process = sft_config.process_index == 0  # under `accelerate launch`, report once
-    if main_process:
-        _show_progress_messages()
-    vectors = train_distributions(
-        args.base, args.dataset, sft_config=sft_config, peft_config=peft_config,
-        output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
-    )
+    with _progress_messages_shown(main_process):
+        vectors = train_distributions(
+            args.base, args.dataset, sft_config=sft_config, peft_config=peft_config,
+            output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
+        )
     if main_process:
         print_summary(vectors)
     return 0

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, Value
-from transformers.utils import logging as hf_logging
 
 from dem_hf.demo.files import _move_into_place, _read_jsonl, _temp_folder, _write_jsonl
 from dem_hf.demo.gsm import _GSM_TIME_LIMIT_S, _math_items
@@ -38,6 +37,8 @@ from dem_hf.demo.sources import (
     _record_chars,
 )
 from dem_hf.demo.splitting import _split_items
+
+from .. import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging as hf_logging
-
 from dem_hf.demo.files import _jsonl, _read_jsonl, _write_text_atomic
 from dem_hf.demo.packages import _package_version, _require
 from dem_hf.demo.sources import _FORMAT_VERSION, _Item, _normalise, _prompt_completion
+
+from .. import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 

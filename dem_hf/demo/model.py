@@ -8,10 +8,10 @@ import os
 import time
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
 from dem_hf.demo.files import _move_into_place, _temp_folder
 from dem_hf.demo.packages import _package_version, _require
+
+from .. import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 

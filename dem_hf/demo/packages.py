@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from transformers.utils import logging as hf_logging
+from .. import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 

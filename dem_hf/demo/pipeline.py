@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers.utils import logging
-
+from .. import logging
 from ..io.outputs import write_file_atomic
-from ..search.config import SearchConfig
+from ..search.config import SEARCH_METRICS, SearchConfig
+from ..search.registry import BUILTIN_STRATEGIES
 from .distributions import prepare_distributions
 from .model import prepare_smollm2
 from .packages import DISTRIBUTIONS
@@ -39,7 +39,9 @@ class DemoConfig:
 
     output_dir: str = field(default="examples/.cache/demo", metadata={"help": "Runs, search, merged model, results."})
     cache_dir: str = field(default="examples/.cache", metadata={"help": "Converted model and prepared datasets."})
-    distributions: list[str] = field(default_factory=lambda: list(DISTRIBUTIONS), metadata={"help": "Which datasets."})
+    distributions: list[str] = field(
+        default_factory=lambda: list(DISTRIBUTIONS), metadata={"help": "Which datasets.", "choices": list(DISTRIBUTIONS)}
+    )
     n_train: int = field(default=400, metadata={"help": "Training examples per distribution."})
     n_val: int = field(default=16, metadata={"help": "Validation examples per distribution (the search's data)."})
     n_test: int = field(default=32, metadata={"help": "Held-out test examples per distribution."})
@@ -49,9 +51,13 @@ class DemoConfig:
     max_length: int = field(default=256, metadata={"help": "Tokens per training and evaluation sequence."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    strategy: str = field(default="bayesian", metadata={"help": "Coefficient search: grid, random, bayesian, gradient."})
+    strategy: str = field(
+        default="bayesian", metadata={"help": "Coefficient search.", "choices": sorted(BUILTIN_STRATEGIES)}
+    )
     n_trials: int = field(default=12, metadata={"help": "Candidates for the random and bayesian strategies."})
-    metric: str = field(default="log_perplexity", metadata={"help": "Per-set metric the objective averages."})
+    metric: str = field(
+        default="log_perplexity", metadata={"help": "Per-set metric the objective averages.", "choices": SEARCH_METRICS}
+    )
     bounds: list[float] = field(default_factory=lambda: [0.0, 2.0], metadata={"help": "Range (low high) of each coefficient."})
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})

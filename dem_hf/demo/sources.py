@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging as hf_logging
-
 from dem_hf.demo.packages import _require
+
+from .. import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 

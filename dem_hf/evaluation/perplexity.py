@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers.utils import logging
 
+from .. import logging
 from .sets import KNOWN_FORMATS, EvaluationBatch, EvaluationSet, check_batching
 from .tokenization import resolve_max_length, tokenize_for_evaluation
 
@@ -199,8 +199,8 @@ def compute_perplexity(
         padding_side (`"right"` or `"left"`, defaults to `"right"`):
             Where batches are padded; left padding passes matching `position_ids`.
         show_progress (`bool`, *optional*):
-            Show a tqdm bar. By default it follows `transformers.utils.logging.disable_progress_bar()`
-            and `datasets.disable_progress_bars()` / `huggingface_hub` settings.
+            Show a tqdm bar. By default it follows `dem_hf.logging.disable_progress_bar()`, else
+            `transformers.logging.disable_progress_bar()` and `huggingface_hub`'s settings.
         desc (`str`, *optional*):
             Progress bar label.
         tokenize_kwargs:
@@ -363,16 +363,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def _progress(total: int, desc: str | None, show_progress: bool | None) -> Any:
     if show_progress is None:
-        show_progress = logging.is_progress_bar_enabled() and not _hub_progress_bars_disabled()
+        show_progress = logging.is_progress_bar_enabled()
     return logging.tqdm(total=total, desc=desc or "Perplexity", unit="batch", disable=not show_progress)
-
-
-def _hub_progress_bars_disabled() -> bool:
-    try:
-        from huggingface_hub.utils import are_progress_bars_disabled
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(are_progress_bars_disabled())
 
 
 def _safe_exp(value: float) -> float:

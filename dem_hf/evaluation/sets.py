@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
-from transformers.utils import logging
+
+from .. import logging
 
 __all__ = ["KNOWN_FORMATS", "EvaluationBatch", "EvaluationSet"]
 

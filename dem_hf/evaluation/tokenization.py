@@ -22,8 +22,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from transformers.utils import logging
-
+from .. import logging
 from .sets import EvaluationSet, build_evaluation_set
 
 __all__ = ["tokenize_for_evaluation"]
@@ -345,7 +344,8 @@ def _completion_masked(
             break
         prompt_len += 1
     if prompt_len < len(prompt_ids):
-        logger.warning_once(
+        logging.warning_once(
+            logger,
             "The tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the "
             "boundary, or the chat template renders the prompt differently alone); the completion is taken to "
             f"start where they diverge. First case: {tokenizer.decode(prompt_ids[prompt_len:])!r}."

@@ -15,7 +15,6 @@ Everything goes through the real `huggingface_hub` client, so `HF_ENDPOINT`, `HF
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +25,12 @@ from typing import TYPE_CHECKING
 from huggingface_hub import constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from .. import logging
+
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 REPO_TYPES = ("model", "dataset", "space")
 REPO_ID_RULES = (

@@ -15,7 +15,6 @@ the user creates.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import secrets
@@ -26,12 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .. import logging
+
 try:
     import fcntl
 except ImportError:  # Windows: the lock falls back to creating its file exclusively
     fcntl = None
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 BINARY = getattr(os, "O_BINARY", 0)  # Windows opens descriptors in text mode without it
 WEIGHT_FILE_PATTERN = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack)(\.index\.json)?$")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import numbers
 import os
@@ -16,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .. import __version__
+from .. import __version__, logging
 from .operators import MERGE_METHODS, MergeOperator, check_merge_operator
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 WEIGHTINGS = ("sum", "average")
 # Version of dem_config.json's layout. 1 (files without the key): one float per vector. 2: a vector's coefficient
@@ -129,6 +128,63 @@ def _finite_number(name: str, weight: Any) -> float:
     return float(weight)
 
 
+def parse_command_line_values(name: str, value: Any) -> Any:
+    """A setting as `transformers.HfArgumentParser` hands it over (strings) turned into numbers; others unchanged.
+
+    The command-line forms, for a field `--name` given one or more words:
+    - numbers: `0 0.5 1` -> `[0.0, 0.5, 1.0]`;
+    - per name: `math=0.5 chat=1` or `math=0.5,chat=1` -> `{"math": [0.5], "chat": [1.0]}`, and `math=0,1 chat=0,2`
+      -> `{"math": [0.0, 1.0], "chat": [0.0, 2.0]}` (after a name, commas separate its values);
+    - a JSON object: `'{"math": 0.5}'` -> `{"math": 0.5}` (values as written).
+
+    Raises:
+        ValueError: naming the field and the word that is neither a number nor `NAME=NUMBER[,NUMBER...]`.
+    """
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list) or not words or not all(isinstance(word, str) for word in words):
+        return value
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        try:
+            return json.loads(words[0])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}: expected a JSON object, got {words[0]!r} ({error}).") from None
+    expected = f"{name}: expected numbers, NAME=NUMBER[,NUMBER...] pairs or a JSON object"
+    if not any("=" in word for word in words):
+        return [_command_line_number(word, expected) for word in words]
+    values: dict[str, list[float]] = {}
+    for word in words:
+        key = None
+        for part in word.split(","):
+            if "=" in part:
+                key, _, part = part.partition("=")
+                if not key or key in values:
+                    raise ValueError(f"{expected}; got {word!r}" + (f" (name {key!r} twice)." if key else "."))
+                values[key] = []
+            elif key is None:
+                raise ValueError(f"{expected}; got {word!r}.")
+            values[key].append(_command_line_number(part, expected))
+    return values
+
+
+def parse_command_line_mapping(name: str, value: Any) -> Any:
+    """`{name: number}` from the command-line forms of [`parse_command_line_values`] (`math=0.5 chat=1`, JSON)."""
+    value = parse_command_line_values(name, value)
+    if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+        if any(len(v) != 1 for v in value.values()):
+            raise ValueError(f"{name}: expected one number per name (NAME=NUMBER), got {value}.")
+        return {key: numbers[0] for key, numbers in value.items()}
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        raise ValueError(f"{name}: expected NAME=NUMBER pairs, got bare numbers {value}.")
+    return value
+
+
+def _command_line_number(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{expected}; got {text!r}.") from None
+
+
 @dataclass
 class DEMConfig(JsonConfigMixin):
     """Configuration of a Distribution-Edited Model, stored as `dem_config.json` beside the merged weights.
@@ -142,7 +198,8 @@ class DEMConfig(JsonConfigMixin):
             the normalised convention θ + Σ (ω_i / Σω) Δ_i, i.e. the weighted parameter average of the
             fine-tuned models (the data-ablation convention).
         coefficients: `{vector name: ω}` used by the last merge (or found by the search); a vector's ω may be a
-            `{group: ω}` dict of per-layer / per-module coefficients (see `dem_hf.merging.groups`).
+            `{group: ω}` dict of per-layer / per-module coefficients (see `dem_hf.merging.groups`). From the command
+            line `math=0.7 chat=0.5` or a JSON object (see [`parse_command_line_values`]); `None` is `{}`.
         vectors: `{vector name: {"vector_type", "source", ...}}` describing each distribution vector. `"source"`
             is the absolute path of the folder the vector was read from, or a Hub repo id with `"revision"` (a
             commit) and `"subfolder"`; `None` for a vector built in memory (saved under the DEM folder's `vectors/`).
@@ -179,17 +236,31 @@ class DEMConfig(JsonConfigMixin):
     )
     weighting: str = field(
         default="sum",
-        metadata={"help": "'sum': θ + Σ ω_i Δ_i (DEM). 'average': weights normalised to sum to 1 (parameter average)."},
+        metadata={
+            "help": "'sum': θ + Σ ω_i Δ_i (DEM). 'average': weights normalised to sum to 1 (parameter average).",
+            "choices": WEIGHTINGS,
+        },
     )
-    coefficients: dict[str, float | dict[str, float]] = field(
-        default_factory=dict, metadata={"help": "Merging weight per vector, or {group: weight} per vector."}
+    # `| str | None`: how HfArgumentParser takes a command-line value (as TrainingArguments' dict fields do).
+    coefficients: dict[str, float | dict[str, float]] | str | None = field(
+        default_factory=dict,
+        metadata={"help": "Merging weight per vector (NAME=WEIGHT ...), or a JSON object, per group too.", "nargs": "+"},
     )
     vectors: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"help": "Description of each distribution vector, by name."}
+        default_factory=dict,
+        metadata={"help": "Description of each distribution vector, by name (recorded by a merge, not a command-line "
+                  "setting)."},
+    )
+    search_result: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The last coefficient search (recorded by a search, not a command-line setting)."}
+    )
+    max_shard_size: str = field(default="2GB", metadata={"help": "Largest weight shard written by a merge, e.g. 2GB."})
+    dem_hf_version: str = field(
+        default=__version__, metadata={"help": "dem_hf version that wrote this config (recorded, not a setting)."}
     )
     merge_method: str = field(
         default="task_arithmetic",
-        metadata={"help": f"How each tensor's deltas are combined: one of {list(MERGE_METHODS)}."},
+        metadata={"help": "How each tensor's deltas are combined.", "choices": MERGE_METHODS},
     )
     density: float | None = field(
         default=None, metadata={"help": "Fraction of each delta's entries kept, in (0, 1] (all methods but task_arithmetic)."}
@@ -198,10 +269,9 @@ class DEMConfig(JsonConfigMixin):
         default=None, metadata={"help": "breadcrumbs only: fraction of the largest magnitudes removed (default 0.01)."}
     )
     seed: int | None = field(default=None, metadata={"help": "dare_linear/dare_ties only: seed of the random drop (default 0)."})
-    search_result: dict[str, Any] | None = field(default=None, metadata={"help": "The last coefficient search."})
-    max_shard_size: str = field(default="2GB", metadata={"help": "Largest weight shard written by a merge."})
-    dem_hf_version: str = field(default=__version__, metadata={"help": "dem_hf version that wrote this config."})
-    schema_version: int = field(default=SCHEMA_VERSION, metadata={"help": "Layout version of dem_config.json."})
+    schema_version: int = field(
+        default=SCHEMA_VERSION, metadata={"help": "Layout version of dem_config.json (recorded, not a setting)."}
+    )
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -214,7 +284,7 @@ class DEMConfig(JsonConfigMixin):
                 f"({SCHEMA_VERSION}); upgrade dem_hf (this is {__version__})."
             )
         self.schema_version = SCHEMA_VERSION  # what save_pretrained writes
-        self.coefficients = check_any_coefficients(self.coefficients)
+        self.coefficients = check_any_coefficients(parse_command_line_mapping("coefficients", self.coefficients) or {})
         self.density, self.gamma, self.seed = check_merge_operator(self.merge_method, self.density, self.gamma, self.seed)
 
     @property

@@ -12,13 +12,13 @@ shapes), so mistakes surface before any heavy work. Two ways to merge:
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import logging
 from ..hub.download import resolve_pretrained
 from ..hub.push import check_push_target, prepare_repo, push_folder
 from ..io.outputs import atomic_directory, check_not_inside, check_output_directory
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import torch
     from huggingface_hub import CommitInfo
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 NOT_COPIED_FROM_BASE = {"README.md", DEMConfig.config_name}
 # Remote files an earlier push may have left that this push does not rewrite: weight shards of another sharding,

@@ -8,16 +8,16 @@ the subfolder), so a saved folder restores from any working directory and, throu
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
+from .. import logging
 from ..hub.download import hub_origin, resolve_pretrained
 from ..io.outputs import is_weight_file
 from ..vectors.vector import VECTOR_CONFIG_NAME, VECTOR_STEM, DistributionVector
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 VECTORS_FOLDER = "vectors"
 

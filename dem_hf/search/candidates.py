@@ -33,8 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.utils import logging
 
+from .. import logging
 from ..evaluation.perplexity import EvaluationSet, PerplexityResult, batch_nll
 from ..io.tensors import TensorSource, untied_state_dict
 from ..merging.arithmetic import merge_tensor

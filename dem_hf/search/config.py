@@ -9,9 +9,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..merging.config import JsonConfigMixin, check_any_coefficients, check_coefficients
+from ..merging.config import (
+    JsonConfigMixin,
+    check_any_coefficients,
+    check_coefficients,
+    parse_command_line_mapping,
+    parse_command_line_values,
+)
 from ..merging.groups import GRANULARITIES
-from .registry import strategy_names
+from .registry import BUILTIN_STRATEGIES, strategy_names
 
 SEARCH_OBJECTIVES = ("mean", "weighted_mean", "max")
 SEARCH_METRICS = ("perplexity", "log_perplexity", "relative_perplexity")
@@ -67,14 +73,15 @@ class SearchConfig(JsonConfigMixin):
             `bounds`), `"bayesian"` (Optuna) or `"gradient"` (L-BFGS-B or Adam on ω itself, using
             ∂L/∂ω_i = ⟨∇θ L, Δ_i⟩); strategies added with `dem_hf.search.run.register_strategy` are accepted too.
         objective: `"mean"` over the validation sets (default), `"weighted_mean"` (with `objective_weights`),
-            `"max"` (worst case), or a callable `f({set name: PerplexityResult}) -> float` (lower is better;
-            not with `strategy="gradient"`).
+            `"max"` (worst case), or, from Python only, a callable `f({set name: PerplexityResult}) -> float` (lower
+            is better; not with `strategy="gradient"`); the field is typed `str` so that HfArgumentParser can
+            offer the built-in names as choices.
         metric: what each set contributes: `"perplexity"`, `"log_perplexity"` (mean NLL per token) or
             `"relative_perplexity"` (perplexity divided by the base model's, which costs one more forward pass).
         objective_weights: `{set name: weight}` for `objective="weighted_mean"`.
         allow_extra_eval_sets: accept validation sets whose name is no vector's name (they are scored like
             the others); by default such a name is refused as a probable typo.
-        bounds: `(low, high)` for every coefficient, or `{vector name: (low, high)}`.
+        bounds: `(low, high)` for every coefficient, or `{vector name: (low, high)}`; `None` is `(0, 2)`.
         grid_values: values tried per coefficient by `"grid"`, one list for all or `{vector name: [...]}`;
             default `grid_points` evenly spaced values spanning `bounds`.
         grid_points: number of values per coefficient when `grid_values` is not given.
@@ -126,6 +133,10 @@ class SearchConfig(JsonConfigMixin):
             without replacement from the fit part, seeded); `None` uses all of them (full-batch steps).
         early_stopping_patience: steps of the per-group fit without a better held-out objective before it stops.
 
+    On a command line (`transformers.HfArgumentParser(SearchConfig)`, `dem-hf search`) the dict and list fields
+    take words: `--bounds 0 2`, `--bounds math=0,1 chat=0,2`, `--grid_values 0 0.5 1`, `--objective_weights math=2
+    chat=1`, or a JSON object (`--initial_coefficients '{"math": 0.5}'`).
+
     Example:
         ```python
         >>> config = SearchConfig(strategy="bayesian", metric="log_perplexity", bounds=(0.0, 2.0), n_trials=25)
@@ -135,31 +146,53 @@ class SearchConfig(JsonConfigMixin):
 
     config_name: ClassVar[str] = "search_config.json"
 
-    strategy: str = field(default="grid", metadata={"help": "Search strategy: grid, random, bayesian or gradient."})
-    objective: Any = field(
-        default="mean", metadata={"help": "Aggregate over validation sets: mean, weighted_mean, max, or a callable."}
+    # Fields typed `X | str | None` take a command-line value (strings) through HfArgumentParser, as
+    # TrainingArguments' dict fields do; `__post_init__` turns it into X (see `parse_command_line_values`).
+    strategy: str = field(
+        default="grid",
+        metadata={"help": "Search strategy (one registered with register_strategy works from Python).",
+                  "choices": sorted(BUILTIN_STRATEGIES)},
+    )
+    objective: str = field(
+        default="mean",
+        metadata={"help": "Aggregate over validation sets (from Python also a callable {set: PerplexityResult} -> "
+                  "float, which a command line cannot name).", "choices": SEARCH_OBJECTIVES},
     )
     metric: str = field(
         default="perplexity",
-        metadata={"help": "Per-set quantity: perplexity, log_perplexity (mean NLL) or relative_perplexity (vs base)."},
+        metadata={"help": "Per-set quantity: perplexity, log_perplexity (mean NLL) or relative_perplexity (vs base).",
+                  "choices": SEARCH_METRICS},
     )
-    objective_weights: dict[str, float] | None = field(
-        default=None, metadata={"help": "Weight per validation set for objective='weighted_mean'."}
+    objective_weights: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "Weight per validation set for objective='weighted_mean': SET=WEIGHT ... or a JSON object.",
+                  "nargs": "+"},
     )
     allow_extra_eval_sets: bool = field(
         default=False, metadata={"help": "Accept validation sets whose name matches no vector."}
     )
-    bounds: Any = field(default=(0.0, 2.0), metadata={"help": "(low, high) for every coefficient, or per vector."})
-    grid_values: Any = field(
-        default=None, metadata={"help": "Values per coefficient for the grid (default: grid_points spanning bounds)."}
+    bounds: tuple[float, float] | str | dict[str, tuple[float, float]] | None = field(
+        default=(0.0, 2.0),
+        metadata={"help": "LOW HIGH for every coefficient, or per vector NAME=LOW,HIGH ... (None: 0 2).", "nargs": "+"},
+    )
+    grid_values: list[float] | str | dict[str, list[float]] | None = field(
+        default=None,
+        metadata={"help": "Values per coefficient for the grid, VALUE ... or per vector NAME=VALUE,VALUE ... "
+                  "(default: grid_points values spanning bounds).", "nargs": "+"},
     )
     grid_points: int = field(default=5, metadata={"help": "Values per coefficient when grid_values is not given."})
     n_trials: int = field(default=30, metadata={"help": "Candidates evaluated by the random and bayesian strategies."})
-    bayesian_sampler: str = field(default="gp", metadata={"help": "Optuna sampler for bayesian: gp or tpe."})
-    initial_coefficients: dict[str, float] | None = field(
-        default=None, metadata={"help": "Starting point of gradient (and first bayesian trial)."}
+    bayesian_sampler: str = field(
+        default="gp", metadata={"help": "Optuna sampler for bayesian.", "choices": BAYESIAN_SAMPLERS}
     )
-    gradient_optimizer: str = field(default="lbfgs", metadata={"help": "Gradient optimiser: lbfgs or adam."})
+    initial_coefficients: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "Starting point of gradient (and first bayesian trial): NAME=WEIGHT ... or a JSON object.",
+                  "nargs": "+"},
+    )
+    gradient_optimizer: str = field(
+        default="lbfgs", metadata={"help": "Gradient optimiser.", "choices": GRADIENT_OPTIMIZERS}
+    )
     gradient_steps: int = field(default=20, metadata={"help": "Most gradient evaluations (forward + backward)."})
     gradient_lr: float = field(default=0.1, metadata={"help": "Adam step size for the gradient strategy."})
     gradient_tolerance: float = field(
@@ -169,16 +202,20 @@ class SearchConfig(JsonConfigMixin):
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate validation sequences to this many tokens."})
     lora_mode: str = field(
-        default="auto", metadata={"help": "LoRA vectors: adapter (scalings), update (weights) or auto."}
+        default="auto",
+        metadata={"help": "LoRA vectors: adapter (scalings), update (weights) or auto.", "choices": LORA_MODES},
     )
     cache_deltas: bool | None = field(
         default=None, metadata={"help": "Keep dense deltas in memory (default: when they fit in half the free RAM)."}
     )
     device: str | None = field(default=None, metadata={"help": "Device for the base model when none is given."})
     search_density: bool = field(default=False, metadata={"help": "Also search the merge operator's density."})
-    density_bounds: Any = field(default=(0.1, 1.0), metadata={"help": "(low, high) of the density search, in (0, 1]."})
+    density_bounds: tuple[float, float] | str | None = field(
+        default=(0.1, 1.0), metadata={"help": "LOW HIGH of the density search, within (0, 1] (None: 0.1 1).", "nargs": "+"}
+    )
     granularity: str = field(
-        default="vector", metadata={"help": "One coefficient per vector, per vector and layer, or per module group."}
+        default="vector",
+        metadata={"help": "One coefficient per vector, per vector and layer, or per module group.", "choices": GRANULARITIES},
     )
     layer_regularization: float = field(
         default=1e-3, metadata={"help": "L2 pull of per-group coefficients toward their start (gradient fit)."}
@@ -194,6 +231,7 @@ class SearchConfig(JsonConfigMixin):
     )
 
     def __post_init__(self) -> None:
+        self._parse_command_line_values()
         if self.strategy not in strategy_names():
             raise ValueError(f"Unknown search strategy {self.strategy!r}; expected one of {strategy_names()}.")
         if not callable(self.objective) and self.objective not in SEARCH_OBJECTIVES:
@@ -270,6 +308,16 @@ class SearchConfig(JsonConfigMixin):
         if self.gradient_batch_sequences is not None:
             _check_positive_int("gradient_batch_sequences", self.gradient_batch_sequences)
         _check_positive_int("early_stopping_patience", self.early_stopping_patience)
+
+    def _parse_command_line_values(self) -> None:
+        """Turn the strings HfArgumentParser hands over into what the checks below expect (others unchanged)."""
+        for name in ("objective_weights", "initial_coefficients"):
+            setattr(self, name, parse_command_line_mapping(name, getattr(self, name)))
+        self.grid_values = parse_command_line_values("grid_values", self.grid_values)
+        bounds = parse_command_line_values("bounds", self.bounds)
+        self.bounds = (0.0, 2.0) if bounds is None else bounds
+        density_bounds = parse_command_line_values("density_bounds", self.density_bounds)
+        self.density_bounds = (0.1, 1.0) if density_bounds is None else density_bounds
 
     def _check_objective_weights(self) -> None:
         if self.objective == "weighted_mean" and not self.objective_weights:

@@ -26,8 +26,8 @@ import time
 from collections.abc import Mapping
 
 import torch
-from transformers.utils import logging
 
+from .. import logging
 from ..evaluation.perplexity import EvaluationSet
 from .problem import FORWARD_COST, GRADIENT_COST, SearchProblem
 

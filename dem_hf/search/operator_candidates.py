@@ -23,7 +23,12 @@ import torch
 
 from ..evaluation.perplexity import EvaluationSet, PerplexityResult
 from ..io.tensors import TensorSource
-from ..merging.operators import SIGN_ELECTION_METHODS, MergeOperator, merge_sparse_torch, sparsify_torch
+from ..merging.operators import (
+    SIGN_ELECTION_METHODS,
+    MergeOperator,
+    merge_sparse_torch,
+    sparsify_torch,
+)
 from ..vectors.vector import DistributionVector
 from .candidates import CandidateModel, _Unit
 

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.utils import logging
 
-from ..evaluation.perplexity import EvaluationSet, PerplexityResult, compute_perplexities
+from .. import logging
+from ..evaluation.perplexity import (
+    EvaluationSet,
+    PerplexityResult,
+    compute_perplexities,
+)
 from ..merging.groups import VECTOR_GROUP, value_for_group
 from .config import DENSITY, SearchConfig
 
@@ -256,7 +260,7 @@ class SearchProblem:
         if self.weighting == "average":
             totals = omega.sum(dim=0)
             if bool((totals.abs() < 1e-12).any()):
-                logger.warning_once("Skipping candidates whose coefficients sum to 0: undefined under 'average' weighting.")
+                logging.warning_once(logger, "Skipping candidates whose coefficients sum to 0: undefined under 'average' weighting.")
                 return None, omega.tolist()
             weights = [[float(omega[i, j]) / float(totals[j]) for j in range(omega.shape[1])] for i in range(omega.shape[0])]
         else:

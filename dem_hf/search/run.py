@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.utils import logging
 
-from .. import __version__
+from .. import __version__, logging
 from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation
 from ..merging.config import check_any_coefficients
 from ..merging.groups import group_names, mean_coefficient

@@ -13,8 +13,8 @@ import math
 import random
 
 import torch
-from transformers.utils import logging
 
+from .. import logging
 from .config import DENSITY
 from .problem import FORWARD_COST, GRADIENT_COST, Candidate, Objective, SearchProblem
 from .registry import register_strategy

@@ -23,8 +23,8 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
 
+from .. import logging
 from ..io.tensors import TensorDict, untied_state_dict
 from ..vectors.config import check_vector_name
 from ..vectors.vector import DistributionVector

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from transformers.utils import logging
+from .. import logging
 
 logger = logging.get_logger(__name__)
 

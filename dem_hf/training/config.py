@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging
+
+from .. import logging
 
 logger = logging.get_logger(__name__)
 

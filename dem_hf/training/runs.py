@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging
 
-from .. import __version__
+from .. import __version__, logging
 from ..io.outputs import write_file_atomic
 from ..io.tensors import fingerprint, open_weights
 from ..vectors.vector import VECTOR_CONFIG_NAME

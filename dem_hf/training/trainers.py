@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging
 
+from .. import logging
 from ..io.outputs import check_output_directory
 from ..vectors.config import check_vector_name
 from ..vectors.vector import DistributionVector

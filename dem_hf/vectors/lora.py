@@ -24,13 +24,13 @@ biases, trainable token indices, `target_parameters`, ...) and initialisations t
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .. import logging
 from ..io.tensors import (
     TensorDict,
     TensorSource,
@@ -40,7 +40,7 @@ from ..io.tensors import (
 )
 from .config import LORA_A, LORA_B, LoraModule
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 FACTOR_KEYS = {

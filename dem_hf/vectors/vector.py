@@ -16,7 +16,6 @@ torch is imported where tensors are handled, not with the module: a streaming me
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, logging
 from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, to_float32, torch_dtype_label
 from ..io.outputs import (
     atomic_directory,
@@ -55,7 +54,7 @@ from .config import (
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 VECTOR_CONFIG_NAME = "vector_config.json"
 VECTOR_STEM = "vector"

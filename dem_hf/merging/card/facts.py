@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import platform
@@ -23,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from ... import __version__
+from ... import __version__, logging
 from ...hub.push import validate_repo_id
 from ..config import DEMConfig
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 CARD_NAME = "README.md"
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip", ".zst")

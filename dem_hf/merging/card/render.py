@@ -25,7 +25,6 @@ The facts a card states are gathered in [`dem_hf.merging.card.facts`]; this modu
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from huggingface_hub.repocard_data import ModelCardData
 
+from ... import logging
 from ..config import DEMConfig
 from .context import CARD_TAGS, card_data_for, template_context
 from .facts import (
@@ -55,7 +55,7 @@ __all__ = [
     "is_hub_dataset_id", "render_model_card", "save_card_text", "write_model_card",
 ]
 
-logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
+logger = logging.get_logger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "dem_card.md.j2"
 DEFAULT_MODEL_ID = "path/to/dem-model"

@@ -6,6 +6,11 @@ in one commit.
 from ..lazy import lazy_exports
 
 _EXPORTS = {
+    "HUB_ARGUMENTS": "download",
+    "MODEL_FILES": "download",
+    "hub_id_of": "download",
+    "hub_origin": "download",
+    "resolve_checkpoint": "download",
     "resolve_pretrained": "download",
     "HubPushError": "push",
     "check_push_target": "push",

@@ -297,14 +297,55 @@ class DistributionVector:
         return write_vector_folder(save_directory, items, self.config_dict(), overwrite=overwrite, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, name: str | None = None, **hub_kwargs) -> DistributionVector:
-        """Load a saved vector from a folder or a Hub repo (`subfolder=`, `revision=`, `token=`, ...).
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        name: str | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> DistributionVector:
+        """Load a vector saved by [`~DistributionVector.save_pretrained`] from a folder or a Hub repo.
 
-        Tensors stay on disk and are read one at a time when a merge needs them.
+        From the Hub only `vector_config.json` and the tensors (`vector.safetensors`, or its index and shards) are
+        downloaded (and `adapter_config.json`, to say so when the repo is a PEFT adapter). Tensors stay on disk and are read one at a time when a merge needs them.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A saved vector's folder, or a Hub repo id (e.g. one written by [`~DistributionVector.push_to_hub`]).
+            name (`str`, *optional*):
+                Call the vector this instead of the name it was saved with.
+            subfolder (`str`, *optional*):
+                The vector's folder inside the repo or folder (e.g. `"vectors/math"` of a pushed DEM model).
+            revision (`str`, *optional*):
+                Branch, tag or commit of the Hub repo. Defaults to `main`.
+            token (`str` or `bool`, *optional*):
+                For private or gated repos. Defaults to the saved token.
+            cache_dir (`str` or `os.PathLike`, *optional*):
+                Defaults to the Hugging Face cache.
+            local_files_only (`bool`, *optional*, defaults to `False`):
+                Only look in the cache.
+            force_download (`bool`, *optional*, defaults to `False`):
+                Download the files again even when cached.
+
+        Example:
+            ```python
+            >>> math = DistributionVector.from_pretrained("my-org/smollm2-math-vector", revision="v1")
+            >>> DistributionVector.from_pretrained("my-org/dem-model", subfolder="vectors/math").vector_type
+            'lora'
+            ```
         """
-        from ..hub.download import resolve_pretrained
+        from ..hub.download import resolve_checkpoint
 
-        folder = Path(resolve_pretrained(path_or_repo_id, **hub_kwargs))
+        folder = Path(resolve_checkpoint(
+            pretrained_model_name_or_path, stem=VECTOR_STEM, files=[VECTOR_CONFIG_NAME, "adapter_config.json"], subfolder=subfolder,
+            revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+            force_download=force_download,
+        ))
         config_file = folder / VECTOR_CONFIG_NAME
         if not config_file.is_file():
             hint = " It looks like a PEFT adapter: use DistributionVector.from_peft." if (folder / "adapter_config.json").is_file() else ""

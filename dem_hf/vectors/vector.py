@@ -5,7 +5,8 @@ factors (A, B, scaling) kept low-rank: the delta B·A·scaling is formed one mod
 merge needs it. A vector remembers a fingerprint of the base it was computed against, so it is never
 silently applied to another model.
 
-On disk a vector is a folder with `vector.safetensors` (sharded when large) and `vector_config.json`.
+On disk a vector is a folder with `vector.safetensors` (sharded when large), `vector_config.json` and a generated
+`README.md` card ([`dem_hf.vectors.folder`], which also pushes it to the Hub).
 Dense deltas are stored under the base tensor's own name, LoRA factors under `<name>.lora_A` and
 `<name>.lora_B`.
 
@@ -15,7 +16,6 @@ torch is imported where tensors are handled, not with the module: a streaming me
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict
@@ -26,14 +26,9 @@ import numpy as np
 
 from .. import __version__
 from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, to_float32, torch_dtype_label
-from ..io.outputs import (
-    atomic_directory,
-    check_not_inside,
-    check_output_directory,
-    local_folder,
-)
-from ..io.reader import BufferPool, CheckpointReader, read_rows
-from ..io.shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
+from ..io.outputs import check_not_inside, check_output_directory, local_folder
+from ..io.reader import BufferPool, read_rows
+from ..io.shards import DEFAULT_MAX_SHARD_SIZE
 from ..io.tensors import (
     TensorDict,
     TensorSource,
@@ -43,27 +38,16 @@ from ..io.tensors import (
     fingerprint_mismatch,
     open_weights,
 )
-from .config import (
-    LORA_A,
-    LORA_B,
-    LoraModule,
-    check_lora_factors,
-    check_vector_name,
-    read_vector_config,
-)
+from .config import LORA_A, LORA_B, LoraModule, check_vector_name
+from .folder import VECTOR_CONFIG_NAME, VECTOR_STEM, VectorFolderMixin, write_vector_folder  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)  # stdlib: `dem-hf merge` need not import transformers
 
-VECTOR_CONFIG_NAME = "vector_config.json"
-VECTOR_STEM = "vector"
 
-
-
-
-class DistributionVector:
+class DistributionVector(VectorFolderMixin):
     """The change fine-tuning on one distribution made to a base model: θ_i − θ, dense or low-rank.
 
     Build one with [`~DistributionVector.from_models`] (full fine-tunes) or
@@ -286,83 +270,6 @@ class DistributionVector:
             "dem_hf_version": __version__,
         }
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
-    ) -> Path:
-        """Save as `vector.safetensors` (+ shards) and `vector_config.json`, atomically. Returns the folder.
-
-        Never onto or inside the vector's own folder or its base model's (`ValueError`)."""
-        check_not_inside(save_directory, {"vector": self.path, "base model": local_folder(self.base_model_name_or_path)})
-        items = ((name, self.tensors.get(name)) for name in self.tensors.keys())
-        return write_vector_folder(save_directory, items, self.config_dict(), overwrite=overwrite, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        name: str | None = None,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-    ) -> DistributionVector:
-        """Load a vector saved by [`~DistributionVector.save_pretrained`] from a folder or a Hub repo.
-
-        From the Hub only `vector_config.json` and the tensors (`vector.safetensors`, or its index and shards) are
-        downloaded (and `adapter_config.json`, to say so when the repo is a PEFT adapter). Tensors stay on disk and are read one at a time when a merge needs them.
-
-        Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`):
-                A saved vector's folder, or a Hub repo id (e.g. one written by [`~DistributionVector.push_to_hub`]).
-            name (`str`, *optional*):
-                Call the vector this instead of the name it was saved with.
-            subfolder (`str`, *optional*):
-                The vector's folder inside the repo or folder (e.g. `"vectors/math"` of a pushed DEM model).
-            revision (`str`, *optional*):
-                Branch, tag or commit of the Hub repo. Defaults to `main`.
-            token (`str` or `bool`, *optional*):
-                For private or gated repos. Defaults to the saved token.
-            cache_dir (`str` or `os.PathLike`, *optional*):
-                Defaults to the Hugging Face cache.
-            local_files_only (`bool`, *optional*, defaults to `False`):
-                Only look in the cache.
-            force_download (`bool`, *optional*, defaults to `False`):
-                Download the files again even when cached.
-
-        Example:
-            ```python
-            >>> math = DistributionVector.from_pretrained("my-org/smollm2-math-vector", revision="v1")
-            >>> DistributionVector.from_pretrained("my-org/dem-model", subfolder="vectors/math").vector_type
-            'lora'
-            ```
-        """
-        from ..hub.download import resolve_checkpoint
-
-        folder = Path(resolve_checkpoint(
-            pretrained_model_name_or_path, stem=VECTOR_STEM, files=[VECTOR_CONFIG_NAME, "adapter_config.json"], subfolder=subfolder,
-            revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-            force_download=force_download,
-        ))
-        config_file = folder / VECTOR_CONFIG_NAME
-        if not config_file.is_file():
-            hint = " It looks like a PEFT adapter: use DistributionVector.from_peft." if (folder / "adapter_config.json").is_file() else ""
-            raise FileNotFoundError(f"{str(folder)!r} has no {VECTOR_CONFIG_NAME}; it is not a saved distribution vector.{hint}")
-        config = read_vector_config(config_file)
-        tensors = CheckpointReader(folder, stem=VECTOR_STEM)
-        check_lora_factors(config_file, config.lora_modules, tensors)
-        return cls(
-            name or config.name,
-            tensors,
-            lora_modules={n: LoraModule(scaling, transpose) for n, (scaling, transpose) in config.lora_modules.items()},
-            base_fingerprint=config.base_fingerprint,
-            base_model_name_or_path=config.base_model_name_or_path,
-            metadata=config.metadata,
-            path=folder,
-        )
-
     # ----------------------------------------------------------------------------------------- construction
 
     @classmethod
@@ -460,21 +367,3 @@ class DistributionVector:
             base_model_name_or_path=parts.base_model_name_or_path,
             metadata=metadata,
         )
-
-
-def write_vector_folder(
-    save_directory: str | os.PathLike,
-    items,
-    config: dict[str, Any],
-    *,
-    overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> Path:
-    """Write `(name, tensor)` pairs, one at a time, and the vector config into a folder, atomically."""
-    with atomic_directory(save_directory, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, stem=VECTOR_STEM, max_shard_size=max_shard_size)
-        for name, tensor in items:
-            writer.add(name, tensor)
-        writer.close()
-        (staging / VECTOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return Path(save_directory)

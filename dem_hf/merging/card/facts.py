@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -225,12 +225,24 @@ class VectorFolderMixin:
         `DistributionVector.from_pretrained(repo_id)`.
 
         Args:
-            repo_id: `"namespace/name"`, or `"name"` for your own namespace.
-            private: visibility of a newly created repo. token: a Hub token with write access (default: the saved
-                one). commit_message: default `"Upload distribution vector '<name>' with dem_hf"`. revision: a branch
-                (created from `main` if missing). create_pr: open a pull request instead of committing to `main`.
-            regenerate_card: replace the repo's existing `README.md` with the generated card.
-            max_shard_size: cap per tensor file. model_card_kwargs: for the card (`base_model`, ...).
+            repo_id (`str`):
+                `"namespace/name"`, or `"name"` for your own namespace.
+            private (`bool`, *optional*):
+                Visibility of a newly created repo (an existing repo keeps its own).
+            token (`str` or `bool`, *optional*):
+                Hub token with write access (default: `HF_TOKEN` or the saved login).
+            commit_message (`str`, *optional*):
+                Defaults to `"Upload distribution vector '<name>' with dem_hf"`.
+            revision (`str`, *optional*):
+                Branch to push to (created from `main` if missing).
+            create_pr (`bool`, *optional*, defaults to `False`):
+                Open a pull request instead of committing to `main`.
+            regenerate_card (`bool`, *optional*, defaults to `False`):
+                Replace a `README.md` the repo already has with the generated card.
+            max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`):
+                Cap per tensor file.
+            model_card_kwargs (`dict`, *optional*):
+                Passed to [`render_vector_card`], e.g. `{"base_model": "org/base"}` (`model_id` is `repo_id`).
 
         Returns:
             `huggingface_hub.CommitInfo`: the commit (`.oid`, `.commit_url`, `.pr_url`).

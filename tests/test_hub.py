@@ -289,3 +289,176 @@ def test_pointing_clients_at_the_server_is_undone_afterwards(tmp_path):
         assert transformers.utils.hub.hf_api().endpoint == "http://127.0.0.1:9"
     assert client_state() == before
     assert constants.is_offline_mode()  # tests/conftest.py keeps the suite offline
+
+
+# ------------------------------------------------------------------------------ from_pretrained: arguments, files
+
+
+def downloaded(hub_server, repo: str) -> list[str]:
+    """The files of `repo` the client fetched (GET .../resolve/<rev>/<path>), in order."""
+    marker = f"/{repo}/resolve/"
+    return [r.split(marker, 1)[1].split("/", 1)[1] for r in hub_server.requests if r.startswith("GET") and marker in r]
+
+
+UNRELATED = {  # what a real repo holds beside what loading needs: PyTorch copies, originals, data, media
+    "pytorch_model.bin": b"\0" * 300_000,
+    "consolidated.safetensors": b"\0" * 300_000,
+    "original/params.json": b"{}",
+    "data/train.jsonl": b'{"text": "w1"}\n' * 1000,
+    "demo.mp4": b"\0" * 200_000,
+}
+
+
+def with_unrelated_files(folder: Path) -> Path:
+    for name, content in UNRELATED.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return folder
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_base_from_the_hub_downloads_config_tokenizer_and_weights_only(hub_server, tmp_path, base_model, tokenizer, sharded):
+    from dem_hf import DEMMerger
+
+    folder = tmp_path / "llama"
+    base_model.save_pretrained(folder, max_shard_size="20KB" if sharded else "1GB")
+    tokenizer.save_pretrained(folder)
+    with_unrelated_files(folder)
+    if sharded:  # a shard-like file the index does not list is not part of the checkpoint
+        (folder / "model-00099-of-00099.safetensors").write_bytes(b"\0" * 1000)
+    push_folder(folder, "org/base")
+    needed = {p for p in local_files(folder) if p not in UNRELATED and not p.startswith("model-00099")}
+    assert (len([p for p in needed if p.endswith(".safetensors")]) > 1) == sharded  # the case is real
+
+    merger = DEMMerger.from_pretrained("org/base")
+
+    assert sorted(downloaded(hub_server, "org/base")) == sorted(needed)
+    assert set(local_files(merger.base_folder)) == needed
+    assert sorted(merger.base.keys()) == sorted(base_model.state_dict().keys() - {"lm_head.weight"})
+    assert hub_server.unhandled == []
+
+
+def test_a_vector_from_the_hub_downloads_its_config_and_tensors_only(hub_server, tmp_path, base_dir, finetuned_dirs):
+    from dem_hf import DistributionVector
+
+    saved = DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "v")
+    with_unrelated_files(saved.path)
+    push_folder(saved.path, "org/vector")
+
+    loaded = DistributionVector.from_pretrained("org/vector")
+
+    assert sorted(downloaded(hub_server, "org/vector")) == ["vector.safetensors", "vector_config.json"]
+    assert loaded.name == "math" and loaded.target_names == saved.target_names
+    for name in saved.target_names:
+        assert torch.equal(loaded.delta(name), saved.delta(name))
+
+
+def test_a_peft_adapter_from_the_hub_downloads_the_adapter_only(hub_server, tmp_path, base_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from dem_hf import DistributionVector
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    push_folder(with_unrelated_files(tmp_path / "adapter"), "org/adapter")
+
+    vector = DistributionVector.from_peft("org/adapter", base=base_dir)
+
+    assert sorted(downloaded(hub_server, "org/adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert vector.vector_type == "lora" and len(vector.lora_modules) == 2
+
+
+HUB_ARGUMENTS = ["subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download"]
+
+
+def test_every_from_pretrained_takes_transformers_names():
+    """The same names as Transformers' `from_pretrained`, as explicit keyword parameters (no `**kwargs` to hide a typo)."""
+    import inspect
+
+    from dem_hf import DEMConfig, DEMMerger, DistributionVector, SearchConfig
+    from dem_hf.hub.download import HUB_ARGUMENTS as LIBRARY_HUB_ARGUMENTS
+
+    assert list(LIBRARY_HUB_ARGUMENTS) == HUB_ARGUMENTS
+    model_arguments = {"dtype", "device_map"}
+    for cls, loads_a_model in [(DEMMerger, True), (DistributionVector, False), (DEMConfig, False), (SearchConfig, False)]:
+        parameters = inspect.signature(cls.from_pretrained).parameters
+        assert next(iter(parameters)) == "pretrained_model_name_or_path", cls
+        assert set(HUB_ARGUMENTS) <= set(parameters), cls
+        assert all(parameters[a].kind is inspect.Parameter.KEYWORD_ONLY for a in HUB_ARGUMENTS), cls
+        assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()), cls
+        assert (model_arguments <= set(parameters)) == loads_a_model, cls
+
+
+def _hub_objects(tmp_path, base_dir, finetuned_dirs) -> Path:
+    """A folder holding a saved DEM model (base beside it) under `sub/`, pushed twice by the tests."""
+    from dem_hf import DEMMerger, DistributionVector
+
+    merger = DEMMerger.from_pretrained(base_dir)
+    merger.add_vector(DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math"))
+    folder = tmp_path / "repo"
+    merger.save_pretrained(folder / "sub", coefficients={"math": 0.25})
+    return folder
+
+
+LOADERS = {  # class -> (load from the repo's `sub/` folder, what identifies the loaded version)
+    "DEMMerger": (lambda cls, **kw: cls.from_pretrained(REPO, subfolder="sub", **kw), lambda m: m.config.coefficients["math"]),
+    "DistributionVector": (lambda cls, **kw: cls.from_pretrained(REPO, subfolder="sub/vectors/math", **kw), lambda v: v.metadata.get("version", 1)),
+    "DEMConfig": (lambda cls, **kw: cls.from_pretrained(REPO, subfolder="sub", **kw), lambda c: c.coefficients["math"]),
+}
+
+
+@pytest.mark.parametrize("class_name", list(LOADERS))
+def test_each_hub_argument_is_honoured_by_each_class(hub_server, tmp_path, base_dir, finetuned_dirs, class_name):
+    """`subfolder`, `revision`, `token`, `cache_dir`, `local_files_only` and `force_download` do what Transformers'
+    do, for every class that loads from the Hub."""
+    import json
+
+    import dem_hf
+
+    cls = getattr(dem_hf, class_name)
+    load, version_of = LOADERS[class_name]
+    folder = _hub_objects(tmp_path, base_dir, finetuned_dirs)
+    hub_server.require_token = "hf_secret"
+    first = push_folder(folder, REPO, token="hf_secret")
+    config_path = folder / "sub" / "dem_config.json"
+    config_path.write_text(config_path.read_text().replace('"math": 0.25', '"math": 0.75'))
+    vector_config = folder / "sub" / "vectors" / "math" / "vector_config.json"
+    values = json.loads(vector_config.read_text())
+    vector_config.write_text(json.dumps({**values, "metadata": {**values["metadata"], "version": 2}}))
+    push_folder(folder, REPO, token="hf_secret")
+    cache = tmp_path / "cache"
+
+    with pytest.raises(PermissionError):  # token: the repo needs one
+        load(cls, cache_dir=cache)
+    latest = load(cls, token="hf_secret", cache_dir=cache)
+    old = load(cls, token="hf_secret", cache_dir=cache, revision=first.oid)
+    assert (version_of(latest), version_of(old)) == ({"DistributionVector": 2}.get(class_name, 0.75), {"DistributionVector": 1}.get(class_name, 0.25))
+    assert list(cache.glob("models--org--dem-model/snapshots/*")), "cache_dir is where the files went"
+    assert not list(Path(constants.HF_HUB_CACHE).glob("models--org--dem-model"))
+
+    requests = len(hub_server.requests)
+    offline = load(cls, cache_dir=cache, revision=first.oid, local_files_only=True)
+    assert version_of(offline) == version_of(old) and len(hub_server.requests) == requests
+
+    load(cls, token="hf_secret", cache_dir=cache, revision=first.oid, force_download=True)
+    again = [r for r in hub_server.requests[requests:] if r.startswith("GET") and "/resolve/" in r]
+    assert again, "force_download fetched the files again"
+
+
+def test_dtype_and_device_map_are_how_the_merger_loads_the_base(base_dir, finetuned_dirs, monkeypatch):
+    from dem_hf import DEMMerger, DistributionVector
+
+    calls = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: (calls.append(kwargs), original(cls, *args, **kwargs))[1]
+    ))
+    vector = DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math")
+    default = DEMMerger.from_pretrained(base_dir, vectors=[vector]).merge()
+    half = DEMMerger.from_pretrained(base_dir, vectors=[vector], dtype=torch.float16, device_map="cpu").merge()
+    bf16 = DEMMerger.from_pretrained(base_dir, vectors=[vector], dtype=torch.float16).merge(dtype=torch.bfloat16)
+
+    assert (default.dtype, half.dtype, bf16.dtype) == (torch.float32, torch.float16, torch.bfloat16)
+    assert calls == [{"dtype": "auto"}, {"dtype": torch.float16, "device_map": "cpu"}, {"dtype": torch.bfloat16}]

@@ -244,7 +244,7 @@ def test_cli_pushes_a_saved_dem_folder_as_it_is(hub_server, merger, tmp_path, ca
 
     assert code == 0 and f"{hub_server.url}/{REPO}/commit/" in capsys.readouterr().out
     files = hub_server.repo_files(REPO)
-    vector_files = {f"vectors/{n}/{f}" for n in ["math", "chat"] for f in ["vector.safetensors", "vector_config.json"]}
+    vector_files = {f"vectors/{n}/{f}" for n in ["math", "chat"] for f in ["vector.safetensors", "vector_config.json", "README.md"]}
     assert set(files) == EXPECTED_FILES | vector_files
     assert files["model.safetensors"] == (saved / "model.safetensors").read_bytes()  # not merged again
     assert files["README.md"] != (saved / "README.md").read_bytes()
@@ -295,3 +295,62 @@ def test_private_repo_loads_with_a_token_then_from_the_cache(hub_server, merger,
     path = offline.vectors["math"].path
     assert path == restored.vectors["math"].path and cache in path.parents
     torch.testing.assert_close(logits(offline.merge()), logits(merger.merge()), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ DistributionVector.push_to_hub
+
+
+def test_vector_push_to_hub_then_from_pretrained_gives_the_same_tensors(hub_server, tmp_path, base_dir, finetuned_dirs):
+    """One commit with the tensors, config and card; the card's own snippet, run as written, merges the base + Δ."""
+    from dem_hf.hub.push import push_folder
+
+    push_folder(base_dir, "org/tiny-base")
+    vector = DistributionVector.from_models("org/tiny-base", finetuned_dirs["math"], name="math", metadata={"dataset": "math"})
+
+    info = vector.push_to_hub("org/math-vector", private=True)
+
+    assert len(hub_server.commits) == 2 and hub_server.commits[1].oid == info.oid
+    assert hub_server.commits[1].message == "Upload distribution vector 'math' with dem_hf"
+    assert set(hub_server.repo_files("org/math-vector")) == {".gitattributes", "README.md", "vector.safetensors", "vector_config.json"}
+    loaded = DistributionVector.from_pretrained("org/math-vector")
+    assert (loaded.name, loaded.metadata, loaded.base_fingerprint) == ("math", {"dataset": "math"}, vector.base_fingerprint)
+    assert sorted(loaded.target_names) == sorted(vector.target_names)
+    for name in vector.target_names:
+        torch.testing.assert_close(loaded.delta(name), vector.delta(name), rtol=0, atol=0)
+
+    card = ModelCard(hub_server.repo_files("org/math-vector")["README.md"].decode())
+    assert card.data.base_model == "org/tiny-base" and card.data.library_name == "dem_hf"
+    snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'DistributionVector.from_pretrained("org/math-vector")' in snippet
+    namespace: dict = {}
+    exec(snippet.replace('merger.save_pretrained("dem-model")', f'merger.save_pretrained({str(tmp_path / "dem")!r})'), namespace)
+    expected = AutoModelForCausalLM.from_pretrained(finetuned_dirs["math"])
+    torch.testing.assert_close(logits(namespace["model"]), logits(expected))
+
+
+def test_vector_push_replaces_stale_shards_keeps_an_edited_card_and_fails_early(hub_server, tmp_path, base_dir, finetuned_dirs, monkeypatch):
+    vector = DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math")
+    vector.push_to_hub("org/v", max_shard_size=4000)
+    assert len([f for f in hub_server.repo_files("org/v") if f.startswith("vector-")]) > 1
+    HfApi().upload_file(path_or_fileobj=b"# edited\n", path_in_repo="README.md", repo_id="org/v")
+
+    vector.push_to_hub("org/v", commit_message="one file")
+
+    files = hub_server.repo_files("org/v")
+    assert not any(f.startswith("vector-") for f in files) and "vector.safetensors" in files
+    assert hub_server.commits[-1].message == "one file" and files["README.md"] == b"# edited\n"
+    vector.push_to_hub("org/v", regenerate_card=True)
+    assert b"# Distribution vector `math`" in hub_server.repo_files("org/v")["README.md"]
+
+    commits = len(hub_server.commits)
+    with pytest.raises(ValueError, match="namespace/name"):
+        vector.push_to_hub("bad id")
+    with pytest.raises(ValueError, match="create_pr"):
+        vector.push_to_hub("org/v", create_pr=True, revision="dev")
+    hub_server.require_token = "hf_secret"
+    with pytest.raises(PermissionError):
+        vector.push_to_hub("org/v")
+    assert len(hub_server.commits) == commits
+    vector.push_to_hub("org/v", token="hf_secret", revision="dev", max_shard_size=4000)  # files differ from main's
+    pull_request = vector.push_to_hub("org/v", token="hf_secret", create_pr=True, max_shard_size=6000)
+    assert [c.revision for c in hub_server.commits[commits:]] == ["dev", "refs/pr/1"] and pull_request.pr_num == 1

@@ -122,3 +122,76 @@ def test_lora_vector_saves_low_rank(tmp_path):
     assert all(2 in shape for shape in stored.values()), stored  # only rank-2 factors on disk
     for name in vector.target_names:
         torch.testing.assert_close(loaded.delta(name), vector.delta(name))
+
+
+# ------------------------------------------------------------------------------------------------ the card
+
+
+def test_every_saved_vector_folder_has_a_card_saying_what_it_is(tmp_path, base_dir, finetuned_dirs, base_model):
+    from huggingface_hub import ModelCard
+
+    metadata = {"dataset": "org/math-data", "num_examples": 120, "step": 30, "compute": {"num_input_tokens_seen": 4096}}
+    vector = DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", metadata=metadata)
+    vector.base_model_name_or_path = "org/tiny-base"
+    vector.save_pretrained(tmp_path / "math")
+    streamed = DistributionVector.from_models(base_dir, finetuned_dirs["chat"], name="chat", save_directory=tmp_path / "chat")
+
+    card = ModelCard.load(tmp_path / "math" / "README.md")
+    assert card.data.to_dict() == {
+        "base_model": "org/tiny-base", "datasets": ["org/math-data"], "library_name": "dem_hf",
+        "tags": ["dem", "dem_hf", "distribution-vector"],
+    }
+    parameters = sum(p.numel() for p in base_model.parameters())  # tied embeddings counted once, as stored
+    tensors = len(dict(base_model.named_parameters()))
+    for line in [
+        "# Distribution vector `math`",
+        "| Base model | [`org/tiny-base`](https://huggingface.co/org/tiny-base) |",
+        "| Training data | [`org/math-data`](https://huggingface.co/datasets/org/math-data) |",
+        "| Vector type | full (dense deltas) |",
+        f"| Base tensors changed | {tensors:,} |",
+        f"| Parameters changed | {parameters:,} |",
+        f"| Numbers stored | {parameters:,} |",
+        "| Training | 120 examples, 30 optimizer steps, 4,096 tokens seen |",
+        'vector = DistributionVector.from_pretrained("math")',
+        'merger = DEMMerger.from_pretrained("org/tiny-base", vectors=[vector])',
+        'model = merger.merge(coefficients={"math": 1.0})',
+    ]:
+        assert line in card.text, line
+    assert "LoRA rank" not in card.text
+
+    chat = ModelCard.load(streamed.path / "README.md")  # streamed to disk: the same card, from the headers
+    assert chat.data.base_model is None and "`base` (a local folder)" in chat.text and str(tmp_path) not in chat.text
+    assert "| Training data | the `chat` data |" in chat.text
+
+
+def test_a_lora_vector_card_gives_the_rank_and_the_low_rank_size(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = make_llama(seed=0)  # q_proj 32x32, v_proj 16x32 (2 of 4 heads for keys and values), 2 layers
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    vector = DistributionVector.from_peft(peft_model, name="chat")
+    vector.save_pretrained(tmp_path / "chat", model_card_kwargs={"model_id": "org/chat-vector", "base_model": "org/b"})
+
+    card = ModelCard.load(tmp_path / "chat" / "README.md")
+    assert card.data.tags == ["dem", "dem_hf", "distribution-vector", "lora"] and card.data.base_model == "org/b"
+    changed = 2 * (32 * 32 + 16 * 32)  # B·A has the shape of the base weight
+    stored = 2 * ((2 * 32 + 32 * 2) + (2 * 32 + 16 * 2))  # A: r x in, B: out x r
+    for line in [
+        "| Vector type | LoRA (low-rank factors) |", "| LoRA rank | 2 |", "| Base tensors changed | 4 |",
+        f"| Parameters changed | {changed:,} |", f"| Numbers stored | {stored:,} |",
+        'vector = DistributionVector.from_pretrained("org/chat-vector")',
+    ]:
+        assert line in card.text, line
+
+
+def test_vectors_copied_into_a_dem_folder_get_their_card(tmp_path, base_dir, finetuned_dirs):
+    from dem_hf import DEMMerger
+
+    saved = DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "v")
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[saved])
+    merger.add_vector(DistributionVector.from_models(base_dir, finetuned_dirs["chat"], name="chat"))  # in memory
+    out = merger.save_pretrained(tmp_path / "dem")
+    for name in ["math", "chat"]:
+        text = (out / "vectors" / name / "README.md").read_text()
+        assert f"# Distribution vector `{name}`" in text and f'from_pretrained("{name}")' in text

@@ -199,36 +199,25 @@ def _finite_pairs(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float]
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Pearson correlation over the pairs where both values are finite; NaN with < 2 pairs or no variance."""
-    xs, ys = _finite_pairs(xs, ys)
-    if len(xs) < 2:
-        return math.nan
-    mean_x, mean_y = math.fsum(xs) / len(xs), math.fsum(ys) / len(ys)
-    dx, dy = [x - mean_x for x in xs], [y - mean_y for y in ys]
-    norm = math.sqrt(math.fsum(a * a for a in dx) * math.fsum(b * b for b in dy))
-    if norm == 0:
-        return math.nan
-    return max(-1.0, min(1.0, math.fsum(a * b for a, b in zip(dx, dy)) / norm))
-
-
-def _average_ranks(values: Sequence[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
-            stop += 1
-        for position in range(start, stop + 1):
-            ranks[order[position]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
+    """Pearson correlation (`scipy.stats.pearsonr`) over the pairs where both values are finite; NaN with fewer than
+    two pairs or when either side is constant."""
+    return _correlation("pearsonr", xs, ys)
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson of average ranks, so ties are handled) over the finite pairs."""
+    """Spearman rank correlation (`scipy.stats.spearmanr`: average ranks for ties) over the pairs where both values are
+    finite; NaN with fewer than two pairs or when either side is constant."""
+    return _correlation("spearmanr", xs, ys)
+
+
+def _correlation(function: str, xs: Sequence[float], ys: Sequence[float]) -> float:
     xs, ys = _finite_pairs(xs, ys)
-    return pearson(_average_ranks(xs), _average_ranks(ys))
+    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return math.nan  # undefined (SciPy would warn and return NaN, or refuse fewer than two pairs)
+    import scipy.stats  # heavy: only a correlation needs it
+
+    value = float(getattr(scipy.stats, function)(xs, ys).statistic)
+    return max(-1.0, min(1.0, value))
 
 
 def sum_compute(records: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
@@ -278,7 +267,7 @@ def plot_ablation(result: AblationResult, path: str | os.PathLike | None = None,
     axes.set_yticks(positions, [s.name for s in scores], fontsize=8)
     low, high = min(s.objective for s in scores), max(s.objective for s in scores)
     axes.set_xlim(low - 0.1 * ((high - low) or abs(low) or 1.0), high + 0.05 * ((high - low) or abs(high) or 1.0))
-    axes.set_xlabel(f"proxy objective: {result.objective}", fontsize=8)
+    axes.set_xlabel(f"proxy objective (lower is better): {result.objective}", fontsize=8)
     axes.set_title(f"Data-ablation proxy: {len(result.scores)} candidate mixtures", fontsize=9)
     figure.tight_layout()
     if path is not None:
@@ -305,8 +294,8 @@ def plot_proxy_validation(validation: ProxyValidation, path: str | os.PathLike |
     axes.scatter(xs, ys, s=40, color="#1f77b4", edgecolors="k", linewidths=0.3)
     for name, x, y in zip(names, xs, ys):
         axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes.set_xlabel("proxy (parameter average of partition models)")
-    axes.set_ylabel("trained on the mixture")
+    axes.set_xlabel("proxy objective: parameter average of partition models (lower is better)", fontsize=8)
+    axes.set_ylabel("objective trained on the mixture (lower is better)", fontsize=8)
     axes.set_title(
         f"{validation.proxy.objective}\nPearson r = {validation.pearson:.3f}, Spearman rho = {validation.spearman:.3f}",
         fontsize=9,

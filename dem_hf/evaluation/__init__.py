@@ -1,4 +1,5 @@
-"""Evaluation: validation data in any TRL format tokenised once into an `EvaluationSet`, token-weighted corpus
+"""Evaluation: datasets given as objects or paths (one loader, shared with training), validation data in any TRL
+format tokenised once into an `EvaluationSet`, token-weighted corpus
 perplexity, and the packaged `evaluate` metric module.
 """
 
@@ -12,6 +13,7 @@ _EXPORTS = {
     "compute_perplexities": "perplexity",
     "compute_perplexity": "perplexity",
     "EvaluationSet": "sets",
+    "load_dataset_source": "loading",
     "tokenize_for_evaluation": "tokenization",
 }
 __all__ = sorted(_EXPORTS)

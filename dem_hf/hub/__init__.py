@@ -1,11 +1,18 @@
-"""The Hugging Face Hub: resolving ids to local folders (cache first, only the files needed) and pushing a folder
-in one commit.
+"""The Hugging Face Hub: resolving ids to local folders (cache first, only the files needed), pushing a folder
+in one commit, and model cards rendered from templates offline.
 """
 
 
 from ..lazy import lazy_exports
 
 _EXPORTS = {
+    "render_card_template": "card",
+    "save_card_text": "card",
+    "HUB_ARGUMENTS": "download",
+    "MODEL_FILES": "download",
+    "hub_id_of": "download",
+    "hub_origin": "download",
+    "resolve_checkpoint": "download",
     "resolve_pretrained": "download",
     "HubPushError": "push",
     "check_push_target": "push",

@@ -2,13 +2,20 @@
 
 [`resolve_pretrained`] turns a `from_pretrained` argument into a local folder, downloading only the files a
 caller needs (`allow_patterns`), and explains clearly when it cannot (offline and not cached, a gated or
-missing repo). [`hub_origin`] tells which repo, commit and subfolder a folder of the Hugging Face cache holds, so
-that a saved DEM folder can record Hub sources as ids with their revision rather than as cache paths. Pushing is in
-[`dem_hf.hub.push`].
+missing repo). [`resolve_checkpoint`] does it for a checkpoint: its config (and tokenizer) files and its safetensors
+weights, a single file or the index and exactly the shards it lists, never the other files of the repo (PyTorch
+`.bin` copies, `consolidated.safetensors`, `original/`, datasets kept beside the model). [`hub_origin`] tells which
+repo, commit and subfolder a folder of the Hugging Face cache holds, so that a saved DEM folder can record Hub sources
+as ids with their revision rather than as cache paths; [`hub_id_of`] names the Hub id behind a reference. Pushing is
+in [`dem_hf.hub.push`].
+
+Every `from_pretrained` of dem_hf takes the Hub arguments of Transformers' (`revision`, `token`, `cache_dir`,
+`local_files_only`, `force_download`, `subfolder`) and passes them here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -21,7 +28,32 @@ from huggingface_hub import constants
 
 from .push import LOGIN_HINT, REPO_ID_RULES, _as_list, _first_line, validate_repo_id
 
-__all__ = ["HubOrigin", "hub_origin", "resolve_pretrained"]
+__all__ = [
+    "HUB_ARGUMENTS", "MODEL_FILES", "HubOrigin", "hub_id_of", "hub_origin", "resolve_checkpoint", "resolve_pretrained",
+]
+
+# The Hub arguments every dem_hf `from_pretrained` takes, with Transformers' names and meanings.
+HUB_ARGUMENTS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
+
+# What loading a causal LM needs besides its weights: configs, tokenizer files (every format Transformers reads),
+# chat templates, and the model card (for the license a merged model's card states). Nothing else is downloaded.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+)
 
 # `.../models--{namespace}--{name}/snapshots/{commit}[/{subfolder}]`: the layout of the Hugging Face cache (repo ids
 # cannot contain `--`, so the separator is unambiguous).
@@ -58,6 +90,85 @@ def hub_origin(folder: str | os.PathLike) -> HubOrigin | None:
     return HubOrigin(match["repo"].replace("--", "/"), match["revision"], match["subfolder"] or None)
 
 
+def hub_id_of(path_or_id: str | os.PathLike | None) -> str | None:
+    """The Hub id behind a model reference: the id itself, the repo of a Hugging Face cache snapshot (its root, not a
+    subfolder), or `None` for a local folder, a path-like name or nothing.
+
+    Example:
+
+    ```python
+    >>> hub_id_of("org/name"), hub_id_of("/c/hub/models--a--b/snapshots/123abc"), hub_id_of("./relative")
+    ('org/name', 'a/b', None)
+    ```
+    """
+    if path_or_id is None:
+        return None
+    text = str(path_or_id)
+    origin = hub_origin(text)
+    if origin is not None:
+        return origin.repo_id if origin.subfolder is None else None
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
+        return None
+    try:
+        validate_repo_id(text)
+    except ValueError:
+        return None
+    return text
+
+
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    stem: str = "model",
+    files: Sequence[str] = MODEL_FILES,
+    **hub_kwargs,
+) -> Path:
+    """Return a local folder holding a safetensors checkpoint, downloading only what loading it needs.
+
+    From the Hub come the `files` (glob patterns; by default a causal LM's config and tokenizer files,
+    [`MODEL_FILES`]) and the weights: `{stem}.safetensors`, or `{stem}.safetensors.index.json` and exactly the shards
+    its `weight_map` lists (fetched at the commit of the first download). Anything else in the repo stays there. A
+    local folder is used as it is.
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`):
+            A local folder or a Hub repo id.
+        stem (`str`, *optional*, defaults to `"model"`):
+            The weights' file stem (`"vector"` for a saved distribution vector).
+        files (`Sequence[str]`, *optional*, defaults to [`MODEL_FILES`]):
+            The other files to fetch, as glob patterns relative to the folder.
+        hub_kwargs:
+            `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`: as for
+            [`resolve_pretrained`].
+
+    Returns:
+        `pathlib.Path`: a local folder.
+
+    Example:
+
+    ```python
+    >>> resolve_checkpoint("HuggingFaceTB/SmolLM2-135M")  # config, tokenizer, model.safetensors; no .bin, no ONNX
+    PosixPath('/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/...')
+    ```
+    """
+    index_name = f"{stem}.safetensors.index.json"
+    patterns = [*files, f"{stem}.safetensors", index_name]
+    folder = resolve_pretrained(path_or_repo_id, allow_patterns=patterns, **hub_kwargs)
+    origin = hub_origin(folder)
+    index = folder / index_name
+    if origin is None or not index.is_file():
+        return folder
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return folder  # a malformed index: the checkpoint reader says what is wrong with it
+    missing = [shard for shard in shards if isinstance(shard, str) and not (folder / shard).is_file()]
+    if missing:
+        pinned = {**hub_kwargs, "revision": origin.revision}  # the shards of the index just downloaded
+        folder = resolve_pretrained(path_or_repo_id, allow_patterns=missing, **pinned)
+    return folder
+
+
 def resolve_pretrained(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -66,6 +177,7 @@ def resolve_pretrained(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    force_download: bool = False,
     allow_patterns: str | Sequence[str] | None = None,
 ) -> Path:
     """Return a local folder for a local path or a Hub repo id, downloading the repo into the cache if needed.
@@ -87,6 +199,8 @@ def resolve_pretrained(
             Defaults to the Hugging Face cache (`HF_HUB_CACHE`).
         local_files_only (`bool`, *optional*, defaults to `False`):
             Only look in the cache.
+        force_download (`bool`, *optional*, defaults to `False`):
+            Download the files again even when they are cached.
         allow_patterns (`str` or `list[str]`, *optional*):
             Download only the files matching these glob patterns (relative to `subfolder` when given).
 
@@ -128,6 +242,7 @@ def resolve_pretrained(
         token=token,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
+        force_download=force_download,
         allow_patterns=_patterns_under(subfolder, allow_patterns),
     )
     return _subfolder_of(Path(snapshot), subfolder, f"the Hub repo {repo_id!r}")
@@ -140,6 +255,7 @@ def _download_snapshot(
     token: str | bool | None,
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
+    force_download: bool,
     allow_patterns: list[str] | None,
 ) -> str:
     """`huggingface_hub.snapshot_download`, with its errors turned into ones that say what to do (see
@@ -161,6 +277,7 @@ def _download_snapshot(
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
+            force_download=force_download,
             allow_patterns=allow_patterns,
         )
     except LocalEntryNotFoundError as error:

@@ -114,9 +114,9 @@ def open_weights(model_or_path, **hub_kwargs) -> tuple[TensorSource, str | None,
         raise ValueError(
             f"Expected a model folder, a Hub id or a PreTrainedModel, got {type(model_or_path).__name__}."
         )
-    from ..hub.download import resolve_pretrained
+    from ..hub.download import resolve_checkpoint
 
-    folder = resolve_pretrained(model_or_path, **hub_kwargs)
+    folder = resolve_checkpoint(model_or_path, **hub_kwargs)  # from the Hub: config, tokenizer, safetensors only
     config_file = Path(folder) / "config.json"
     config = {}
     if config_file.is_file():

@@ -57,11 +57,33 @@ class JsonConfigMixin:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike):
-        """Read `<directory>/<config_name>`."""
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ):
+        """Read `<config_name>` from a folder, or from a Hub repo (only that file is downloaded).
+
+        The Hub arguments are Transformers' (see [`dem_hf.hub.download.resolve_pretrained`]).
+        """
+        from ..hub.download import resolve_pretrained
+
+        try:
+            directory = resolve_pretrained(
+                pretrained_model_name_or_path, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, force_download=force_download, allow_patterns=[cls.config_name],
+            )
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"No {cls.config_name} found: {error}") from error
         path = Path(directory) / cls.config_name
         if not path.is_file():
-            raise FileNotFoundError(f"No {cls.config_name} in {str(directory)!r}.")
+            raise FileNotFoundError(f"No {cls.config_name} in {str(pretrained_model_name_or_path)!r}.")
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as error:

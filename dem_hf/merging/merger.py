@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import logging
-from ..hub.download import resolve_pretrained
+from ..hub.download import resolve_checkpoint, resolve_pretrained
 from ..hub.push import check_push_target, prepare_repo, push_folder
 from ..io.outputs import atomic_directory, check_not_inside, check_output_directory
 from ..io.reader import CheckpointReader
@@ -67,7 +67,9 @@ class DEMMerger:
     Args:
         base_model_name_or_path: Hub id or folder of the base model θ (a safetensors checkpoint).
         config: a [`DEMConfig`]; a default one (`weighting="sum"`) if omitted.
-        hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for resolving a Hub id.
+        dtype, device_map: how [`~DEMMerger.merge`] loads the base (Transformers' arguments).
+        hub_kwargs: `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only`, `force_download` for resolving
+            a Hub id (only the config, tokenizer files and safetensors weights are downloaded).
 
     Example:
         ```python
@@ -81,15 +83,25 @@ class DEMMerger:
 
     config_class = DEMConfig
 
-    def __init__(self, base_model_name_or_path: str | os.PathLike, config: DEMConfig | None = None, **hub_kwargs) -> None:
+    def __init__(
+        self,
+        base_model_name_or_path: str | os.PathLike,
+        config: DEMConfig | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device_map: str | dict | None = None,
+        **hub_kwargs,
+    ) -> None:
         self.config = config or DEMConfig()
-        self.base_folder = Path(resolve_pretrained(base_model_name_or_path, **hub_kwargs))
+        self.base_folder = Path(resolve_checkpoint(base_model_name_or_path, **hub_kwargs))
         self.config.base_model_name_or_path, self.config.base_revision = base_reference(
             base_model_name_or_path, self.base_folder
         )
         self.base = CheckpointReader(self.base_folder)
         self.base_fingerprint = fingerprint(self.base)
         self.vectors: dict[str, DistributionVector] = {}
+        # How `merge()` loads the base (Transformers' own arguments); its own keyword arguments override them.
+        self.model_kwargs = {"dtype": dtype, **({"device_map": device_map} if device_map is not None else {})}
 
     # ----------------------------------------------------------------------------------------- building
 
@@ -101,7 +113,14 @@ class DEMMerger:
         *,
         config: DEMConfig | None = None,
         base_model_name_or_path: str | os.PathLike | None = None,
-        **hub_kwargs,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        dtype: str | torch.dtype = "auto",
+        device_map: str | dict | None = None,
     ) -> DEMMerger:
         """A merger over a base model, or restored from a folder saved by [`~DEMMerger.save_pretrained`].
 
@@ -110,38 +129,45 @@ class DEMMerger:
         (from the folder's `vectors/`, else their recorded source: an absolute path, or a Hub id at the recorded
         commit) and the coefficients are restored, from any working directory; `base_model_name_or_path`
         overrides a base that moved. Relative paths in configs written by older versions are read relative to the
-        working directory, as they were written.
+        working directory, as they were written. From the Hub only what is needed is downloaded: for a base its
+        config, tokenizer files and safetensors weights; for a saved DEM model `dem_config.json` and `vectors/`.
 
         Args:
             pretrained_model_name_or_path: base model, or saved DEM model, as a folder or Hub id.
             vectors: distribution vectors to add, as objects or saved-vector folders.
             config: config for a new merger (not allowed when restoring; edit `merger.config` instead).
             base_model_name_or_path: the base's new location when restoring.
-            hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `subfolder`.
+            subfolder, revision, token, cache_dir, local_files_only, force_download: as in Transformers'
+                `from_pretrained` (when restoring, `subfolder` and `revision` name the DEM repo's, whose base is
+                fetched at its recorded commit; the others apply to the base and the vectors too).
+            dtype, device_map: how [`~DEMMerger.merge`] loads the base (default `dtype="auto"`: the checkpoint's).
         """
-        # From the Hub, fetch only what a restore needs (not the merged weights); a plain base is fetched whole.
+        hub_kwargs = dict(subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                          local_files_only=local_files_only, force_download=force_download)
+        model_kwargs = dict(dtype=dtype, device_map=device_map)
+        # From the Hub, fetch only what a restore needs (not the merged weights); a plain base is fetched by `cls`.
         restore_files = None if Path(pretrained_model_name_or_path).is_dir() else [DEMConfig.config_name, f"{VECTORS_FOLDER}/**"]
         folder = Path(resolve_pretrained(pretrained_model_name_or_path, allow_patterns=restore_files, **hub_kwargs))
         if not (folder / DEMConfig.config_name).is_file():
-            merger = cls(pretrained_model_name_or_path, config=config, **hub_kwargs)
+            merger = cls(pretrained_model_name_or_path, config=config, **model_kwargs, **hub_kwargs)
         else:
             if config is not None:
                 raise ValueError(f"{str(pretrained_model_name_or_path)!r} is a saved DEM model with its own config; do not pass config=.")
-            merger = cls._restore(folder, base_model_name_or_path, **hub_kwargs)
+            merger = cls._restore(folder, base_model_name_or_path, hub_kwargs, model_kwargs)
         for vector in vectors or []:
             merger.add_vector(vector)
         return merger
 
     @classmethod
-    def _restore(cls, folder: Path, base_override, **hub_kwargs) -> DEMMerger:
+    def _restore(cls, folder: Path, base_override, hub_kwargs: dict, model_kwargs: dict) -> DEMMerger:
         config = DEMConfig.from_pretrained(folder)
         base = base_override or config.base_model_name_or_path
         if base is None:
             raise ValueError(f"{str(folder / DEMConfig.config_name)!r} names no base model; pass base_model_name_or_path=.")
         # The revision and subfolder name the DEM repo, not its base; credentials and cache apply to both.
-        access = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
+        access = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only", "force_download")}
         base_revision = None if base_override else config.base_revision
-        merger = cls(base, config=config, **access, **({"revision": base_revision} if base_revision else {}))
+        merger = cls(base, config=config, **model_kwargs, **access, **({"revision": base_revision} if base_revision else {}))
         for name, info in config.vectors.items():
             found = find_vector(folder, name, info, access)
             if found is not None:
@@ -233,7 +259,8 @@ class DEMMerger:
 
         Args:
             coefficients: `{vector name: ω or {group: ω}}`; unnamed vectors keep their recorded coefficient.
-            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`).
+            model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`), over the `dtype` and
+                `device_map` given to [`~DEMMerger.from_pretrained`].
 
         Example:
             ```python
@@ -247,7 +274,7 @@ class DEMMerger:
 
         chosen = self.resolve_coefficients(coefficients)
         terms, operator = self._terms(chosen), self.config.merge_operator
-        model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{"dtype": "auto", **model_kwargs})
+        model = AutoModelForCausalLM.from_pretrained(self.base_folder, **{**self.model_kwargs, **model_kwargs})
         apply_vectors_(model, terms, operator)
         self.config.coefficients = chosen
         return model

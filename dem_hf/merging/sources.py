@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import logging
 from ..hub.download import hub_origin, resolve_pretrained
 from ..io.outputs import is_weight_file
+from ..vectors.folder import save_vector_card
 from ..vectors.vector import VECTOR_CONFIG_NAME, VECTOR_STEM, DistributionVector
 
 logger = logging.get_logger(__name__)
@@ -70,8 +71,8 @@ def find_vector(folder: Path, name: str, info: dict, access: dict) -> Path | Non
 
 
 def copy_vector_folder(vector: DistributionVector, target: Path) -> None:
-    """Copy a saved vector's weight files (shards and index, as its folder holds them) and write its config under
-    its name in this merger."""
+    """Copy a saved vector's weight files (shards and index, as its folder holds them) and write its config and card
+    under its name in this merger."""
     source = Path(vector.path)
     index = source / f"{VECTOR_STEM}.safetensors.index.json"
     if index.is_file():
@@ -83,6 +84,7 @@ def copy_vector_folder(vector: DistributionVector, target: Path) -> None:
     for file in files:
         shutil.copy2(file, target / file.name)
     (target / VECTOR_CONFIG_NAME).write_text(json.dumps(vector.config_dict(), indent=2) + "\n")
+    save_vector_card(target, vector.config_dict())
 
 
 def copy_base_files(base_folder: Path, staging: Path, skip: set[str]) -> None:

@@ -18,6 +18,7 @@ Strategies live in [`SEARCH_STRATEGIES`]; `grid`, `random`, `bayesian` and `grad
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import __version__, logging
+from ..evaluation.loading import load_dataset_source
 from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation
 from ..merging.config import check_any_coefficients
 from ..merging.groups import group_names, mean_coefficient
@@ -219,6 +221,7 @@ def run_search(
         raise ValueError(f"The {config.strategy!r} strategy evaluated no candidate.")
     best = min(problem.records, key=lambda c: c.objective)
     logger.info(f"Best coefficients {best.coefficients}: {problem.objective.description} = {best.objective:.6g}")
+    warn_about_bounds(best.coefficients, search_region(config, bounds))
     return SearchResult(
         best_coefficients=dict(best.coefficients),
         best_density=best.density,
@@ -292,6 +295,38 @@ def resolve_lora_mode(config: SearchConfig) -> str:
     if config.lora_mode != "auto":
         return config.lora_mode
     return "adapter" if config.strategy == "gradient" else "update"
+
+
+def search_region(config: SearchConfig, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The interval each coefficient was searched over: its bounds, or for a grid of given values their range (a
+    coefficient given one value only is not searched, and left out)."""
+    if config.strategy != "grid" or config.grid_values is None:
+        return dict(bounds)
+    values = config.grid_values if isinstance(config.grid_values, dict) else {n: config.grid_values for n in bounds}
+    region = {n: (float(min(values[n])), float(max(values[n]))) for n in bounds}
+    return {n: (lo, hi) for n, (lo, hi) in region.items() if lo < hi}
+
+
+def warn_about_bounds(best: Mapping[str, float], region: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Warn, per coefficient, when the best value sits on a bound of the searched interval: the optimum may lie
+    beyond it. Returns the warnings."""
+    messages = []
+    for name, (low, high) in region.items():
+        value = best.get(name)
+        if value is None:
+            continue
+        side = "lower" if math.isclose(value, low, abs_tol=1e-9) else "upper" if math.isclose(value, high, abs_tol=1e-9) else None
+        if side is None:
+            continue
+        wider = (low - (high - low), high) if side == "lower" else (low, high + (high - low))
+        messages.append(
+            f"The best coefficient for {name!r} ({value:g}) sits on the {side} bound {low if side == 'lower' else high:g} "
+            f"of the searched interval [{low:g}, {high:g}]: the optimum may lie beyond it. Widen the search, e.g. "
+            f"SearchConfig(bounds={{{name!r}: ({wider[0]:g}, {wider[1]:g}), ...}}), and search again."
+        )
+    for message in messages:
+        logger.warning(message)
+    return messages
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -380,7 +415,9 @@ def prepare_eval_sets(
 ) -> dict[str, EvaluationSet]:
     """Tokenise each validation set once (raw datasets) or check it (`EvaluationSet`s).
 
-    Raw sequences longer than `config.max_length` (default: the model's `max_position_embeddings`) are
+    A set given as a path (a JSON/JSONL, CSV, Parquet, Arrow or text file, a folder saved with `save_to_disk`, or a
+    Hub dataset id) is loaded as training data is ([`~dem_hf.evaluation.loading.load_dataset_source`], its
+    `validation` split or its only one). Raw sequences longer than `config.max_length` (default: the model's `max_position_embeddings`) are
     truncated with a warning. A `max_length` above the model's limit, or an `EvaluationSet` holding longer
     sequences, is refused: the model cannot score those positions.
     """
@@ -390,6 +427,8 @@ def prepare_eval_sets(
     max_length = config.max_length or limit
     prepared = {}
     for name, data in eval_datasets.items():
+        if isinstance(data, (str, os.PathLike)):  # a data file, a saved dataset folder or a Hub dataset id
+            data = load_dataset_source(data, name, split="validation")
         if isinstance(data, EvaluationSet):
             if len(data) == 0:
                 raise ValueError(f"Validation set {name!r} is empty; it needs at least one sequence.")

@@ -7,11 +7,12 @@ from ..lazy import lazy_exports
 
 _EXPORTS = {
     "DistributionVector": "vector",
-    "VECTOR_CONFIG_NAME": "vector",
+    "VECTOR_CONFIG_NAME": "folder",
+    "render_vector_card": "folder",
     "check_vector_name": "config",
     "read_vector_config": "config",
     "VECTOR_TYPES": "config",
-    "write_vector_folder": "vector",
+    "write_vector_folder": "folder",
     "LORA_A": "config",
     "LORA_B": "config",
     "LoraModule": "config",

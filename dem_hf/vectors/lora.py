@@ -117,7 +117,8 @@ def _load_adapter_folder(adapter, **hub_kwargs) -> _Adapter:
 
     from ..hub.download import resolve_pretrained
 
-    folder = Path(resolve_pretrained(adapter, **hub_kwargs))
+    adapter_files = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]  # nothing else of the repo
+    folder = Path(resolve_pretrained(adapter, allow_patterns=adapter_files, **hub_kwargs))
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no adapter_config.json; it is not a PEFT adapter folder.")

@@ -5,7 +5,8 @@ factors (A, B, scaling) kept low-rank: the delta B·A·scaling is formed one mod
 merge needs it. A vector remembers a fingerprint of the base it was computed against, so it is never
 silently applied to another model.
 
-On disk a vector is a folder with `vector.safetensors` (sharded when large) and `vector_config.json`.
+On disk a vector is a folder with `vector.safetensors` (sharded when large), `vector_config.json` and a generated
+`README.md` card ([`dem_hf.vectors.folder`], which also pushes it to the Hub).
 Dense deltas are stored under the base tensor's own name, LoRA factors under `<name>.lora_A` and
 `<name>.lora_B`.
 
@@ -15,7 +16,6 @@ torch is imported where tensors are handled, not with the module: a streaming me
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -25,14 +25,9 @@ import numpy as np
 
 from .. import __version__, logging
 from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, to_float32, torch_dtype_label
-from ..io.outputs import (
-    atomic_directory,
-    check_not_inside,
-    check_output_directory,
-    local_folder,
-)
-from ..io.reader import BufferPool, CheckpointReader, read_rows
-from ..io.shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
+from ..io.outputs import check_not_inside, check_output_directory, local_folder
+from ..io.reader import BufferPool, read_rows
+from ..io.shards import DEFAULT_MAX_SHARD_SIZE
 from ..io.tensors import (
     TensorDict,
     TensorSource,
@@ -42,27 +37,16 @@ from ..io.tensors import (
     fingerprint_mismatch,
     open_weights,
 )
-from .config import (
-    LORA_A,
-    LORA_B,
-    LoraModule,
-    check_lora_factors,
-    check_vector_name,
-    read_vector_config,
-)
+from .config import LORA_A, LORA_B, LoraModule, check_vector_name
+from .folder import VECTOR_CONFIG_NAME, VECTOR_STEM, VectorFolderMixin, write_vector_folder  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.get_logger(__name__)
 
-VECTOR_CONFIG_NAME = "vector_config.json"
-VECTOR_STEM = "vector"
 
-
-
-
-class DistributionVector:
+class DistributionVector(VectorFolderMixin):
     """The change fine-tuning on one distribution made to a base model: θ_i − θ, dense or low-rank.
 
     Build one with [`~DistributionVector.from_models`] (full fine-tunes) or
@@ -285,42 +269,6 @@ class DistributionVector:
             "dem_hf_version": __version__,
         }
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
-    ) -> Path:
-        """Save as `vector.safetensors` (+ shards) and `vector_config.json`, atomically. Returns the folder.
-
-        Never onto or inside the vector's own folder or its base model's (`ValueError`)."""
-        check_not_inside(save_directory, {"vector": self.path, "base model": local_folder(self.base_model_name_or_path)})
-        items = ((name, self.tensors.get(name)) for name in self.tensors.keys())
-        return write_vector_folder(save_directory, items, self.config_dict(), overwrite=overwrite, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, name: str | None = None, **hub_kwargs) -> DistributionVector:
-        """Load a saved vector from a folder or a Hub repo (`subfolder=`, `revision=`, `token=`, ...).
-
-        Tensors stay on disk and are read one at a time when a merge needs them.
-        """
-        from ..hub.download import resolve_pretrained
-
-        folder = Path(resolve_pretrained(path_or_repo_id, **hub_kwargs))
-        config_file = folder / VECTOR_CONFIG_NAME
-        if not config_file.is_file():
-            hint = " It looks like a PEFT adapter: use DistributionVector.from_peft." if (folder / "adapter_config.json").is_file() else ""
-            raise FileNotFoundError(f"{str(folder)!r} has no {VECTOR_CONFIG_NAME}; it is not a saved distribution vector.{hint}")
-        config = read_vector_config(config_file)
-        tensors = CheckpointReader(folder, stem=VECTOR_STEM)
-        check_lora_factors(config_file, config.lora_modules, tensors)
-        return cls(
-            name or config.name,
-            tensors,
-            lora_modules={n: LoraModule(scaling, transpose) for n, (scaling, transpose) in config.lora_modules.items()},
-            base_fingerprint=config.base_fingerprint,
-            base_model_name_or_path=config.base_model_name_or_path,
-            metadata=config.metadata,
-            path=folder,
-        )
-
     # ----------------------------------------------------------------------------------------- construction
 
     @classmethod
@@ -418,21 +366,3 @@ class DistributionVector:
             base_model_name_or_path=parts.base_model_name_or_path,
             metadata=metadata,
         )
-
-
-def write_vector_folder(
-    save_directory: str | os.PathLike,
-    items,
-    config: dict[str, Any],
-    *,
-    overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> Path:
-    """Write `(name, tensor)` pairs, one at a time, and the vector config into a folder, atomically."""
-    with atomic_directory(save_directory, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, stem=VECTOR_STEM, max_shard_size=max_shard_size)
-        for name, tensor in items:
-            writer.add(name, tensor)
-        writer.close()
-        (staging / VECTOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return Path(save_directory)

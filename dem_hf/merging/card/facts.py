@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import math
-import os
 import platform
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -23,6 +21,7 @@ from typing import Any
 import yaml
 
 from ... import __version__, logging
+from ...hub.download import hub_id_of
 from ...hub.push import validate_repo_id
 from ..config import DEMConfig
 
@@ -30,7 +29,6 @@ logger = logging.get_logger(__name__)
 
 CARD_NAME = "README.md"
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip", ".zst")
-HUB_CACHE_PATH = re.compile(r"(?:^|/)models--(?P<namespace>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 VERSIONED_PACKAGES = (
     ("Transformers", "transformers"),
     ("PyTorch", "torch"),
@@ -67,23 +65,6 @@ def is_hub_dataset_id(name: Any) -> bool:
     except ValueError:
         return False
     return not Path(name).exists()
-
-
-def hub_id_of(path_or_id: str | os.PathLike | None) -> str | None:
-    """The Hub id behind a base model reference: the id itself, a Hugging Face cache snapshot's id, or None."""
-    if path_or_id is None:
-        return None
-    text = str(path_or_id)
-    cached = HUB_CACHE_PATH.search(Path(text).as_posix())
-    if cached:
-        return f"{cached['namespace']}/{cached['name']}"
-    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
-        return None
-    try:
-        validate_repo_id(text)
-    except ValueError:
-        return None
-    return text
 
 
 def card_metadata(text: str) -> dict[str, Any]:

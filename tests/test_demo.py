@@ -7,6 +7,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM
 
+from dem_hf import DEMMerger
 from dem_hf.demo import pipeline
 from dem_hf.demo.pipeline import DemoConfig, format_results, run_demo
 
@@ -29,25 +30,31 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "prepare_smollm2", lambda cache_dir: base)
     monkeypatch.setattr(pipeline, "prepare_distributions", synthetic_distributions)
     config = DemoConfig(
-        output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=2, n_test=2, max_steps=2,
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=4, n_test=2, max_steps=2,
         batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
-        eval_batch_size=2,
+        eval_batch_size=2, group_steps=2,
     )
     results = run_demo(config)
-    assert set(results["test_perplexity"]) == {"base", "a only", "b only", "DEM"}
+    assert set(results["test_perplexity"]) == {"base", "a only", "b only", "DEM per vector", "DEM per layer"}
     assert set(results["coefficients"]) == {"a", "b"}
-    assert results["search"]["candidates"] == 2
+    assert all(isinstance(value, dict) for value in results["coefficients"].values())  # the saved model: per layer
+    assert set(results["coefficients_per_vector"]) == {"a", "b"}
+    assert results["searches"]["per vector"]["candidates"] == 2
+    assert results["searches"]["per layer"]["granularity"] == "layer"
+    saved = DEMMerger.from_pretrained(results["model_dir"]).config.coefficients
+    assert saved == results["coefficients"]
     table = format_results(results)
-    assert "| DEM |" in table and "random search" in table
+    assert "| DEM per vector |" in table and "| DEM per layer |" in table and "random search" in table
     assert isinstance(results["sample"]["completion"], str) and "Sample (greedy" in table  # the saved folder generates
     AutoModelForCausalLM.from_pretrained(results["model_dir"])
     card = (Path(results["model_dir"]) / "README.md").read_text()
-    assert card.count(pipeline.CARD_SECTION) == 1 and "| DEM |" in card.split(pipeline.CARD_SECTION)[1]
-    assert all(f"{name}=" in card for name in results["coefficients"])
+    assert card.count(pipeline.CARD_SECTION) == 1 and "| DEM per layer |" in card.split(pipeline.CARD_SECTION)[1]
+    assert all(f"{name}≈" in card for name in results["coefficients"])
 
     again = run_demo(config)  # everything comes from the caches
     assert again["test_perplexity"] == results["test_perplexity"]
     assert again["coefficients"] == results["coefficients"]
     assert again["timings_s"]["search"] < 1.0 and again["timings_s"]["evaluate"] < 1.0
+    assert again["timings_s"]["search per layer"] < 1.0
     assert "merge and save" not in again["timings_s"]
     assert (Path(results["model_dir"]) / "README.md").read_text() == card  # the section is replaced, not repeated

@@ -359,3 +359,12 @@ def test_without_matplotlib_the_card_keeps_the_table_and_says_how_to_get_the_hea
     plain = tmp_path / "plain"
     merger.save_pretrained(plain, {"math": 0.5})
     assert "Per-group coefficients" not in (plain / "README.md").read_text()
+
+
+def test_per_group_coefficients_on_a_bound_get_one_warning_per_vector():
+    from dem_hf.search.run import warn_about_bounds
+
+    messages = warn_about_bounds(
+        {"math": {"layer.0": 0.0, "layer.1": 1.0, "head": 2.0}, "chat": {"layer.0": 0.5}}, {"math": (0, 2), "chat": (0, 2)}
+    )
+    assert len(messages) == 1 and "'math'" in messages[0] and "['head', 'layer.0']" in messages[0]

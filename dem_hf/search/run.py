@@ -307,12 +307,20 @@ def search_region(config: SearchConfig, bounds: dict[str, tuple[float, float]]) 
     return {n: (lo, hi) for n, (lo, hi) in region.items() if lo < hi}
 
 
-def warn_about_bounds(best: Mapping[str, float], region: Mapping[str, tuple[float, float]]) -> list[str]:
+def warn_about_bounds(best: Mapping[str, Any], region: Mapping[str, tuple[float, float]]) -> list[str]:
     """Warn, per coefficient, when the best value sits on a bound of the searched interval: the optimum may lie
     beyond it. Returns the warnings."""
     messages = []
     for name, (low, high) in region.items():
         value = best.get(name)
+        if isinstance(value, Mapping):  # per-group coefficients: one message per vector
+            on_bound = sorted(g for g, v in value.items() if math.isclose(v, low, abs_tol=1e-9) or math.isclose(v, high, abs_tol=1e-9))
+            if on_bound:
+                messages.append(
+                    f"The best per-group coefficients of {name!r} sit on a bound of [{low:g}, {high:g}] for groups "
+                    f"{on_bound}: the optimum may lie beyond it. Widen SearchConfig(bounds=...) and search again."
+                )
+            continue
         if value is None:
             continue
         side = "lower" if math.isclose(value, low, abs_tol=1e-9) else "upper" if math.isclose(value, high, abs_tol=1e-9) else None

@@ -51,6 +51,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
 )
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
+MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
 
 
 class StopAtTokenBudget(TrainerCallback):
@@ -68,8 +69,12 @@ class StopAtTokenBudget(TrainerCallback):
 def parse_args() -> tuple[DemoConfig, list[str], int]:
     """Every `dem-hf demo` option; with the defaults the demo's own cached runs and search are reused."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dem-strategies", nargs="*", default=[], metavar="STRATEGY",
-                        help="Also search DEM's coefficients with these strategies (same vectors and validation sets).")
+    parser.add_argument("--dem-variants", "--dem-strategies", nargs="*", default=[], metavar="VARIANT",
+                        help="Also search DEM's coefficients these ways (same vectors and validation sets): "
+                             "STRATEGY[:GRANULARITY[:METHOD[:DENSITY]]], e.g. gradient, gradient:layer, "
+                             "gradient:layer:dare_linear:0.5.")
+    parser.add_argument("--mixtures", nargs="*", default=None, metavar="NAME",
+                        help="Train only these mixtures of the grid (default: all), e.g. uniform.")
     parser.add_argument("--dem-budget", type=int, default=8,
                         help="Gradient evaluations (gradient) or candidates (others) for --dem-strategies.")
     for f in fields(DemoConfig):
@@ -81,7 +86,9 @@ def parse_args() -> tuple[DemoConfig, list[str], int]:
         else:
             parser.add_argument(f"--{f.name}", type=type(default), default=default, help=f.metadata["help"])
     args = vars(parser.parse_args())
-    strategies, budget = args.pop("dem_strategies"), args.pop("dem_budget")
+    strategies, budget = args.pop("dem_variants"), args.pop("dem_budget")
+    global MIXTURES
+    MIXTURES = args.pop("mixtures")
     config = DemoConfig(**args)
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
@@ -144,10 +151,12 @@ def run_benchmark(config: DemoConfig) -> dict:
     dem_tokens = sum(c["tokens_seen"] for c in demo["compute"].values())
     base_val_loss = _base_validation_losses(model_dir, tokenizer, data, config)
     grid = mixture_grid(names, {n: training_tokens(train[n], tokenizer, config.max_length) for n in names},
-                        demo["coefficients"], base_val_loss)
+                        demo["coefficients_per_vector"], base_val_loss)
     mixtures = {}
     output_dir = WORK / f"mixtures-{_settings_tag(config)}"
     for label, weights in grid.items():
+        if MIXTURES is not None and label not in MIXTURES:
+            continue
         sft_config = _sft_config(config, output_dir)
         sft_config.max_steps = 4 * config.max_steps * len(names)  # a cap; the token budget stops the run
         run = train_mixture(model_dir, train, weights, sft_config, _lora_config(config), output_dir,
@@ -161,19 +170,33 @@ def run_benchmark(config: DemoConfig) -> dict:
 
     n_params = next(iter(demo["compute"].values()))["num_parameters"]
     val_tokens = sum(evaluation_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
-    search_flops = demo["search"]["compute_forward_passes"] * 2 * n_params * val_tokens
+    search_passes = {label: found["compute_forward_passes"] for label, found in demo["searches"].items()}
     return {
         "config": {f.name: getattr(config, f.name) for f in fields(DemoConfig)},
-        "distributions": names, "base": demo["test_perplexity"]["base"], "dem": demo["test_perplexity"]["DEM"],
+        "distributions": names, "base": demo["test_perplexity"]["base"],
+        "dem_models": {label: row for label, row in demo["test_perplexity"].items() if label.startswith("DEM")},
+        "dem_search_passes": search_passes,
         "singles": {k: v for k, v in demo["test_perplexity"].items() if k.endswith(" only")},
-        "dem_coefficients": demo["coefficients"], "dem_search": demo["search"], "dem_runs": demo["compute"],
-        "dem_search_flops": search_flops, "validation_tokens": val_tokens, "mixtures": mixtures,
+        "dem_coefficients": demo["coefficients"], "dem_searches": demo["searches"], "dem_runs": demo["compute"],
+        "validation_tokens": val_tokens, "mixtures": mixtures,
+        "forward_pass_flops": 2 * n_params * val_tokens,
         "base_validation_loss": base_val_loss, "dem_token_budget": dem_tokens,
     }
 
 
-def dem_variants(config: DemoConfig, strategies: list[str], budget: int) -> dict[str, dict]:
-    """DEM with the same vectors, coefficients searched by other strategies; test perplexity of each (cached)."""
+def parse_variant(text: str) -> dict:
+    """`STRATEGY[:GRANULARITY[:METHOD[:DENSITY]]]`, e.g. `gradient`, `gradient:layer`, `gradient:layer:dare_linear:0.5`."""
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 4 or not parts[0]:
+        raise SystemExit(f"--dem-variants: expected STRATEGY[:GRANULARITY[:METHOD[:DENSITY]]], got {text!r}")
+    strategy, granularity, method, density = parts + ["", "vector", "task_arithmetic", ""][len(parts):]
+    return {"strategy": strategy, "granularity": granularity or "vector", "merge_method": method or "task_arithmetic",
+            "density": float(density) if density else None}
+
+
+def dem_variants(config: DemoConfig, variants: list[str], budget: int) -> dict[str, dict]:
+    """DEM with the same vectors and other searches (strategy, granularity, merge operator); test perplexity of each
+    (cached). A per-group search starts from the demo's per-vector coefficients."""
     from transformers import AutoTokenizer
 
     from dem_hf import DEMMerger, DistributionVector, SearchConfig
@@ -183,22 +206,41 @@ def dem_variants(config: DemoConfig, strategies: list[str], budget: int) -> dict
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
     vectors = [DistributionVector.from_pretrained(Path(config.output_dir) / "runs" / name / "vector") for name in data]
-    merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
-    variants = {}
-    for strategy in strategies:
-        cache = WORK / f"dem-{strategy}-{budget}-{_settings_tag(config)}.json"
+    demo = json.loads((Path(config.output_dir) / "results.json").read_text())
+    results = {}
+    for text in variants:
+        variant = parse_variant(text)
+        tag = "-".join(str(v) for v in variant.values() if v is not None)
+        cache = WORK / f"dem-{tag}-{budget}-{_settings_tag(config)}.json"
         if not cache.is_file():
+            merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
+            merger.config.merge_method, merger.config.density = variant["merge_method"], variant["density"]
+            merger.config.__post_init__()  # validates the operator
+            merger.config.coefficients = dict(demo["coefficients_per_vector"])  # a per-group fit starts at the per-vector best
             search_config = SearchConfig(
-                strategy=strategy, metric=config.metric, bounds=tuple(config.bounds), seed=config.seed,
-                batch_size=config.eval_batch_size, max_length=config.max_length, n_trials=budget, gradient_steps=budget,
+                strategy=variant["strategy"], granularity=variant["granularity"], metric=config.metric,
+                bounds=tuple(config.bounds), seed=config.seed, batch_size=config.eval_batch_size,
+                max_length=config.max_length, n_trials=budget, gradient_steps=budget,
             )
             result = merger.search({n: s["validation"] for n, s in data.items()}, search_config, tokenizer=tokenizer)
             ppl = _test_perplexities(merger.merge(), tokenizer, {n: s["test"] for n, s in data.items()}, config)
-            cache.write_text(json.dumps({"coefficients": result.best_coefficients, "test_perplexity": ppl,
-                                         "best_objective": result.best_objective, "compute_forward_passes": result.compute,
-                                         "candidates": len(result.candidates)}))
-        variants[f"{strategy} ({budget})"] = json.loads(cache.read_text())
-    return variants
+            cache.write_text(json.dumps({"variant": variant, "coefficients": result.best_coefficients,
+                                         "test_perplexity": ppl, "best_objective": result.best_objective,
+                                         "compute_forward_passes": result.compute, "candidates": len(result.candidates)}))
+        results[f"{text} ({budget})"] = json.loads(cache.read_text())
+    return results
+
+
+def _coefficient_summary(coefficients: dict) -> str:
+    """`name=0.62` per vector; per-group coefficients as their mean and range."""
+    parts = []
+    for name, value in coefficients.items():
+        if isinstance(value, dict):
+            values = list(value.values())
+            parts.append(f"{name}≈{sum(values) / len(values):.2f} [{min(values):.2f}, {max(values):.2f}]")
+        else:
+            parts.append(f"{name}={value:.2f}")
+    return ", ".join(parts)
 
 
 def _base_validation_losses(model_dir: Path, tokenizer, data, config: DemoConfig) -> dict[str, float]:
@@ -221,13 +263,20 @@ def report_markdown(result: dict) -> str:
     dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
     dem_tokens = sum(c["tokens_seen"] for c in result["dem_runs"].values())
     grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
+    pass_flops = result["forward_pass_flops"]
+    # The demo's searches run in sequence: the per-layer fit starts from the per-vector search's best.
+    dem_models, searched = {}, 0.0
+    for label, row in result["dem_models"].items():
+        searched += result["dem_search_passes"].get(label.removeprefix("DEM ").strip() or "per vector", 0.0)
+        dem_models[label] = (row, dem_flops + searched * pass_flops)
     rows = [("base model", result["base"], None, None)]
     for label, m in result["mixtures"].items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
-    rows.append(("**DEM** (runs + search)", result["dem"], dem_tokens, dem_flops + result["dem_search_flops"]))
+    for label, (row, flops) in dem_models.items():
+        rows.append((f"**{label}** (runs + searches)", row, dem_tokens, flops))
     for label, variant in result.get("dem_variants", {}).items():
-        rows.append((f"DEM, {label} search: " + ", ".join(f"{n}={w:.2f}" for n, w in variant["coefficients"].items()),
-                     variant["test_perplexity"], dem_tokens, None))
+        rows.append((f"DEM, {label}: " + _coefficient_summary(variant["coefficients"]), variant["test_perplexity"],
+                     dem_tokens, dem_flops + variant["compute_forward_passes"] * pass_flops))
     lines = ["| model | " + " | ".join(names) + " | mean ppl | geo-mean ppl | train tokens | FLOPs |",
              "|---|" + "---|" * (len(names) + 4)]
     for label, row, tokens, flops in rows:
@@ -236,18 +285,17 @@ def report_markdown(result: dict) -> str:
                      + (f"{tokens:,}" if tokens else "-") + " | " + (f"{flops:.3g}" if flops else "-") + " |")
     best_label, best = min(result["mixtures"].items(), key=lambda kv: _means(kv[1]["test_perplexity"], names)[0])
     best_mean = _means(best["test_perplexity"], names)[0]
-    dem_mean = _means(result["dem"], names)[0]
-    lines += [
-        "",
-        f"DEM mean test perplexity {dem_mean:.3f} vs best mixture ({best_label}) {best_mean:.3f}: "
-        f"{100 * (dem_mean / best_mean - 1):+.2f}%.",
-        f"Training compute: DEM {dem_flops:.3g} FLOPs (+ search {result['dem_search_flops']:.3g}) vs the mixing grid "
-        f"{grid_flops:.3g} FLOPs ({len(result['mixtures'])} runs): DEM needs "
-        f"{(dem_flops + result['dem_search_flops']) / grid_flops:.2f}x the grid's compute "
-        f"({(dem_flops + result['dem_search_flops']) / best['compute']['total_flos']:.2f}x one mixture run).",
-        "DEM coefficients: " + ", ".join(f"{n}={w:.3g}" for n, w in result["dem_coefficients"].items())
-        + f" ({result['dem_search']['strategy']}, {result['dem_search']['candidates']} candidates).",
-    ]
+    lines.append("")
+    for label, (row, flops) in dem_models.items():
+        mean = _means(row, names)[0]
+        lines.append(
+            f"{label}: mean test perplexity {mean:.3f} vs best mixture ({best_label}) {best_mean:.3f}: "
+            f"{100 * (mean / best_mean - 1):+.2f}%, at {flops / grid_flops:.2f}x the mixing grid's compute "
+            f"({len(result['mixtures'])} runs, {grid_flops:.3g} FLOPs; {flops / best['compute']['total_flos']:.2f}x one mixture run)."
+        )
+    lines.append("DEM coefficients (saved model): " + _coefficient_summary(result["dem_coefficients"]) + "; searches: "
+                 + "; ".join(f"{label}: {s['strategy']}, {s['candidates']} candidates, {s['compute_forward_passes']:.3g} "
+                             "forward-pass equivalents" for label, s in result["dem_searches"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -259,12 +307,12 @@ def bar_chart(result: dict, path: Path) -> None:
 
     names = result["distributions"]
     series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in result["mixtures"].items()},
-              "DEM": result["dem"]}
+              **result["dem_models"]}
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))
     for i, (label, row) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [row[n] for n in names], width, label=label, color="black" if label == "DEM" else None)
+        ax.bar(xs, [row[n] for n in names], width, label=label, color="black" if label.startswith("DEM") and label == list(result["dem_models"])[-1] else None)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("test perplexity (lower is better)")
     ax.set_title("DEM vs data mixing at equal training tokens (LoRA, SmolLM2-135M-Instruct)")

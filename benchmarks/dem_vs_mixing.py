@@ -47,6 +47,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
     _lora_config,
     _sft_config,
     _test_perplexities,
+    coefficient_summary,
     run_demo,
 )
 
@@ -231,18 +232,6 @@ def dem_variants(config: DemoConfig, variants: list[str], budget: int) -> dict[s
     return results
 
 
-def _coefficient_summary(coefficients: dict) -> str:
-    """`name=0.62` per vector; per-group coefficients as their mean and range."""
-    parts = []
-    for name, value in coefficients.items():
-        if isinstance(value, dict):
-            values = list(value.values())
-            parts.append(f"{name}≈{sum(values) / len(values):.2f} [{min(values):.2f}, {max(values):.2f}]")
-        else:
-            parts.append(f"{name}={value:.2f}")
-    return ", ".join(parts)
-
-
 def _base_validation_losses(model_dir: Path, tokenizer, data, config: DemoConfig) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
@@ -275,7 +264,7 @@ def report_markdown(result: dict) -> str:
     for label, (row, flops) in dem_models.items():
         rows.append((f"**{label}** (runs + searches)", row, dem_tokens, flops))
     for label, variant in result.get("dem_variants", {}).items():
-        rows.append((f"DEM, {label}: " + _coefficient_summary(variant["coefficients"]), variant["test_perplexity"],
+        rows.append((f"DEM, {label}: " + coefficient_summary(variant["coefficients"]), variant["test_perplexity"],
                      dem_tokens, dem_flops + variant["compute_forward_passes"] * pass_flops))
     lines = ["| model | " + " | ".join(names) + " | mean ppl | geo-mean ppl | train tokens | FLOPs |",
              "|---|" + "---|" * (len(names) + 4)]
@@ -293,7 +282,7 @@ def report_markdown(result: dict) -> str:
             f"{100 * (mean / best_mean - 1):+.2f}%, at {flops / grid_flops:.2f}x the mixing grid's compute "
             f"({len(result['mixtures'])} runs, {grid_flops:.3g} FLOPs; {flops / best['compute']['total_flos']:.2f}x one mixture run)."
         )
-    lines.append("DEM coefficients (saved model): " + _coefficient_summary(result["dem_coefficients"]) + "; searches: "
+    lines.append("DEM coefficients (saved model): " + coefficient_summary(result["dem_coefficients"]) + "; searches: "
                  + "; ".join(f"{label}: {s['strategy']}, {s['candidates']} candidates, {s['compute_forward_passes']:.3g} "
                              "forward-pass equivalents" for label, s in result["dem_searches"].items()) + ".")
     return "\n".join(lines)

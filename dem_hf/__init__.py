@@ -19,7 +19,7 @@ _EXPORTS = {
     "PartitionPool": "ablation.pool",
     "ProxyValidation": "ablation.report",
     "SearchConfig": "search.config",
-    "SearchResult": "search.run",
+    "SearchResult": "search.result",
     "compute_perplexity": "evaluation.perplexity",
     "evaluate_mixtures": "ablation.pool",
     "split_partitions": "ablation.partitions",
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .merging.config import DEMConfig
     from .merging.merger import DEMMerger
     from .search.config import SearchConfig
-    from .search.run import SearchResult
+    from .search.result import SearchResult
     from .training.callbacks import DistributionVectorCallback
     from .training.trainers import train_distributions, train_mixture
     from .vectors.vector import DistributionVector

@@ -28,7 +28,8 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from ..hub.push import HubPushError, check_push_target, prepare_repo, push_folder
 from ..merging.card.render import CARD_NAME, card_for_folder
 from ..merging.config import DEMConfig
-from ..merging.merger import DEFAULT_PUSH_MESSAGE, STALE_REMOTE_PATTERNS, VECTORS_FOLDER
+from ..merging.push import DEFAULT_PUSH_MESSAGE, STALE_REMOTE_PATTERNS
+from ..merging.sources import VECTORS_FOLDER
 from ..vectors.vector import VECTOR_CONFIG_NAME
 from .options import add_command, add_option, add_switch
 

@@ -169,7 +169,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         )
         return merger.search({n: s["validation"] for n, s in data.items()}, search_config, tokenizer=tokenizer).to_dict()
 
-    from ..search.run import SearchResult
+    from ..search.result import SearchResult
 
     result = SearchResult.from_dict(timed("search", lambda: _cached(out / "search.json", key, search)))
     per_vector = dict(result.best_coefficients)

@@ -10,7 +10,7 @@ _EXPORTS = {
     "get_strategy": "registry",
     "register_strategy": "registry",
     "strategy_names": "registry",
-    "SearchResult": "run",
+    "SearchResult": "result",
     "run_search": "run",
     "CandidateModel": "candidates",
     "OperatorCandidateModel": "operator_candidates",

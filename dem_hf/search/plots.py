@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..io.outputs import write_file_atomic
 
 if TYPE_CHECKING:
-    from .run import SearchResult
+    from .result import SearchResult
 
 BEST_COLOR = "#d62728"
 BASE_COLOR = "black"
@@ -57,7 +57,7 @@ def plot_search(result: SearchResult | Mapping[str, Any], path: str | os.PathLik
         >>> plot_search(merger.search(eval_sets), "search.png")
         ```
     """
-    from .run import SearchResult
+    from .result import SearchResult
 
     if isinstance(result, Mapping):
         result = SearchResult.from_dict(result)

@@ -38,7 +38,12 @@ from ..io.tensors import (
     open_weights,
 )
 from .config import LORA_A, LORA_B, LoraModule, check_vector_name
-from .folder import VECTOR_CONFIG_NAME, VECTOR_STEM, VectorFolderMixin, write_vector_folder  # noqa: F401 (re-exported)
+from .folder import (  # noqa: F401 (re-exported)
+    VECTOR_CONFIG_NAME,
+    VECTOR_STEM,
+    VectorFolderMixin,
+    write_vector_folder,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -114,9 +114,15 @@ def test_readme_api_tour_runs_and_gives_what_it_shows(tour_folder, hub_server):
     merged_with = {"math": 0.7, "chat": 0.5, "code": 0.3}
     # 1b: one vector per dataset, trained (2 steps) with TRL
     assert sorted(v.name for v in namespace["vectors"]) == ["chat", "math"]
-    # 2b: the search's best became the merger's coefficients, until the explicit merge of step 3 replaced them
+    # 2b: the search's best became the merger's coefficients (the per-layer fit's start), until the explicit merge
+    # of step 3 replaced them
     assert result.strategy == "bayesian" and len(result.candidates) > 10  # past Optuna's random start: GP (SciPy)
-    assert merger.config.search_result["best_coefficients"] == result.best_coefficients
+    # 2c: the per-layer fit started from that best and its result is the one recorded
+    per_layer = namespace["per_layer"]
+    start = per_layer.candidates[0].coefficients
+    assert all(value == pytest.approx(result.best_coefficients[name]) for name in start for value in start[name].values())
+    assert set(start["math"]) == {"embeddings", "layer.0", "layer.1", "head"}
+    assert merger.config.search_result["best_coefficients"] == per_layer.best_coefficients
     assert merger.config.coefficients == merged_with
     # 3: the saved folder and the pushed repo hold exactly the merged model; the folder restores the coefficients
     saved = tour_folder / "dem-model"

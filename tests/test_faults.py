@@ -441,7 +441,7 @@ def test_merge_overflowing_the_dtype_stops_without_output(case, tmp_path, tokeni
     tuned_dir = save_model(perturbed(base, 1).to(dtype), tmp_path / "tuned", tokenizer)
     vector = DistributionVector.from_models(base_dir, tuned_dir, name="math", save_directory=tmp_path / "vec")
     merger = DEMMerger.from_pretrained(base_dir, vectors=[vector])
-    message = rf"Merged tensor '[\w.]+' \(rows \d+:\d+\) has NaN or infinite values with the weights " + re.escape(f"{{'math': {weight!r}}}")
+    message = r"Merged tensor '[\w.]+' \(rows \d+:\d+\) has NaN or infinite values with the weights " + re.escape(f"{{'math': {weight!r}}}")
     with pytest.raises(ValueError, match=message):
         merger.save_pretrained(tmp_path / "merged", {"math": weight})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned", "vec"]

@@ -47,9 +47,9 @@ from dem_hf.demo.pipeline import (  # noqa: E402
     _lora_config,
     _sft_config,
     _test_perplexities,
-    coefficient_summary,
     run_demo,
 )
+from dem_hf.merging.groups import coefficient_summary  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels

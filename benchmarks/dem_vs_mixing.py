@@ -97,7 +97,18 @@ def parse_args() -> tuple[DemoConfig, list[str], int]:
 
 
 def _settings_tag(config: DemoConfig) -> str:
-    return f"{len(config.distributions)}d-n{config.n_train}-s{config.max_steps}-l{config.max_length}-r{config.lora_r}-seed{config.seed}"
+    """A folder name for the runs of these settings (the first fields keep the names of earlier caches)."""
+    tag = f"{len(config.distributions)}d-n{config.n_train}-s{config.max_steps}-l{config.max_length}"
+    tag += "-full" if config.finetuning == "full" else f"-r{config.lora_r}"
+    tag += f"-seed{config.seed}"
+    defaults = DemoConfig()
+    if config.distributions != defaults.distributions:
+        tag += "-" + "+".join(config.distributions)
+    if (config.lr_scheduler_type, config.warmup_ratio) != (defaults.lr_scheduler_type, defaults.warmup_ratio):
+        tag += f"-{config.lr_scheduler_type}-w{config.warmup_ratio:g}"
+    if config.learning_rate != defaults.learning_rate:
+        tag += f"-lr{config.learning_rate:g}"
+    return tag
 
 
 def mixture_grid(names: list[str], train_tokens: dict[str, int], coefficients: dict[str, float],
@@ -112,6 +123,15 @@ def mixture_grid(names: list[str], train_tokens: dict[str, int], coefficients: d
     if sum(grid["proportional to DEM's coefficients"].values()) == 0:
         del grid["proportional to DEM's coefficients"]
     return grid
+
+
+def steps_for_budget(weights: dict[str, float], tokens: dict[str, int], examples: dict[str, int], budget: int,
+                     batch_size: int) -> int:
+    """Optimizer steps a mixture needs to see `budget` tokens: examples are drawn with probability w_i / Σ w, so a
+    step sees `batch_size` times the weighted mean of each dataset's tokens per example (2% margin)."""
+    total = sum(weights.values())
+    per_example = sum(w / total * tokens[n] / examples[n] for n, w in weights.items())
+    return math.ceil(1.02 * budget / (batch_size * per_example))
 
 
 def training_tokens(dataset, tokenizer, max_length: int) -> int:
@@ -151,15 +171,17 @@ def run_benchmark(config: DemoConfig) -> dict:
     tests = {n: s["test"] for n, s in data.items()}
     dem_tokens = sum(c["tokens_seen"] for c in demo["compute"].values())
     base_val_loss = _base_validation_losses(model_dir, tokenizer, data, config)
-    grid = mixture_grid(names, {n: training_tokens(train[n], tokenizer, config.max_length) for n in names},
-                        demo["coefficients_per_vector"], base_val_loss)
+    tokens = {n: training_tokens(train[n], tokenizer, config.max_length) for n in names}
+    grid = mixture_grid(names, tokens, demo["coefficients_per_vector"], base_val_loss)
     mixtures = {}
     output_dir = WORK / f"mixtures-{_settings_tag(config)}"
     for label, weights in grid.items():
         if MIXTURES is not None and label not in MIXTURES:
             continue
         sft_config = _sft_config(config, output_dir)
-        sft_config.max_steps = 4 * config.max_steps * len(names)  # a cap; the token budget stops the run
+        # The schedule decays over the steps expected to reach the token budget; the budget stops the run.
+        sft_config.max_steps = steps_for_budget(weights, tokens, {n: len(train[n]) for n in names}, dem_tokens,
+                                                config.batch_size)
         run = train_mixture(model_dir, train, weights, sft_config, _lora_config(config), output_dir,
                             callbacks=[StopAtTokenBudget(dem_tokens)])
         results_file = run.run_dir / "test_perplexity.json"

@@ -30,6 +30,9 @@ from .packages import DISTRIBUTIONS
 
 logger = logging.get_logger(__name__)
 
+LR_SCHEDULES = ["constant", "linear", "cosine"]
+FINETUNING = ["lora", "full"]
+
 
 @dataclass
 class DemoConfig:
@@ -48,9 +51,16 @@ class DemoConfig:
     n_test: int = field(default=32, metadata={"help": "Held-out test examples per distribution."})
     max_steps: int = field(default=30, metadata={"help": "Optimizer steps per LoRA run."})
     batch_size: int = field(default=4, metadata={"help": "Training batch size."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "LoRA learning rate."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Learning-rate schedule of every run.", "choices": LR_SCHEDULES}
+    )
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Fraction of each run's steps spent warming up linearly."})
+    finetuning: str = field(
+        default="lora", metadata={"help": "Train LoRA adapters or every weight (full).", "choices": FINETUNING}
+    )
     max_length: int = field(default=256, metadata={"help": "Tokens per training and evaluation sequence."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (finetuning=lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     strategy: str = field(
         default="bayesian", metadata={"help": "Coefficient search.", "choices": sorted(BUILTIN_STRATEGIES)}
@@ -71,6 +81,13 @@ class DemoConfig:
     group_steps: int = field(default=12, metadata={"help": "Gradient steps of the per-layer / per-module fit."})
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
+
+    def __post_init__(self):
+        for name, allowed in (("lr_scheduler_type", LR_SCHEDULES), ("finetuning", FINETUNING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DemoConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"DemoConfig.warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio!r}")
 
 
 def _cached(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
@@ -101,7 +118,8 @@ def _sft_config(config: DemoConfig, output_dir: Path):
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,
         max_length=config.max_length,
         logging_steps=max(1, config.max_steps // 5),
         save_steps=max(1, config.max_steps // 2),
@@ -113,8 +131,11 @@ def _sft_config(config: DemoConfig, output_dir: Path):
 
 
 def _lora_config(config: DemoConfig):
+    """The runs' LoRA settings, or None for full fine-tuning."""
     from peft import LoraConfig
 
+    if config.finetuning == "full":
+        return None
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
 
 

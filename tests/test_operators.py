@@ -440,3 +440,86 @@ def test_gradient_of_a_linear_operator_matches_finite_differences(base_dir, fine
                 losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
             one_group = gradients["math"][i][0]  # granularity "vector": one group, the whole vector
             assert one_group == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_per_layer_switching_with_an_operator_equals_the_merge(method, base_dir, finetuned_dirs, monkeypatch):
+    """Per-group weights through an operator: each tensor takes its group's weights, as the streaming merge does."""
+    import dem_hf.search.candidates
+    from dem_hf.search.operator_candidates import OperatorCandidateModel
+
+    monkeypatch.setattr(dem_hf.search.candidates, "RESYNC_EVERY", 2)
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    vectors.append(lora_vector("lora", 4))
+    config = DEMConfig(merge_method=method, **PARAMETERS[method])
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=config)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    base = {n: t.clone() for n, t in untied_state_dict(model).items()}
+    with OperatorCandidateModel(model, merger.base, vectors, config.merge_operator, granularity="layer") as switcher:
+        groups = switcher.groups
+        assert len(groups) > 1
+        generator = np.random.default_rng(0)
+        for _ in range(3):
+            matrix = generator.uniform(-0.5, 1.5, size=(len(vectors), len(groups))).round(3).tolist()
+            matrix[1][0] = 0.0  # a vector left out of one group only
+            switcher.set_weights(matrix)
+            coefficients = {v.name: dict(zip(groups, row)) for v, row in zip(vectors, matrix)}
+            expected = untied_state_dict(merger.merge(coefficients))
+            for name, tensor in untied_state_dict(model).items():
+                torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in untied_state_dict(model).items():
+        assert torch.equal(tensor, base[name]), name
+
+
+def test_per_layer_gradient_of_a_linear_operator_matches_finite_differences(base_dir, finetuned_dirs):
+    """dare_linear per layer: ∂L/∂ω_{i,g} = Σ_{θ∈g} ⟨∇θ L, sparsified Δ_i⟩, against central differences per group."""
+    from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+    from dem_hf.search.operator_candidates import OperatorCandidateModel
+
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    operator = MergeOperator("dare_linear", density=0.5, seed=2)
+    sets = {"math": tokenize_for_evaluation(validation_texts(3), merger_tokenizer(base_dir))}
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    step = 0.05
+    with OperatorCandidateModel(model, merger.base, vectors, operator, granularity="layer") as switcher:
+        weights = [[0.8 - 0.1 * g for g in range(len(switcher.groups))], [0.4] * len(switcher.groups)]
+        switcher.set_weights(weights)
+        _, gradients = switcher.loss_gradients(sets, batch_size=4)
+        for i in range(2):
+            for g in range(len(switcher.groups)):
+                losses = []
+                for sign in (1, -1):
+                    moved = [list(row) for row in weights]
+                    moved[i][g] += sign * step
+                    switcher.set_weights(moved)
+                    losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
+                assert gradients["math"][i][g] == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=3e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize(("method", "strategy"), [("dare_linear", "gradient"), ("breadcrumbs", "gradient"), ("ties", "random")])
+def test_a_per_layer_search_with_an_operator_merges_to_its_best_objective(method, strategy, base_dir, finetuned_dirs):
+    from dem_hf import SearchConfig
+    from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=DEMConfig(merge_method=method, **PARAMETERS[method]))
+    eval_sets = {"math": validation_texts(1), "chat": validation_texts(2)}
+    search = SearchConfig(strategy=strategy, granularity="layer", n_trials=4, gradient_steps=4, bounds=(0.0, 1.5),
+                          holdout_fraction=0.0)
+    result = merger.search(eval_sets, search, show_progress=False)
+    assert result.granularity == "layer" and all(isinstance(c, dict) for c in result.best_coefficients.values())
+    assert merger.config.coefficients == result.best_coefficients and merger.config.merge_method == method
+    sets = {n: tokenize_for_evaluation(texts, merger_tokenizer(base_dir)) for n, texts in eval_sets.items()}
+    merged = compute_perplexities(merger.merge(), sets, show_progress=False)
+    mean = sum(r.perplexity for r in merged.values()) / len(merged)
+    assert mean == pytest.approx(result.best_objective, rel=1e-4)
+
+
+def test_a_per_layer_gradient_search_of_a_sign_electing_operator_is_refused(base_dir, finetuned_dirs):
+    from dem_hf import SearchConfig
+
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=DEMConfig(merge_method="ties", density=0.3))
+    with pytest.raises(ValueError, match="sign election"):
+        merger.search({"math": validation_texts(1)}, SearchConfig(strategy="gradient", granularity="layer"), show_progress=False)

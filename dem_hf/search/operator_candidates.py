@@ -37,7 +37,8 @@ class OperatorCandidateModel(CandidateModel):
     """A [`CandidateModel`] whose candidates are θ + op(Δ, w) for a merge `operator`, at a density that can change.
 
     Args:
-        model, base, vectors: as for [`CandidateModel`].
+        model, base, vectors, granularity: as for [`CandidateModel`] (per-group weights: each tensor's group's
+            weights enter the operator, as in the streaming merge).
         operator: the merge operator (not task arithmetic); its density is the starting one.
 
     Example:
@@ -48,10 +49,18 @@ class OperatorCandidateModel(CandidateModel):
         ```
     """
 
-    def __init__(self, model: torch.nn.Module, base: TensorSource, vectors: Sequence[DistributionVector], operator: MergeOperator) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        base: TensorSource,
+        vectors: Sequence[DistributionVector],
+        operator: MergeOperator,
+        *,
+        granularity: str = "vector",
+    ) -> None:
         if operator.is_task_arithmetic:
             raise ValueError("OperatorCandidateModel is for merge operators other than task_arithmetic; use CandidateModel.")
-        super().__init__(model, base, vectors, lora_mode="update", cache_deltas=True)
+        super().__init__(model, base, vectors, lora_mode="update", cache_deltas=True, granularity=granularity)
         self.operator = operator
         # The raw deltas, in vector order per tensor (CandidateModel's cache holds the sparsified ones).
         self.raw = {name: sorted(unit.dense, key=lambda term: term[0]) for name, unit in self.units.items()}

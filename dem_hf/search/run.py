@@ -131,19 +131,12 @@ def candidate_model(merger: DEMMerger, model: torch.nn.Module, vectors: list, co
         )
     from .operator_candidates import OperatorCandidateModel
 
-    return OperatorCandidateModel(model, merger.base, vectors, operator)
+    return OperatorCandidateModel(model, merger.base, vectors, operator, granularity=config.granularity)
 
 
 def check_operator_search(merger: DEMMerger, config: SearchConfig, bounds: dict, initial: dict) -> None:
     """Refuse what a merge operator cannot search, and add the density dimension to `bounds` and `initial`."""
     operator = merger.config.merge_operator
-    if not operator.is_task_arithmetic and config.granularity != "vector":
-        raise ValueError(
-            f"A search at granularity={config.granularity!r} switches coefficients per group with task arithmetic; "
-            f"merge_method={operator.method!r} is searched per vector only. Search per group with "
-            "merge_method='task_arithmetic' (per-group coefficients then merge with any operator), or use "
-            "granularity='vector'."
-        )
     if config.search_density:
         if operator.density is None:
             raise ValueError(

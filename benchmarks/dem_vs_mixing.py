@@ -67,7 +67,7 @@ class StopAtTokenBudget(TrainerCallback):
         return control
 
 
-def parse_args() -> tuple[DemoConfig, list[str], int]:
+def parse_args() -> tuple[DemoConfig, dict]:
     """Every `dem-hf demo` option; with the defaults the demo's own cached runs and search are reused."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dem-variants", "--dem-strategies", nargs="*", default=[], metavar="VARIANT",
@@ -77,7 +77,16 @@ def parse_args() -> tuple[DemoConfig, list[str], int]:
     parser.add_argument("--mixtures", nargs="*", default=None, metavar="NAME",
                         help="Train only these mixtures of the grid (default: all), e.g. uniform.")
     parser.add_argument("--dem-budget", type=int, default=8,
-                        help="Gradient evaluations (gradient) or candidates (others) for --dem-strategies.")
+                        help="Gradient evaluations (gradient) or candidates (others) for --dem-variants.")
+    parser.add_argument("--dem-batch-sequences", type=int, default=None,
+                        help="Sequences per set in each step of a per-group --dem-variants fit (default: all).")
+    parser.add_argument("--off-distribution", default=None, metavar="NAME",
+                        help="Also score every model on the test split of this demo distribution, which no run trained "
+                             "on (what each model forgot), e.g. fortunes.")
+    parser.add_argument("--n-off", type=int, default=64, help="Test examples of --off-distribution.")
+    parser.add_argument("--pareto", nargs="*", default=[], metavar="RESULT_JSON",
+                        help="Earlier results (benchmarks/.work/dem_vs_mixing/result-*.json) to draw in the Pareto chart "
+                             "beside this run's.")
     for f in fields(DemoConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.name in ("output_dir", "cache_dir"):
@@ -85,15 +94,17 @@ def parse_args() -> tuple[DemoConfig, list[str], int]:
         if isinstance(default, list):
             parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default, help=f.metadata["help"])
         else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", type=int if default is None else type(default), default=default,
+                                help=f.metadata["help"])
     args = vars(parser.parse_args())
-    strategies, budget = args.pop("dem_variants"), args.pop("dem_budget")
+    options = {key: args.pop(key) for key in ("dem_variants", "dem_budget", "dem_batch_sequences", "off_distribution",
+                                              "n_off", "pareto")}
     global MIXTURES
     MIXTURES = args.pop("mixtures")
     config = DemoConfig(**args)
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
-    return config, strategies, budget
+    return config, options
 
 
 def _settings_tag(config: DemoConfig) -> str:
@@ -147,11 +158,15 @@ def evaluation_tokens(dataset, tokenizer, max_length: int) -> int:
     return sum(len(ids) for ids in tokenize_for_evaluation(dataset, tokenizer, max_length=max_length).input_ids)
 
 
-def mixture_model(model_dir: Path, run):
-    """The base with the mixture run's LoRA adapter merged in (weight 1)."""
+def mixture_model(model_dir: Path, mixture_dir: Path):
+    """The mixture run's model: its full fine-tune, or the base with its LoRA adapter merged in (weight 1)."""
+    from transformers import AutoModelForCausalLM
+
     from dem_hf import DEMMerger, DistributionVector
 
-    vector = DistributionVector.from_peft(run.model_dir, name="mixture")
+    if not (Path(mixture_dir) / "adapter_config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(mixture_dir)
+    vector = DistributionVector.from_peft(mixture_dir, name="mixture")
     return DEMMerger.from_pretrained(model_dir, vectors=[vector]).merge({"mixture": 1.0})
 
 
@@ -186,10 +201,10 @@ def run_benchmark(config: DemoConfig) -> dict:
                             callbacks=[StopAtTokenBudget(dem_tokens)])
         results_file = run.run_dir / "test_perplexity.json"
         if not results_file.is_file():
-            ppl = _test_perplexities(mixture_model(model_dir, run), tokenizer, tests, config)
+            ppl = _test_perplexities(mixture_model(model_dir, run.model_dir), tokenizer, tests, config)
             results_file.write_text(json.dumps(ppl))
         mixtures[label] = {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
-                           "compute": run.info["compute"]}
+                           "compute": run.info["compute"], "model_dir": str(run.model_dir)}
 
     n_params = next(iter(demo["compute"].values()))["num_parameters"]
     val_tokens = sum(evaluation_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
@@ -217,9 +232,10 @@ def parse_variant(text: str) -> dict:
             "density": float(density) if density else None}
 
 
-def dem_variants(config: DemoConfig, variants: list[str], budget: int) -> dict[str, dict]:
+def dem_variants(config: DemoConfig, variants: list[str], budget: int, batch_sequences: int | None = None) -> dict[str, dict]:
     """DEM with the same vectors and other searches (strategy, granularity, merge operator); test perplexity of each
-    (cached). A per-group search starts from the demo's per-vector coefficients."""
+    (cached). A per-group search starts from the demo's per-vector coefficients (its compute then includes that
+    search's)."""
     from transformers import AutoTokenizer
 
     from dem_hf import DEMMerger, DistributionVector, SearchConfig
@@ -234,7 +250,8 @@ def dem_variants(config: DemoConfig, variants: list[str], budget: int) -> dict[s
     for text in variants:
         variant = parse_variant(text)
         tag = "-".join(str(v) for v in variant.values() if v is not None)
-        cache = WORK / f"dem-{tag}-{budget}-{_settings_tag(config)}.json"
+        batch = "" if batch_sequences is None or variant["granularity"] == "vector" else f"-b{batch_sequences}"
+        cache = WORK / f"dem-{tag}-{budget}{batch}-{_settings_tag(config)}.json"
         if not cache.is_file():
             merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
             merger.config.merge_method, merger.config.density = variant["merge_method"], variant["density"]
@@ -244,14 +261,59 @@ def dem_variants(config: DemoConfig, variants: list[str], budget: int) -> dict[s
                 strategy=variant["strategy"], granularity=variant["granularity"], metric=config.metric,
                 bounds=tuple(config.bounds), seed=config.seed, batch_size=config.eval_batch_size,
                 max_length=config.max_length, n_trials=budget, gradient_steps=budget,
+                gradient_batch_sequences=batch_sequences if variant["granularity"] != "vector" else None,
             )
             result = merger.search({n: s["validation"] for n, s in data.items()}, search_config, tokenizer=tokenizer)
             ppl = _test_perplexities(merger.merge(), tokenizer, {n: s["test"] for n, s in data.items()}, config)
+            passes = result.compute + (demo["searches"]["per vector"]["compute_forward_passes"]
+                                       if variant["granularity"] != "vector" else 0.0)
             cache.write_text(json.dumps({"variant": variant, "coefficients": result.best_coefficients,
                                          "test_perplexity": ppl, "best_objective": result.best_objective,
-                                         "compute_forward_passes": result.compute, "candidates": len(result.candidates)}))
-        results[f"{text} ({budget})"] = json.loads(cache.read_text())
+                                         "compute_forward_passes": passes, "candidates": len(result.candidates)}))
+        label = f"{text} ({budget}" + (f", batch {batch_sequences}" if batch else "") + ")"
+        results[label] = json.loads(cache.read_text())
     return results
+
+
+def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) -> dict[str, float]:
+    """Perplexity of every model (base, mixtures, DEM models and variants) on the test split of distribution `name`,
+    which none of the runs trained on; cached per model and coefficients."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dem_hf import DEMMerger, DistributionVector
+    from dem_hf.demo import prepare_distributions, prepare_smollm2
+
+    if name in result["distributions"]:
+        raise SystemExit(f"--off-distribution {name!r} is one of the trained distributions {result['distributions']}.")
+    model_dir = prepare_smollm2(config.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    test = {name: prepare_distributions(config.cache_dir, [name], 16, 16, n_off, config.seed)[name]["test"]}
+    cache_file = WORK / f"off-{name}{n_off}-{_settings_tag(config)}.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    vectors = [DistributionVector.from_pretrained(Path(config.output_dir) / "runs" / n / "vector") for n in result["distributions"]]
+    demo = json.loads((Path(config.output_dir) / "results.json").read_text())
+
+    def dem(coefficients, method="task_arithmetic", density=None):
+        merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
+        merger.config.merge_method, merger.config.density = method, density
+        merger.config.__post_init__()
+        return lambda: merger.merge(coefficients)
+
+    models = {"base model": lambda: AutoModelForCausalLM.from_pretrained(model_dir)}
+    for label, mixture in result["mixtures"].items():
+        models[f"mixture: {label}"] = lambda path=Path(mixture["model_dir"]): mixture_model(model_dir, path)
+    models["DEM per vector"] = dem(demo["coefficients_per_vector"])
+    if config.granularity != "vector":
+        models[f"DEM per {config.granularity}"] = dem(demo["coefficients"])
+    for label, variant in result.get("dem_variants", {}).items():
+        models[f"DEM, {label}"] = dem(variant["coefficients"], variant["variant"]["merge_method"], variant["variant"]["density"])
+    rows = {}
+    for label, build in models.items():
+        if label not in cache:
+            cache[label] = _test_perplexities(build(), tokenizer, test, config)[name]
+            cache_file.write_text(json.dumps(cache, indent=2))
+        rows[label] = cache[label]
+    return rows
 
 
 def _base_validation_losses(model_dir: Path, tokenizer, data, config: DemoConfig) -> dict[str, float]:
@@ -269,65 +331,124 @@ def _means(row: dict[str, float], names: list[str]) -> tuple[float, float]:
     return sum(values) / len(values), math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def dem_entries(result: dict) -> dict[str, tuple[dict[str, float], float, float]]:
+    """`{label: (test perplexities, FLOPs of runs + searches, search forward passes)}` of every DEM model."""
+    dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
+    pass_flops = result["forward_pass_flops"]
+    entries, searched = {}, 0.0
+    for label, row in result["dem_models"].items():  # the demo's searches run in sequence: per layer starts at per vector
+        searched += result["dem_search_passes"].get(label.removeprefix("DEM ").strip() or "per vector", 0.0)
+        entries[label] = (row, dem_flops + searched * pass_flops, searched)
+    for label, variant in result.get("dem_variants", {}).items():
+        passes = variant["compute_forward_passes"]
+        entries[f"DEM, {label}"] = (variant["test_perplexity"], dem_flops + passes * pass_flops, passes)
+    return entries
+
+
 def report_markdown(result: dict) -> str:
     names = result["distributions"]
+    off = result.get("off_distribution")
     dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
     dem_tokens = sum(c["tokens_seen"] for c in result["dem_runs"].values())
     grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
-    pass_flops = result["forward_pass_flops"]
-    # The demo's searches run in sequence: the per-layer fit starts from the per-vector search's best.
-    dem_models, searched = {}, 0.0
-    for label, row in result["dem_models"].items():
-        searched += result["dem_search_passes"].get(label.removeprefix("DEM ").strip() or "per vector", 0.0)
-        dem_models[label] = (row, dem_flops + searched * pass_flops)
+    entries = dem_entries(result)
     rows = [("base model", result["base"], None, None)]
     for label, m in result["mixtures"].items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
-    for label, (row, flops) in dem_models.items():
-        rows.append((f"**{label}** (runs + searches)", row, dem_tokens, flops))
-    for label, variant in result.get("dem_variants", {}).items():
-        rows.append((f"DEM, {label}: " + coefficient_summary(variant["coefficients"]), variant["test_perplexity"],
-                     dem_tokens, dem_flops + variant["compute_forward_passes"] * pass_flops))
-    lines = ["| model | " + " | ".join(names) + " | mean ppl | geo-mean ppl | train tokens | FLOPs |",
-             "|---|" + "---|" * (len(names) + 4)]
+    for label, (row, flops, _) in entries.items():
+        coefficients = result.get("dem_variants", {}).get(label.removeprefix("DEM, "), {}).get("coefficients")
+        shown = label + (": " + coefficient_summary(coefficients) if coefficients else "")
+        rows.append((f"**{shown}**", row, dem_tokens, flops))
+    off_header = f" off-distribution ({off['name']}) |" if off else ""
+    lines = ["| model | " + " | ".join(names) + f" | mean ppl | geo-mean ppl |{off_header} train tokens | FLOPs | x grid |",
+             "|---|" + "---|" * (len(names) + 5 + bool(off))]
     for label, row, tokens, flops in rows:
         mean, geo = _means(row, names)
-        lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {mean:.3f} | {geo:.3f} | "
-                     + (f"{tokens:,}" if tokens else "-") + " | " + (f"{flops:.3g}" if flops else "-") + " |")
+        key = label.strip("*").split(": ")[0] if label.startswith("**DEM, ") else label.strip("*")
+        off_cell = f" {off['perplexity'].get(key, float('nan')):.3f} |" if off else ""
+        lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {mean:.3f} | {geo:.3f} |{off_cell} "
+                     + (f"{tokens:,}" if tokens else "-") + " | " + (f"{flops:.3g}" if flops else "-") + " | "
+                     + (f"{flops / grid_flops:.2f}" if flops else "-") + " |")
     best_label, best = min(result["mixtures"].items(), key=lambda kv: _means(kv[1]["test_perplexity"], names)[0])
     best_mean = _means(best["test_perplexity"], names)[0]
     lines.append("")
-    for label, (row, flops) in dem_models.items():
+    lines.append(f"Mixing grid: {len(result['mixtures'])} runs, {grid_flops:.3g} FLOPs; best mixture: {best_label} "
+                 f"(mean {best_mean:.3f}). DEM's {len(result['dem_runs'])} runs: {dem_flops:.3g} FLOPs; one validation "
+                 f"pass: {result['forward_pass_flops']:.3g} FLOPs.")
+    for label, (row, flops, passes) in entries.items():
         mean = _means(row, names)[0]
-        lines.append(
-            f"{label}: mean test perplexity {mean:.3f} vs best mixture ({best_label}) {best_mean:.3f}: "
-            f"{100 * (mean / best_mean - 1):+.2f}%, at {flops / grid_flops:.2f}x the mixing grid's compute "
-            f"({len(result['mixtures'])} runs, {grid_flops:.3g} FLOPs; {flops / best['compute']['total_flos']:.2f}x one mixture run)."
-        )
-    lines.append("DEM coefficients (saved model): " + coefficient_summary(result["dem_coefficients"]) + "; searches: "
-                 + "; ".join(f"{label}: {s['strategy']}, {s['candidates']} candidates, {s['compute_forward_passes']:.3g} "
-                             "forward-pass equivalents" for label, s in result["dem_searches"].items()) + ".")
+        line = (f"- {label}: mean {mean:.3f}, {100 * (mean / best_mean - 1):+.2f}% vs the best mixture, at "
+                f"{flops / grid_flops:.2f}x the grid's compute; searches {passes:.1f} forward-pass equivalents = "
+                f"{100 * passes * result['forward_pass_flops'] / dem_flops:.1f}% of DEM's training compute")
+        if off:
+            key = label if label in off["perplexity"] else label.split(": ")[0]
+            best_off = min(off["perplexity"][f"mixture: {m}"] for m in result["mixtures"])
+            line += f"; off-distribution {off['perplexity'][key]:.3f} vs the mixtures' best {best_off:.3f}"
+        lines.append(line + ".")
     return "\n".join(lines)
 
 
 def bar_chart(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    names = result["distributions"]
+    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in result["mixtures"].items()},
+              **{label: row for label, (row, _, _) in dem_entries(result).items()}}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))
+    for i, (label, row) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [row[n] for n in names], width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title(f"DEM vs data mixing at equal training tokens ({_regime(result)}, SmolLM2-135M-Instruct)")
+    ax.legend(fontsize=7, ncols=2)
+    _save(fig, path)
+
+
+def pareto_chart(results: list[dict], path: Path) -> None:
+    """x: training + search FLOPs; y: mean held-out test perplexity. Each mixture at its own run's cost, the best of
+    the grid at the whole grid's cost (what finding it took), each DEM model at its runs + searches."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = "osD^v<>"
+    for index, result in enumerate(results):
+        names, regime = result["distributions"], _regime(result)
+        marker = markers[index % len(markers)]
+        mixtures = {label: (_means(m["test_perplexity"], names)[0], m["compute"]["total_flos"]) for label, m in result["mixtures"].items()}
+        ax.scatter([f for _, f in mixtures.values()], [m for m, _ in mixtures.values()], marker=marker, color="tab:blue",
+                   label=f"one mixture run ({regime})")
+        grid = sum(f for _, f in mixtures.values())
+        ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
+                   label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
+        for label, (row, flops, _) in dem_entries(result).items():
+            ax.scatter([flops], [_means(row, names)[0]], marker=marker, color="tab:red")
+            ax.annotate(label.removeprefix("DEM, ").removeprefix("DEM "), (flops, _means(row, names)[0]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], marker=marker, color="tab:red", label=f"DEM: runs + searches ({regime})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training + search FLOPs")
+    ax.set_ylabel("mean held-out test perplexity (lower is better)")
+    ax.set_title("DEM vs data mixing: quality against compute")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _regime(result: dict) -> str:
+    config = result["config"]
+    tuning = "full" if config.get("finetuning") == "full" else f"LoRA r{config['lora_r']}"
+    return f"{tuning}, {config['max_steps']} steps/dataset, {config.get('lr_scheduler_type', 'constant')} lr"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = result["distributions"]
-    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in result["mixtures"].items()},
-              **result["dem_models"]}
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))
-    for i, (label, row) in enumerate(series.items()):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [row[n] for n in names], width, label=label, color="black" if label.startswith("DEM") and label == list(result["dem_models"])[-1] else None)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("test perplexity (lower is better)")
-    ax.set_title("DEM vs data mixing at equal training tokens (LoRA, SmolLM2-135M-Instruct)")
-    ax.legend(fontsize=7, ncols=2)
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -336,20 +457,26 @@ def bar_chart(result: dict, path: Path) -> None:
 
 def main() -> None:
     os.chdir(ROOT)  # the demo's cache keys hold its relative default folders
-    config, strategies, budget = parse_args()
+    config, options = parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     result = run_benchmark(config)
-    result["dem_variants"] = dem_variants(config, strategies, budget)
+    result["dem_variants"] = dem_variants(config, options["dem_variants"], options["dem_budget"], options["dem_batch_sequences"])
+    if options["off_distribution"]:
+        result["off_distribution"] = {"name": options["off_distribution"], "n_test": options["n_off"],
+                                      "perplexity": off_distribution(config, result, options["off_distribution"], options["n_off"])}
     result["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     result["command"] = "python " + " ".join(sys.argv)
     result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (WORK / f"result-{_settings_tag(config)}.json").write_text(json.dumps(result, indent=2))
+    result_file = WORK / f"result-{_settings_tag(config)}.json"
+    result_file.write_text(json.dumps(result, indent=2))
     chart = ROOT / "benchmarks" / "dem_vs_mixing.png"
     bar_chart(result, chart)
-    print(f"\n## DEM vs data mixing (LoRA)\n\n{result['machine']}; `{result['command']}` ({result['date']})\n")
+    pareto = ROOT / "benchmarks" / "dem_vs_mixing_pareto.png"
+    pareto_chart([result] + [json.loads(Path(f).read_text()) for f in options["pareto"] if Path(f) != result_file], pareto)
+    print(f"\n## DEM vs data mixing ({_regime(result)})\n\n{result['machine']}; `{result['command']}` ({result['date']})\n")
     print(report_markdown(result))
-    print(f"\nChart: {chart.relative_to(ROOT)}")
+    print(f"\nCharts: {chart.relative_to(ROOT)}, {pareto.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class DemoConfig:
         },
     )
     group_steps: int = field(default=12, metadata={"help": "Gradient steps of the per-layer / per-module fit."})
+    group_batch_sequences: int | None = field(
+        default=None,
+        metadata={"help": "Validation sequences per set in each step of the per-layer / per-module fit (None: all)."},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
 
@@ -199,7 +203,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     def search_groups() -> dict[str, Any]:  # starts at the per-vector best, now the merger's coefficients
         group_config = SearchConfig(
             strategy="gradient", granularity=config.granularity, metric=config.metric, bounds=tuple(config.bounds),
-            gradient_steps=config.group_steps, seed=config.seed, batch_size=config.eval_batch_size,
+            gradient_steps=config.group_steps, gradient_batch_sequences=config.group_batch_sequences, seed=config.seed,
+            batch_size=config.eval_batch_size,
             max_length=config.max_length,
         )
         return merger.search({n: s["validation"] for n, s in data.items()}, group_config, tokenizer=tokenizer).to_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM
 
@@ -58,3 +59,50 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, monkeypatch):
     assert again["timings_s"]["search per layer"] < 1.0
     assert "merge and save" not in again["timings_s"]
     assert (Path(results["model_dir"]) / "README.md").read_text() == card  # the section is replaced, not repeated
+
+
+def test_caches_written_before_later_config_fields_existed_stay_valid(tmp_path):
+    """A stage cached by an older DemoConfig (without the later fields) is reused while they hold their defaults, and
+    recomputed once one of them changes the runs (a cosine schedule)."""
+    from dataclasses import asdict
+
+    config = DemoConfig()
+    old_config = {k: v for k, v in asdict(config).items() if k not in pipeline._LATER_FIELDS}
+    path = tmp_path / "search.json"
+    pipeline._write_json(path, {"key": {"config": old_config, "vectors": ["a"]}, "value": 1})
+    calls = []
+    assert pipeline._cached(path, {"config": asdict(config), "vectors": ["a"]}, lambda: calls.append(1) or 2) == 1
+    assert not calls
+    cosine = asdict(DemoConfig(lr_scheduler_type="cosine"))
+    assert pipeline._cached(path, {"config": cosine, "vectors": ["a"]}, lambda: 3) == 3
+    assert pipeline._cached(path, {"config": asdict(config), "vectors": ["a"]}, lambda: 4) == 4  # the new value replaced it
+
+
+@pytest.mark.parametrize("bad", [{"lr_scheduler_type": "step"}, {"finetuning": "qlora"}, {"warmup_ratio": 1.0},
+                                 {"warmup_ratio": -0.1}])
+def test_bad_schedule_or_finetuning_is_refused(bad):
+    with pytest.raises(ValueError, match="expected"):
+        DemoConfig(**bad)
+
+
+def test_the_demo_trains_full_fine_tunes_with_a_decaying_schedule(tmp_path, monkeypatch):
+    import json
+
+    from dem_hf import DistributionVector
+
+    tokenizer = make_tokenizer()
+    base = save_model(make_llama(), tmp_path / "base", tokenizer)
+    monkeypatch.setattr(pipeline, "prepare_smollm2", lambda cache_dir: base)
+    monkeypatch.setattr(pipeline, "prepare_distributions", synthetic_distributions)
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=4, n_test=2, max_steps=4,
+        batch_size=2, learning_rate=1e-3, max_length=32, strategy="random", n_trials=2, eval_batch_size=2,
+        granularity="vector", finetuning="full", lr_scheduler_type="cosine", warmup_ratio=0.25,
+    )
+    results = run_demo(config)
+    assert set(results["test_perplexity"]) == {"base", "a only", "b only", "DEM"}
+    vector = DistributionVector.from_pretrained(tmp_path / "demo" / "runs" / "a" / "vector")
+    assert vector.dense_names and not vector.lora_modules  # a full fine-tune's delta
+    info = json.loads((tmp_path / "demo" / "runs" / "a" / "run_info.json").read_text())
+    text = json.dumps(info)
+    assert '"lr_scheduler_type": "cosine"' in text and '"warmup_steps": 0.25' in text, text[:2000]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,11 +94,26 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio!r}")
 
 
+# DemoConfig fields added after caches were first written: at their defaults they do not change a stage's result,
+# so a cache key written before they existed (or with them at their defaults) still matches.
+_LATER_FIELDS = ("lr_scheduler_type", "warmup_ratio", "finetuning", "group_batch_sequences")
+
+
+def _comparable(key: dict[str, Any]) -> dict[str, Any]:
+    """`key` without the later fields that hold their defaults."""
+    config = key.get("config")
+    if not isinstance(config, dict):
+        return key
+    defaults = {f.name: f.default for f in fields(DemoConfig) if f.name in _LATER_FIELDS}
+    kept = {name: value for name, value in config.items() if not (name in defaults and value == defaults[name])}
+    return {**key, "config": kept}
+
+
 def _cached(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
     """Return the value stored at `path` for `key`, or compute, store (atomically) and return it."""
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored.get("key") == key:
+        if isinstance(stored.get("key"), dict) and _comparable(stored["key"]) == _comparable(key):
             return stored["value"]
     value = compute()
     _write_json(path, {"key": key, "value": value})

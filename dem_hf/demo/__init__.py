@@ -94,16 +94,27 @@ from dem_hf.demo.model import (
     prepare_smollm2,
     smollm2_gguf_path,
 )
-from dem_hf.demo.packages import DISTRIBUTIONS, check_demo_packages, install_commands
+from dem_hf.demo.debian import DebianPackage, fetch_debian_package
+from dem_hf.demo.packages import (
+    DEFAULT_DISTRIBUTIONS,
+    DISTRIBUTIONS,
+    TEXT_GROUP,
+    check_demo_packages,
+    install_commands,
+)
 from dem_hf.demo.sources import PROMPT_TEMPLATE
 
 __all__ = [
+    "DEFAULT_DISTRIBUTIONS",
     "DEFAULT_MAX_CHARS",
     "DISTRIBUTIONS",
+    "TEXT_GROUP",
+    "DebianPackage",
     "PROMPT_TEMPLATE",
     "SMOLLM2_DIRNAME",
     "SMOLLM2_GGUF_FILE",
     "check_demo_packages",
+    "fetch_debian_package",
     "install_commands",
     "prepare_distributions",
     "prepare_smollm2",

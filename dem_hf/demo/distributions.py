@@ -53,7 +53,7 @@ DEFAULT_MAX_CHARS: dict[str, int] = {
     "bible": 1000,
     "pydocs": 800,
     "jargon": 1000,
-    "fortunes": 900,
+    "fortunes": 800,
 }
 """Longest record kept, in characters (prompt + completion, or text), per distribution; for the
 chunked text distributions (`"code"` and [`TEXT_GROUP`]) also the chunk size.

@@ -34,6 +34,7 @@ from dem_hf import (
 )
 from dem_hf.commands.cli import main
 from dem_hf.commands.push import push_saved_folder
+from dem_hf.demo import prepare_distributions
 from dem_hf.io.shards import ShardedWriter
 from dem_hf.io.tensors import TensorDict, untied_state_dict
 from dem_hf.merging.card.render import build_model_card
@@ -674,6 +675,14 @@ CASES = {
     "search: unknown device": (lambda w: SearchConfig(device="gpu0"), ValueError, "got 'gpu0'"),
     "search: device with a bad index": (lambda w: SearchConfig(device="cuda:x"), ValueError, "cuda:0"),
     "ablation: unknown device": (ablate(["math"], device="tpu"), ValueError, "got 'tpu'"),
+    # demo data: the plain-text group (refused before any package is fetched)
+    "demo data: unknown distribution name": (
+        lambda w: prepare_distributions(w["out"], ["bible", "poetry"]), ValueError, "Unknown distribution(s) ['poetry']",
+    ),
+    "demo data: plain-text chunk size too small": (
+        lambda w: prepare_distributions(w["out"], "jargon", max_chars={"jargon": 50}), ValueError,
+        "`max_chars` for 'jargon' must be an integer of at least 200, got 50",
+    ),
 }
 
 

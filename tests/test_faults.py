@@ -220,6 +220,36 @@ def test_interrupted_file_write_keeps_the_previous_file(fault, tmp_path):
     assert target.read_text() == '{"best": 2}'
 
 
+@pytest.mark.parametrize("fault", ["ENOSPC mid-unpack", "KeyboardInterrupt mid-unpack"])
+def test_interrupted_debian_fetch_leaves_nothing_and_a_retry_succeeds(fault, tmp_path, monkeypatch):
+    """A plain-text distribution's Debian package is unpacked into a temporary folder: a failure mid-unpack
+    leaves no package folder (so nothing half-unpacked is ever reused) and the next call fetches it whole."""
+    from dem_hf import demo
+    from dem_hf.demo import debian
+
+    from .test_demo_texts import VERSIONS, fake_package
+
+    error = OSError(errno.ENOSPC, "No space left on device") if fault.startswith("ENOSPC") else KeyboardInterrupt()
+
+    def unpack_half(package, into):
+        (into / "root" / "usr").mkdir(parents=True)
+        (into / "root" / "usr" / "half").write_text("half")
+        raise error
+
+    def unpack(package, into):
+        fake_package(package, into / "root")
+        return VERSIONS[package]
+
+    monkeypatch.setattr(debian.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(debian, "_download_and_unpack", unpack_half)
+    with pytest.raises(type(error)):
+        demo.prepare_distributions(tmp_path, "jargon", n_train=6, n_val=2, n_test=2)
+    assert list((tmp_path / "debian").iterdir()) == [] and not (tmp_path / "distributions").exists()
+    monkeypatch.setattr(debian, "_download_and_unpack", unpack)
+    data = demo.prepare_distributions(tmp_path, "jargon", n_train=6, n_val=2, n_test=2)["jargon"]
+    assert len(data["train"]) == 6 and (tmp_path / "debian/jargon-text/package.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- data loss (issue 14)
 
 def _peft_adapter(folder: Path) -> Path:

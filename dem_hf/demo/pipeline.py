@@ -26,7 +26,7 @@ from ..search.config import SEARCH_METRICS, SearchConfig
 from ..search.registry import BUILTIN_STRATEGIES
 from .distributions import prepare_distributions
 from .model import prepare_smollm2
-from .packages import DISTRIBUTIONS
+from .packages import DEFAULT_DISTRIBUTIONS, DISTRIBUTIONS
 
 logger = logging.get_logger(__name__)
 
@@ -44,7 +44,11 @@ class DemoConfig:
     output_dir: str = field(default="examples/.cache/demo", metadata={"help": "Runs, search, merged model, results."})
     cache_dir: str = field(default="examples/.cache", metadata={"help": "Converted model and prepared datasets."})
     distributions: list[str] = field(
-        default_factory=lambda: list(DISTRIBUTIONS), metadata={"help": "Which datasets.", "choices": list(DISTRIBUTIONS)}
+        default_factory=lambda: list(DEFAULT_DISTRIBUTIONS),
+        metadata={
+            "help": "Which datasets (also bible, pydocs, jargon, fortunes: plain text from Debian packages).",
+            "choices": list(DISTRIBUTIONS),
+        },
     )
     n_train: int = field(default=400, metadata={"help": "Training examples per distribution."})
     n_val: int = field(default=16, metadata={"help": "Validation examples per distribution (the search's data)."})

@@ -240,7 +240,10 @@ def evaluate_and_search(base: str, sets: dict) -> dict:
     """What every process computes: the perplexities, and a grid and a gradient search (their whole paths)."""
     vectors = [noise_vector("math", 1), noise_vector("chat", 2)]
     model = make_llama(seed=0)
+    seen = []  # sequences this process scored
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(len(kwargs["input_ids"])), with_kwargs=True)
     out = {"losses": {n: r.loss for n, r in compute_perplexities(model, sets, batch_size=2, show_progress=False).items()}}
+    out["sequences"] = sum(seen)
     for name, options in SEARCHES.items():
         merger = DEMMerger.from_pretrained(base, vectors=vectors, config=DEMConfig())
         result = merger.search(sets, SearchConfig(device="cpu", batch_size=2, **options), show_progress=False)
@@ -268,6 +271,7 @@ def test_data_parallel_evaluation_matches_one_process(world, tmp_path):
     mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "init"), str(world["base"]), world["sets"], str(tmp_path)),
              nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert single.pop("sequences") == 12 and [r.pop("sequences") for r in ranks] == [6 + 1, 5]  # split by sequence
     assert ranks[0] == ranks[1]  # the same bits on every process
     assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-6)
     for name in SEARCHES:

@@ -263,6 +263,19 @@ def _data_parallel_worker(rank: int, world_size: int, init_file: str, base: str,
         torch.distributed.destroy_process_group()
 
 
+def test_a_launched_search_forms_the_process_group(monkeypatch):
+    """Under `accelerate launch` (WORLD_SIZE > 1) with no group yet, the search forms it with PartialState."""
+    import accelerate
+
+    formed = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda: formed.append(True))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    for world_size, expected in (("1", []), ("2", [True])):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        search_module.join_launched_processes()
+        assert formed == expected
+
+
 def test_data_parallel_evaluation_matches_one_process(world, tmp_path):
     """Acceptance 1: two gloo processes each score half of every set's sequences (one set has a single sequence,
     so one process scores none of it); the all-reduced perplexities equal one process's, and both processes follow

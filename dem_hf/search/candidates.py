@@ -93,6 +93,18 @@ def tensor_device(tensor: torch.Tensor) -> torch.device:
     return tensor.device
 
 
+def refuse_offloaded(model: torch.nn.Module) -> None:
+    """Raise a `ValueError` if accelerate offloaded any parameter (to the CPU or disk: the module's parameter is then
+    on the `meta` device and the weights live in an `AlignDevicesHook`'s `weights_map`, out of in-place reach)."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} parameters of the model (e.g. {offloaded[0]!r}) are on the 'meta' device: offloaded by "
+            "accelerate (their weights live in an AlignDevicesHook's weights_map), which in-place candidate switching "
+            "cannot update. Load the base without CPU/disk offload (a device_map whose devices hold the whole model)."
+        )
+
+
 class CandidateModel:
     """A model switched in place between candidate merges of the same base and vectors.
 
@@ -132,6 +144,7 @@ class CandidateModel:
         self._group_index = {g: i for i, g in enumerate(self.groups)}
         self.weights = [[0.0] * len(self.groups) for _ in self.vectors]
         self.num_switches = 0
+        refuse_offloaded(model)
         state = untied_state_dict(model)
         self._check_is_base(state)
         self.device = input_device(model)  # where validation batches go
@@ -165,12 +178,6 @@ class CandidateModel:
             if name not in state:
                 raise ValueError(f"The model has no tensor {name!r}, which the vectors change; is it the base model?")
             tensor = state[name]
-            if tensor.device.type == "meta":
-                raise ValueError(
-                    f"The model's {name!r} is on the 'meta' device: offloaded by accelerate (its weights live in an "
-                    "AlignDevicesHook's weights_map), which in-place candidate switching cannot update. Load the base "
-                    "without CPU/disk offload (a device_map whose devices hold the whole model) to search it."
-                )
             expected = self.base.head(name, _HEAD).to(tensor.dtype)
             if not torch.equal(tensor.reshape(-1)[:_HEAD].cpu(), expected):
                 raise ValueError(

@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 from trl import SFTConfig
 
+import dem_hf
 import dem_hf.search.run
 from dem_hf import (
     DEMConfig,
@@ -39,7 +40,7 @@ from dem_hf.io.shards import ShardedWriter
 from dem_hf.io.tensors import TensorDict, untied_state_dict
 from dem_hf.merging.card.render import build_model_card
 
-from .conftest import make_llama, perturbed, save_model
+from .conftest import make_llama, make_tokenizer, perturbed, save_model
 
 
 @pytest.fixture
@@ -683,6 +684,13 @@ CASES = {
         lambda w: prepare_distributions(w["out"], "jargon", max_chars={"jargon": 50}), ValueError,
         "`max_chars` for 'jargon' must be an integer of at least 200, got 50",
     ),
+    # accelerators (issue 17)
+    "search: unknown dtype": (lambda w: SearchConfig(dtype="fp8"), ValueError, "Unknown dtype 'fp8'; expected one of"),
+    "search: token budget of zero": (lambda w: SearchConfig(batch_tokens=0), ValueError, "batch_tokens must be an integer >= 1, got 0"),
+    "perplexity: token budget not an integer": (
+        lambda w: dem_hf.compute_perplexity(w["base_model"], ["w1 w2 w3"], make_tokenizer(), batch_tokens=2.5),
+        ValueError, "batch_tokens (padded tokens per batch) must be a positive integer or None, got 2.5",
+    ),
 }
 
 
@@ -754,6 +762,16 @@ CLI_CASES = {
         lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
                    "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--device", "gpu0"],
         "expected a torch device such as cpu, cuda, cuda:0, mps or auto, got 'gpu0'",
+    ),
+    "cli search: unknown dtype": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--dtype", "fp8"],
+        "argument --dtype: invalid choice: 'fp8'",
+    ),
+    "cli search: token budget that is not a number": (
+        lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),
+                   "--eval", f"math={w['tmp'] / 'missing.jsonl'}", "--batch_tokens", "many"],
+        "invalid int value: 'many'",
     ),
     # options built from the configs (issue 15)
     "cli search: bounds that are not numbers": (

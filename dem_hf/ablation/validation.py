@@ -134,6 +134,7 @@ def _load_trained_model(base: str, run, device: str | None) -> torch.nn.Module:
     """A mixture run's final model: the full fine-tune, or the base with the LoRA adapter."""
     from transformers import AutoModelForCausalLM
 
+    from ..search.run import resolve_device
     from ..training.runs import ADAPTER_FOLDER
 
     if run.model_dir.name == ADAPTER_FOLDER:
@@ -142,7 +143,7 @@ def _load_trained_model(base: str, run, device: str | None) -> torch.nn.Module:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), run.model_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype="auto")
-    return (model.to(device) if device is not None else model).eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def _validation(proxy: AblationResult, trained: dict[str, dict[str, PerplexityResult]], scorer, pool: PartitionPool,

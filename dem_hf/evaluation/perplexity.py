@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import logging
+from .distributed import float64_sum, input_device, process_share, sum_across_processes
 from .sets import KNOWN_FORMATS, EvaluationBatch, EvaluationSet, check_batching
 from .tokenization import resolve_max_length, tokenize_for_evaluation
 
@@ -169,6 +170,7 @@ def compute_perplexity(
     tokenizer: Any | None = None,
     *,
     batch_size: int = 8,
+    batch_tokens: int | None = None,
     max_length: int | None = None,
     padding_side: Literal["right", "left"] = "right",
     show_progress: bool | None = None,
@@ -192,7 +194,11 @@ def compute_perplexity(
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             Needed when `data` is not an `EvaluationSet`.
         batch_size (`int`, defaults to 8):
-            Sequences per forward pass.
+            Sequences per forward pass (unused when `batch_tokens` is given).
+        batch_tokens (`int`, *optional*):
+            A budget of padded tokens per forward pass instead of a fixed `batch_size`: each batch takes as many
+            consecutive length-sorted sequences as keep `sequences × longest` within it, so short sequences run
+            in wide batches and long ones in narrow batches (a sequence longer than the budget runs alone).
         max_length (`int`, *optional*):
             Truncation length when tokenising `data`; defaults to the smaller of the tokenizer's
             `model_max_length` and the model's `max_position_embeddings`.
@@ -225,6 +231,7 @@ def compute_perplexity(
         {"eval": data},
         tokenizer,
         batch_size=batch_size,
+        batch_tokens=batch_tokens,
         max_length=max_length,
         padding_side=padding_side,
         show_progress=show_progress,
@@ -240,6 +247,7 @@ def compute_perplexities(
     tokenizer: Any | None = None,
     *,
     batch_size: int = 8,
+    batch_tokens: int | None = None,
     max_length: int | None = None,
     padding_side: Literal["right", "left"] = "right",
     show_progress: bool | None = None,
@@ -252,8 +260,8 @@ def compute_perplexities(
         model (`PreTrainedModel` or `PeftModel`): a causal language model.
         eval_datasets (`Mapping[str, EvaluationSet | dataset]`): named evaluation sets, each an
             [`EvaluationSet`] or anything [`tokenize_for_evaluation`] accepts.
-        tokenizer, batch_size, max_length, padding_side, show_progress, desc, tokenize_kwargs:
-            As in [`compute_perplexity`].
+        tokenizer, batch_size, batch_tokens, max_length, padding_side, show_progress, desc, tokenize_kwargs:
+            As in [`compute_perplexity`] (devices and data parallelism too).
 
     Returns:
         `dict[str, PerplexityResult]`: one result per name, in the order given.
@@ -271,30 +279,32 @@ def compute_perplexities(
             f"Expected a non-empty mapping of name -> evaluation set, got {type(eval_datasets).__name__}"
             f"{' (empty)' if isinstance(eval_datasets, Mapping) else ''}."
         )
-    check_batching(batch_size, padding_side)
+    check_batching(batch_size, padding_side, batch_tokens)
     eval_sets = {
         name: _as_evaluation_set(data, tokenizer, model, max_length, tokenize_kwargs)
         for name, data in eval_datasets.items()
     }
-    device = _model_device(model)
+    device, share = input_device(model), process_share()
     for name, eval_set in eval_sets.items():
         _warn_if_too_long(model, eval_set, name)
     # Built (and cached) outside inference mode, so that gradient code may reuse the same batches.
-    batches = {name: s.batches(batch_size, padding_side=padding_side, device=device) for name, s in eval_sets.items()}
+    batches = {
+        name: s.batches(batch_size, padding_side=padding_side, device=device, max_tokens=batch_tokens, shard=share)
+        for name, s in eval_sets.items()
+    }
     total = sum(len(b) for b in batches.values())
-    sums: dict[str, torch.Tensor] = {}
+    nlls: dict[str, list[torch.Tensor]] = {name: [] for name in eval_sets}
     with _eval_mode(model), torch.inference_mode(), _progress(total, desc, show_progress) as bar:
         for name in eval_sets:
             if len(eval_sets) > 1:
                 bar.set_postfix_str(name, refresh=False)
-            total_nll = torch.zeros((), dtype=torch.float64, device=device)
             for batch in batches[name]:
-                total_nll += batch_nll(model, batch).double()
+                nlls[name].append(batch_nll(model, batch))
                 bar.update(1)
-            sums[name] = total_nll
+    totals = sum_across_processes(torch.stack([float64_sum(nlls[name]) for name in eval_sets])).tolist()
     return {
-        name: PerplexityResult.from_nll(float(sums[name]), eval_set.num_tokens, len(eval_set))
-        for name, eval_set in eval_sets.items()
+        name: PerplexityResult.from_nll(totals[index], eval_set.num_tokens, len(eval_set))
+        for index, (name, eval_set) in enumerate(eval_sets.items())
     }
 
 
@@ -339,14 +349,6 @@ def _warn_if_too_long(model: torch.nn.Module, eval_set: EvaluationSet, name: str
             f"Evaluation set {name!r} has sequences of {eval_set.max_sequence_length} tokens, longer than the "
             f"model's max_position_embeddings={limit}; tokenise with max_length={limit} for reliable numbers."
         )
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 @contextmanager

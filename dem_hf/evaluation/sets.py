@@ -119,9 +119,9 @@ class EvaluationSet:
         """Length of the longest stored sequence."""
         return max((len(ids) for ids in self.input_ids), default=0)
 
-    def num_batches(self, batch_size: int) -> int:
-        """Number of batches [`EvaluationSet.batches`] yields for `batch_size`."""
-        return math.ceil(len(self) / batch_size)
+    def num_batches(self, batch_size: int, *, max_tokens: int | None = None) -> int:
+        """Number of batches [`EvaluationSet.batches`] yields for `batch_size` (or a `max_tokens` budget)."""
+        return len(batch_spans([len(ids) for ids in self.input_ids], batch_size, max_tokens))
 
     def batches(
         self,
@@ -129,29 +129,55 @@ class EvaluationSet:
         *,
         padding_side: Literal["right", "left"] = "right",
         device: torch.device | str | None = None,
+        max_tokens: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> list[EvaluationBatch]:
         """Padded batches of consecutive (length-sorted) sequences, built once and cached.
 
         Args:
-            batch_size (`int`, defaults to 8): sequences per batch.
+            batch_size (`int`, defaults to 8): sequences per batch (unused when `max_tokens` is given).
             padding_side (`"right"` or `"left"`, defaults to `"right"`): where padding goes.
             device (`torch.device` or `str`, *optional*): where the tensors live (CPU by default).
+            max_tokens (`int`, *optional*): a budget of padded tokens per batch instead of a fixed number of
+                sequences: each batch takes as many consecutive sequences as fit (its longest, the first, times its
+                size); a sequence longer than the budget gets a batch of its own.
+            shard (`(rank, world_size)`, defaults to `(0, 1)`): only the sequences `rank, rank + world_size, ...`
+                (one process's share in data-parallel evaluation; still sorted by length).
+
+        Returns:
+            `list[EvaluationBatch]`: the batches, longest first.
         """
-        check_batching(batch_size, padding_side)
+        check_batching(batch_size, padding_side, max_tokens)
+        rank, world_size = shard
         device = torch.device(device if device is not None else "cpu")
-        key = (batch_size, padding_side, str(device))
+        key = (batch_size, padding_side, str(device), max_tokens, rank, world_size)
         if key not in self._batch_cache:
+            ids, masks = self.input_ids[rank::world_size], self.loss_mask[rank::world_size]
             self._batch_cache[key] = [
-                _pad_batch(
-                    self.input_ids[start : start + batch_size],
-                    self.loss_mask[start : start + batch_size],
-                    self.pad_token_id,
-                    padding_side,
-                    device,
-                )
-                for start in range(0, len(self), batch_size)
+                _pad_batch(ids[start:stop], masks[start:stop], self.pad_token_id, padding_side, device)
+                for start, stop in batch_spans([len(i) for i in ids], batch_size, max_tokens)
             ]
         return self._batch_cache[key]
+
+
+def batch_spans(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """`(start, stop)` of each batch of consecutive sequences, whose lengths are sorted decreasingly: `batch_size`
+    sequences each, or with `max_tokens`, as many as keep `size × longest` within the budget (at least one).
+
+    Example:
+        ```python
+        >>> batch_spans([9, 5, 4, 4, 2], batch_size=8, max_tokens=12)
+        [(0, 1), (1, 3), (3, 5)]
+        ```
+    """
+    if max_tokens is None:
+        return [(start, min(start + batch_size, len(lengths))) for start in range(0, len(lengths), batch_size)]
+    spans, start = [], 0
+    while start < len(lengths):
+        size = max(1, max_tokens // max(lengths[start], 1))
+        spans.append((start, min(start + size, len(lengths))))
+        start = spans[-1][1]
+    return spans
 
 
 def build_evaluation_set(
@@ -199,12 +225,15 @@ def build_evaluation_set(
     )
 
 
-def check_batching(batch_size: int, padding_side: str) -> None:
-    """Raise a `ValueError` unless `batch_size` is a positive integer and `padding_side` right or left."""
+def check_batching(batch_size: int, padding_side: str, max_tokens: int | None = None) -> None:
+    """Raise a `ValueError` unless `batch_size` is a positive integer, `padding_side` right or left, and
+    `max_tokens` (a padded-token budget per batch) `None` or a positive integer."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise ValueError(f"batch_tokens (padded tokens per batch) must be a positive integer or None, got {max_tokens!r}.")
 
 
 def _pad_batch(

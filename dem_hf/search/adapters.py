@@ -56,7 +56,7 @@ class Adapter:
     def set_weights(self, weights: torch.Tensor, *, keep_zero: bool = False) -> None:
         """Scale of each rank from the (vectors × groups) weights' column of this layer's group; all-zero weights
         skip the layer unless `keep_zero` (gradients at ω = 0 need the adapter in the graph)."""
-        rows = weights[:, self.group][self.index]
+        rows = weights.to(self.index.device)[:, self.group][self.index]  # this layer's device (differentiable)
         if not (keep_zero or bool((rows != 0).any())):
             self.scale = self.scaled_left = None
             return

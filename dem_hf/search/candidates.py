@@ -21,6 +21,12 @@ a (vectors × groups) matrix w_{i,g}: a dense tensor W of group g(W) moves by `W
 and an adapter hook (one layer, so one group) takes its group's column as its scalings. With one group
 (`"vector"` granularity) this is the one-weight-per-vector switch.
 
+**Devices.** Each touched tensor is switched on its own device (its deltas, float32 master and LoRA factors live
+beside it), so a model split over several devices by a `device_map` (or by hand) keeps the exact switching;
+validation batches go to the device of the input embeddings. Parameters offloaded by accelerate (to the CPU or
+disk, kept in an `AlignDevicesHook`'s `weights_map` while the module's own parameter is on the `meta` device) are
+refused with a `ValueError`: an in-place switch of the parameter would not reach the offloaded copy.
+
 [`CandidateModel.restore`] copies each touched tensor back from the base checkpoint (bitwise exact) and
 removes the hooks. [`CandidateModel.loss_gradients`] gives ∂ℓ_s/∂w_{i,g} for every validation set `s`: by
 autograd through the hooks for adapter LoRA, and as Σ_{W∈g} ⟨∇_W ℓ_s, Δ_i⟩ for dense deltas (tensor by tensor),
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import logging
+from ..evaluation.distributed import float64_sum, input_device, process_share, sum_across_processes
 from ..evaluation.perplexity import EvaluationSet, PerplexityResult, batch_nll
 from ..io.tensors import TensorSource, untied_state_dict
 from ..merging.arithmetic import merge_tensor
@@ -70,10 +77,32 @@ class _Unit:
     switches: int = 0
     group: int = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensor, and so everything that changes it, lives."""
+        return tensor_device(self.tensor)
+
     def delta(self, vector: DistributionVector, cached: torch.Tensor | None) -> torch.Tensor:
         if cached is not None:
             return cached
-        return checked(vector, self.name, vector.tensors.get(self.name).to(self.tensor.device, torch.float32))
+        return checked(vector, self.name, vector.tensors.get(self.name).to(self.device, torch.float32))
+
+
+def tensor_device(tensor: torch.Tensor) -> torch.device:
+    """The device a model tensor lives on (one place to ask, so that tests can simulate several devices)."""
+    return tensor.device
+
+
+def refuse_offloaded(model: torch.nn.Module) -> None:
+    """Raise a `ValueError` if accelerate offloaded any parameter (to the CPU or disk: the module's parameter is then
+    on the `meta` device and the weights live in an `AlignDevicesHook`'s `weights_map`, out of in-place reach)."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} parameters of the model (e.g. {offloaded[0]!r}) are on the 'meta' device: offloaded by "
+            "accelerate (their weights live in an AlignDevicesHook's weights_map), which in-place candidate switching "
+            "cannot update. Load the base without CPU/disk offload (a device_map whose devices hold the whole model)."
+        )
 
 
 class CandidateModel:
@@ -115,9 +144,10 @@ class CandidateModel:
         self._group_index = {g: i for i, g in enumerate(self.groups)}
         self.weights = [[0.0] * len(self.groups) for _ in self.vectors]
         self.num_switches = 0
+        refuse_offloaded(model)
         state = untied_state_dict(model)
         self._check_is_base(state)
-        self.device = next(iter(state.values())).device if state else torch.device("cpu")
+        self.device = input_device(model)  # where validation batches go
         modules = dict(model.named_modules())
         owners = weight_owners(modules)
         self.adapters: list[Adapter] = []
@@ -131,7 +161,8 @@ class CandidateModel:
                     if lora_mode == "adapter" and hookable(name, state, modules, owners):
                         plans.setdefault(name, []).append((index, vector))
                     else:
-                        self._unit(name, state).low_rank.append((index, self._factors(vector, name)))
+                        unit = self._unit(name, state)
+                        unit.low_rank.append((index, self._factors(vector, name, unit.device)))
         try:
             for name, terms in plans.items():
                 self.adapters.append(self._adapter(name, terms, modules[name.rsplit(".", 1)[0]]))
@@ -157,7 +188,9 @@ class CandidateModel:
     def _unit(self, name: str, state: dict[str, torch.Tensor]) -> _Unit:
         if name not in self.units:
             tensor = state[name]
-            master = tensor.to(torch.float32, copy=True) if tensor.dtype != torch.float32 else None
+            # The master comes from the checkpoint, not the model: a base loaded in a lower precision than it was
+            # saved in (bf16 from float32) would otherwise start every candidate from the rounded base.
+            master = self._base_float32(name, tensor_device(tensor)) if tensor.dtype != torch.float32 else None
             self.units[name] = _Unit(name, tensor, master=master, group=self.group_of(name))
         return self.units[name]
 
@@ -165,17 +198,20 @@ class CandidateModel:
         """Index in `self.groups` of tensor `name`'s group."""
         return self._group_index[tensor_group(name, self.granularity)]
 
-    def _factors(self, vector: DistributionVector, name: str) -> LowRank:
-        a = checked(vector, name + LORA_A, vector.tensors.get(name + LORA_A).to(self.device, torch.float32))
-        b = checked(vector, name + LORA_B, vector.tensors.get(name + LORA_B).to(self.device, torch.float32))
+    def _base_float32(self, name: str, device: torch.device) -> torch.Tensor:
+        return self.base.get(name).to(device, torch.float32, copy=True)
+
+    def _factors(self, vector: DistributionVector, name: str, device: torch.device) -> LowRank:
+        a = checked(vector, name + LORA_A, vector.tensors.get(name + LORA_A).to(device, torch.float32))
+        b = checked(vector, name + LORA_B, vector.tensors.get(name + LORA_B).to(device, torch.float32))
         module = vector.lora_modules[name]
         return LowRank(a, b, module.scaling, module.transpose)
 
     def _adapter(self, name: str, terms: list[tuple[int, DistributionVector]], module: torch.nn.Module) -> Adapter:
-        dtype = module.weight.dtype
+        dtype, device = module.weight.dtype, tensor_device(module.weight)
         lefts, rights, index, scaling = [], [], [], []
         for vector_index, vector in terms:
-            factors = self._factors(vector, name)
+            factors = self._factors(vector, name, device)
             # The matrix the layer multiplies by: Wᵀ for nn.Linear (y = x Wᵀ), W for Conv1D and embeddings.
             # Δ = B A, or (B A)ᵀ when transposed; so the used delta is B A exactly when these two flips agree.
             if factors.transpose == isinstance(module, torch.nn.Linear):
@@ -191,8 +227,8 @@ class CandidateModel:
             isinstance(module, torch.nn.Embedding),
             torch.cat(lefts, dim=1).to(dtype).contiguous(),
             torch.cat(rights, dim=0).to(dtype).contiguous(),
-            torch.tensor(index, device=self.device),
-            torch.tensor(scaling, device=self.device, dtype=torch.float32),
+            torch.tensor(index, device=device),
+            torch.tensor(scaling, device=device, dtype=torch.float32),
             self.group_of(name),
         )
 
@@ -205,17 +241,20 @@ class CandidateModel:
         """
         pending = [(u, i, term) for u in self.units.values() for i, term in enumerate(u.dense)]
         if cache is None:
-            count = len(pending) + sum(len(u.low_rank) for u in self.units.values())
-            needed = sum(u.tensor.numel() * 4 for u in self.units.values()) * count // max(len(self.units), 1)
-            cache = needed <= free_memory(self.device) // 2
-            logger.info(f"{'Caching' if cache else 'Not caching'} ~{needed / 2**30:.2f} GiB of deltas in memory.")
+            needed: dict[torch.device, int] = {}  # bytes of float32 deltas per device
+            for unit in self.units.values():
+                terms = len(unit.dense) + len(unit.low_rank)
+                needed[unit.device] = needed.get(unit.device, 0) + unit.tensor.numel() * 4 * terms
+            cache = all(size <= free_memory(device) // 2 for device, size in needed.items())
+            total = sum(needed.values())
+            logger.info(f"{'Caching' if cache else 'Not caching'} ~{total / 2**30:.2f} GiB of deltas in memory.")
         for unit, position, (index, vector, _) in pending:
             delta = unit.delta(vector, None)  # also checks for NaN/inf once
             unit.dense[position] = (index, vector, delta if cache else None)
         if cache:
             for unit in self.units.values():
                 for index, factors in unit.low_rank:
-                    delta = torch.zeros(unit.tensor.shape, dtype=torch.float32, device=self.device)
+                    delta = torch.zeros(unit.tensor.shape, dtype=torch.float32, device=unit.device)
                     factors.add_to_(delta, 1.0)
                     unit.dense.append((index, self.vectors[index], delta))
                 unit.low_rank = []
@@ -278,8 +317,10 @@ class CandidateModel:
 
     def _resync(self, unit: _Unit, weights: list[float]) -> None:
         """Recompute a tensor from the base checkpoint, as a fresh merge does (no accumulated drift)."""
-        terms = [(v, weights[i]) for i, v in enumerate(self.vectors) if v.changes(unit.name)]
-        exact = merge_tensor(self.base.get(unit.name).to(self.device, torch.float32), unit.name, terms)
+        # The unit's own terms only: a LoRA vector served by an adapter hook on this layer must not enter the weight.
+        own = {i for i, _, _ in unit.dense} | {i for i, _ in unit.low_rank}
+        terms = [(v, weights[i]) for i, v in enumerate(self.vectors) if i in own]
+        exact = merge_tensor(self._base_float32(unit.name, unit.device), unit.name, terms)
         if unit.master is not None:
             unit.master.copy_(exact)
         unit.tensor.copy_(exact)
@@ -288,9 +329,10 @@ class CandidateModel:
         """Put the base weights back exactly (copied from the checkpoint) and remove the hooks."""
         with torch.no_grad():
             for unit in self.units.values():
-                unit.tensor.copy_(self.base.get(unit.name))
+                base = self._base_float32(unit.name, unit.device)
+                unit.tensor.copy_(base)  # rounded as loading the checkpoint in this dtype rounds it
                 if unit.master is not None:
-                    unit.master.copy_(unit.tensor)
+                    unit.master.copy_(base)
                 unit.switches = 0
         for adapter in self.adapters:
             adapter.handle.remove()
@@ -306,7 +348,7 @@ class CandidateModel:
     # ------------------------------------------------------------------------------------------ gradients
 
     def loss_gradients(
-        self, eval_sets: Mapping[str, EvaluationSet], batch_size: int
+        self, eval_sets: Mapping[str, EvaluationSet], batch_size: int, *, batch_tokens: int | None = None
     ) -> tuple[dict[str, PerplexityResult], dict[str, list[float]]]:
         """Per-set results at the current weights and ∂ℓ_s/∂w_{i,g} as `gradients[s][i][g]` (ℓ_s: mean NLL per token
         of set s; one group, `[i][0]`, at `"vector"` granularity).
@@ -333,9 +375,10 @@ class CandidateModel:
             for p in grads_of.values():
                 p.requires_grad_(True)
             self.model.eval()
+            share = process_share()  # data parallel: this process's sequences, sums reduced below
             for set_name, eval_set in eval_sets.items():
-                total = 0.0
-                for cached in eval_set.batches(batch_size, device=self.device):
+                nlls = []
+                for cached in eval_set.batches(batch_size, device=self.device, max_tokens=batch_tokens, shard=share):
                     # Batches cached by compute_perplexities were built under inference_mode, which autograd
                     # refuses to save for backward: use plain copies (token ids, small).
                     batch = type(cached)(*(t.clone() if t is not None else None for t in cached))
@@ -343,7 +386,8 @@ class CandidateModel:
                         adapter.set_weights(weights, keep_zero=True)
                     nll = batch_nll(self.model, batch)
                     (nll / eval_set.num_tokens).backward()
-                    total += float(nll.detach())
+                    nlls.append(nll.detach())
+                total = float(sum_across_processes(float64_sum(nlls)))
                 results[set_name] = PerplexityResult.from_nll(total, eval_set.num_tokens, len(eval_set))
                 gradients[set_name] = self._collect(weights, grads_of)
         finally:
@@ -374,6 +418,6 @@ class CandidateModel:
                 for index, factors in unit.low_rank:
                     total[index, unit.group] += float(factors.inner(grad))
                 grads_of[name].grad = None
-        return total.tolist()
+        return sum_across_processes(total).tolist()
 
 

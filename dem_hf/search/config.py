@@ -24,6 +24,7 @@ SEARCH_METRICS = ("perplexity", "log_perplexity", "relative_perplexity")
 LORA_MODES = ("auto", "adapter", "update")
 BAYESIAN_SAMPLERS = ("gp", "tpe")
 GRADIENT_OPTIMIZERS = ("lbfgs", "adam")
+SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DENSITY = "(density)"  # the density's name among a search's dimensions (no vector can be named so)
 # Most parameters (vectors × groups) the random and bayesian strategies accept: beyond this, sampling a box of
 # that many dimensions with a few dozen trials finds little (and Optuna's GP slows down); use "gradient".
@@ -98,7 +99,9 @@ class SearchConfig(JsonConfigMixin):
         gradient_tolerance: stop when the objective improves by less than this, relatively (L-BFGS-B; also
             its bound on the projected gradient), or when no coefficient moves more than this (Adam).
         seed: seed of `"random"` and `"bayesian"`.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (unused when `batch_tokens` is given).
+        batch_tokens: a budget of padded tokens per forward pass instead of `batch_size`: each batch takes as many
+            consecutive length-sorted validation sequences as fit (a sequence longer than the budget runs alone).
         max_length: truncate validation sequences to this many tokens (default: the model's
             `max_position_embeddings`); longer than the model allows is refused.
         lora_mode: how LoRA vectors are switched: `"adapter"` (their factors run beside each layer with the
@@ -110,7 +113,14 @@ class SearchConfig(JsonConfigMixin):
         cache_deltas: keep deltas in memory (float32, one copy per vector; LoRA deltas of `"update"` formed
             once) for fast switching; default: when they fit in half the available memory.
         device: device to load the base model on when `DEMMerger.search` is given no model (`cpu`, `cuda`,
-            `cuda:0`, `mps`, ..., or `auto`: an accelerator when there is one).
+            `cuda:0`, `mps`, ...). The default (`None`, same as `"auto"`) is the accelerator when there is one (CUDA,
+            then MPS; under `accelerate launch` this process's own GPU), else the CPU; before issue 17 the default
+            was the CPU, which `"cpu"` still gives.
+        dtype: dtype to load the base model in when `DEMMerger.search` is given no model: `"auto"` (default) is
+            bfloat16 on a CUDA device that supports it, else the checkpoint's dtype; `"float32"`, `"bfloat16"`,
+            `"float16"` force one. The search stays exact in a low precision: every tensor it switches keeps a
+            float32 master copy taken from the checkpoint, rounded once per switch as a fresh merge rounds, and the
+            losses are summed in float32 (then float64).
         search_density: also search the merge operator's `density` (the merger's `DEMConfig.merge_method` must be
             one that has a density) within `density_bounds`, as one more dimension of the grid (`grid_points`
             values), random and bayesian strategies; the best density becomes `DEMConfig.density`. Not with
@@ -199,7 +209,10 @@ class SearchConfig(JsonConfigMixin):
         default=1e-4, metadata={"help": "Stop when the objective (L-BFGS-B) or the coefficients (Adam) move less."}
     )
     seed: int = field(default=0, metadata={"help": "Random seed of the random and bayesian strategies."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (unless batch_tokens is set)."})
+    batch_tokens: int | None = field(
+        default=None, metadata={"help": "Padded tokens per forward pass, instead of batch_size sequences."}
+    )
     max_length: int | None = field(default=None, metadata={"help": "Truncate validation sequences to this many tokens."})
     lora_mode: str = field(
         default="auto",
@@ -208,7 +221,15 @@ class SearchConfig(JsonConfigMixin):
     cache_deltas: bool | None = field(
         default=None, metadata={"help": "Keep dense deltas in memory (default: when they fit in half the free RAM)."}
     )
-    device: str | None = field(default=None, metadata={"help": "Device for the base model when none is given."})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Device for the base model when none is given (default: the accelerator if any, else cpu)."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype for the base model when none is given (auto: bfloat16 on a CUDA GPU that has it, "
+                  "else the checkpoint's).", "choices": SEARCH_DTYPES},
+    )
     search_density: bool = field(default=False, metadata={"help": "Also search the merge operator's density."})
     density_bounds: tuple[float, float] | str | None = field(
         default=(0.1, 1.0), metadata={"help": "LOW HIGH of the density search, within (0, 1] (None: 0.1 1).", "nargs": "+"}
@@ -272,6 +293,10 @@ class SearchConfig(JsonConfigMixin):
             raise ValueError(f"Unknown lora_mode {self.lora_mode!r}; expected one of {list(LORA_MODES)}.")
         _check_positive_int("seed", self.seed, minimum=0)
         check_device(self.device)
+        if self.dtype not in SEARCH_DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; expected one of {list(SEARCH_DTYPES)}.")
+        if self.batch_tokens is not None:
+            _check_positive_int("batch_tokens", self.batch_tokens)
         self._check_density_search()
 
     def _check_density_search(self) -> None:
@@ -352,7 +377,7 @@ class SearchConfig(JsonConfigMixin):
 
 
 def check_device(device: Any) -> None:
-    """Refuse a device torch cannot name, before any model is loaded (`None` is the default CPU)."""
+    """Refuse a device torch cannot name, before any model is loaded (`None` is the default: `"auto"`)."""
     if device is None or (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
         return
     if type(device).__name__ == "device" and type(device).__module__ == "torch":

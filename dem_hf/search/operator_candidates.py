@@ -101,7 +101,7 @@ class OperatorCandidateModel(CandidateModel):
         """θ + op(Δ, w) for one tensor from the base checkpoint, with the streaming merge's order: the vectors
         with a non-zero weight combined in float32, the base added last, rounded once."""
         active = [(delta, weights[index]) for index, _, delta in unit.dense if weights[index] != 0.0]
-        exact = self.base.get(unit.name).to(self.device, torch.float32)
+        exact = self._base_float32(unit.name, unit.device)
         if active:
             exact = merge_sparse_torch(self.operator, [d for d, _ in active], [w for _, w in active]).add_(exact)
         if unit.master is not None:
@@ -109,11 +109,11 @@ class OperatorCandidateModel(CandidateModel):
         unit.tensor.copy_(exact)
 
     def loss_gradients(
-        self, eval_sets: Mapping[str, EvaluationSet], batch_size: int
+        self, eval_sets: Mapping[str, EvaluationSet], batch_size: int, *, batch_tokens: int | None = None
     ) -> tuple[dict[str, PerplexityResult], dict[str, list[float]]]:
         if not self.linear:
             raise ValueError(
                 f"merge_method={self.operator.method!r} elects a sign per entry, so the merge is not differentiable "
                 "in the coefficients; search it with grid, random or bayesian."
             )
-        return super().loss_gradients(eval_sets, batch_size)
+        return super().loss_gradients(eval_sets, batch_size, batch_tokens=batch_tokens)

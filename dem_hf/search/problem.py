@@ -205,7 +205,8 @@ class SearchProblem:
             self.candidates.set_density(float(coefficients[DENSITY]))
         self.candidates.set_weights(weights)
         results = compute_perplexities(
-            self.candidates.model, self.eval_sets, batch_size=self.config.batch_size, show_progress=False
+            self.candidates.model, self.eval_sets, batch_size=self.config.batch_size,
+            batch_tokens=self.config.batch_tokens, show_progress=False
         )
         return self._record(key, coefficients, results, FORWARD_COST, start, label).objective
 
@@ -230,7 +231,9 @@ class SearchProblem:
         if key is None:
             raise ValueError(f"The 'average' weighting is undefined where the coefficients sum to 0: {dict(coefficients)}.")
         self.candidates.set_weights(weights)
-        results, set_grads = self.candidates.loss_gradients(eval_sets, self.config.batch_size)
+        results, set_grads = self.candidates.loss_gradients(
+            eval_sets, self.config.batch_size, batch_tokens=self.config.batch_tokens
+        )
         d_loss = self.objective.loss_gradient(results)
         d_weights = sum(d_loss[s] * torch.tensor(set_grads[s], dtype=torch.float64) for s in set_grads)
         d_omega = self._chain(coefficients, d_weights)
@@ -240,7 +243,8 @@ class SearchProblem:
         """Per-set results of a candidate on `eval_sets` (one forward pass); not recorded, not counted."""
         _, weights = self._key(coefficients)
         self.candidates.set_weights(weights)
-        return compute_perplexities(self.candidates.model, eval_sets, batch_size=self.config.batch_size, show_progress=False)
+        return compute_perplexities(self.candidates.model, eval_sets, batch_size=self.config.batch_size,
+            batch_tokens=self.config.batch_tokens, show_progress=False)
 
     def cost_of(self, eval_sets: Mapping[str, EvaluationSet], per_pass: float) -> float:
         """Forward-pass equivalents of `per_pass` over `eval_sets`, as a share of all validation tokens."""
@@ -281,7 +285,8 @@ class SearchProblem:
         if self.base_results is None:
             self.candidates.set_weights([0.0] * len(self.vector_names))
             self.base_results = compute_perplexities(
-                self.candidates.model, self.eval_sets, batch_size=self.config.batch_size, show_progress=False
+                self.candidates.model, self.eval_sets, batch_size=self.config.batch_size,
+            batch_tokens=self.config.batch_tokens, show_progress=False
             )
             self.compute += FORWARD_COST
         return self.base_results

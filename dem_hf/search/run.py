@@ -78,6 +78,7 @@ def run_search(
         from .layerwise import split_holdout
 
         split_holdout(eval_sets, config.holdout_fraction, config.seed)  # too few sequences: refused before loading
+    join_launched_processes()
     model = model if model is not None else load_search_model(merger, config)
     vectors = [merger.vectors[n] for n in names]
     weighting = merger.config.weighting
@@ -338,22 +339,62 @@ def _load_tokenizer(merger: DEMMerger) -> Any:
 
 
 def load_search_model(merger: DEMMerger, config: SearchConfig) -> torch.nn.Module:
-    """The base model, in its checkpoint dtype, in eval mode, on `config.device` (default CPU; `"auto"`: an
-    accelerator when there is one)."""
+    """The base model, in eval mode, on [`resolve_device`]`(config.device)` (default: the accelerator when there is
+    one) and in [`resolve_dtype`]`(config.dtype, device)` (default: bfloat16 on a CUDA GPU that supports it, else
+    the checkpoint's dtype).
+
+    Example:
+        ```python
+        >>> model = load_search_model(merger, SearchConfig(device="cpu"))  # the CPU, in the checkpoint's dtype
+        ```
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(merger.base_folder, dtype="auto")
-    if config.device is not None:
-        model = model.to(resolve_device(config.device))
-    return model.eval()
+    device = resolve_device(config.device)
+    model = AutoModelForCausalLM.from_pretrained(merger.base_folder, dtype=resolve_dtype(config.dtype, device))
+    return model.to(device).eval()
 
 
-def resolve_device(device):
-    """`"auto"` as the first accelerator present (CUDA, then MPS), else CPU; other values as they are."""
-    import torch
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` or `"auto"` as this process's accelerator when there is one (CUDA, then MPS; under `accelerate launch`
+    or `torchrun`, the GPU of this process's `LOCAL_RANK`), else the CPU; other values as they are.
 
-    if device != "auto":
-        return device
+    Example:
+        ```python
+        >>> resolve_device("cpu"), resolve_device(None)  # on a machine with one GPU
+        (device(type='cpu'), device(type='cuda', index=0))
+        ```
+    """
+    if device is not None and device != "auto":
+        return torch.device(device)
     if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    mps = getattr(torch.backends, "mps", None)
+    return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """The dtype to load the search model in: `"auto"` is bfloat16 on a CUDA device that supports it, else the
+    checkpoint's own (`"auto"` for `from_pretrained`); other names as the torch dtype.
+
+    Example:
+        ```python
+        >>> resolve_dtype("auto", torch.device("cpu")), resolve_dtype("float16", torch.device("cpu"))
+        ('auto', torch.float16)
+        ```
+    """
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return "auto"
+
+
+def join_launched_processes() -> None:
+    """Under a launcher that started several processes (`WORLD_SIZE` > 1, as `accelerate launch` sets) but with no
+    process group yet, form it with `accelerate.PartialState()`, so that the validation sets are shared across the
+    processes (see `dem_hf.evaluation.distributed`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()

@@ -269,15 +269,15 @@ def row_blocks(shape: tuple[int, ...], block_values: int) -> Iterator[tuple[int,
 
 
 @contextmanager
-def single_threaded(import_torch: bool = False) -> Iterator[None]:
+def single_threaded() -> Iterator[None]:
     """Run torch's CPU ops on one thread for a while (restored afterwards); nothing to do if torch is not
-    loaded, unless `import_torch` (the work inside will load it, e.g. to form LoRA deltas).
+    loaded (the streaming merge itself, LoRA blocks included, is NumPy).
 
     A streaming merge is memory- and I/O-bound on small blocks and runs its own worker threads: torch's
     intra-op threads on top gain nothing, and when the cores are busy their synchronisation made the adds
     many times slower (measured: 10 s instead of 0.3 s for a 265M-parameter merge on a loaded 2-core machine).
     """
-    if not import_torch and "torch" not in sys.modules:
+    if "torch" not in sys.modules:
         yield
         return
     import torch
@@ -345,7 +345,7 @@ def write_merged(
 
     workers = workers or MERGE_WORKERS
     names = sorted(base.keys(), key=lambda name: -math.prod(base.shape(name)))
-    with single_threaded(import_torch=any(vector.lora_modules for vector, _ in terms)):
+    with single_threaded():
         if workers <= 1:
             for name in names:
                 merge_one(name)

@@ -282,3 +282,26 @@ def test_merge_command_of_lora_vectors_imports_no_torch(tmp_path, base_dir, peft
     merged = untied_state_dict(saved)
     for name, expected in dense_reference(base_dir, peft_vectors, {"rs": 0.7, "tied": -0.5}).items():
         torch.testing.assert_close(merged[name].double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_lora_blocks_run_on_one_blas_thread(tmp_path, base_dir, peft_vectors, monkeypatch):
+    """The merge runs its own worker threads: the BLAS under NumPy's matrix products is held to one thread meanwhile
+    (its own threads on top made a LoRA merge 10x slower on a busy 2-core machine), and restored afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from dem_hf.vectors import vector as vector_module
+
+    seen = []
+    original = vector_module.add_lora_rows
+
+    def recording(*args, **kwargs):
+        seen.append({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vector_module, "add_lora_rows", recording)
+    merger = DEMMerger.from_pretrained(base_dir, vectors=peft_vectors)
+    with threadpool_limits(limits=2, user_api="blas"):
+        merger.save_pretrained(tmp_path / "merged", {"rs": 0.5, "tied": 0.5}, card=False)
+        merger.merge({"rs": 0.5, "tied": 0.5})
+        assert {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"} == {2}
+    assert seen and all(threads == {1} for threads in seen)

@@ -305,3 +305,19 @@ def test_lora_blocks_run_on_one_blas_thread(tmp_path, base_dir, peft_vectors, mo
         merger.merge({"rs": 0.5, "tied": 0.5})
         assert {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"} == {2}
     assert seen and all(threads == {1} for threads in seen)
+
+
+def test_a_whole_tensor_of_lora_rows_is_formed_in_bounded_pieces(monkeypatch):
+    """TIES reads each delta whole: the product is formed a few rows at a time into a bounded scratch buffer, with
+    the same values as one product."""
+    from dem_hf.vectors import factors
+
+    base, vectors = synthetic_world("BF16", "F32")
+    operator = MergeOperator(method="ties", density=0.6)
+    terms = [(v, WEIGHTS[v.name]) for v in vectors]
+    expected = np.concatenate(list(merged_blocks(base, "w", terms, BufferPool(), BLOCK_VALUES, operator).blocks))
+    monkeypatch.setattr(factors, "PRODUCT_VALUES", 50)  # two rows of 23 per product
+    pool = BufferPool()
+    actual = np.concatenate(list(merged_blocks(base, "w", terms, pool, BLOCK_VALUES, operator).blocks))
+    np.testing.assert_array_equal(actual, expected)
+    assert pool.take("lora_product", np.float32, 0).base.size <= 50

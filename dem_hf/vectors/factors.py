@@ -23,6 +23,10 @@ import numpy as np
 from ..io.dtypes import to_float32
 from .config import LORA_A, LORA_B
 
+# Values of the scratch product per matrix multiplication: one streaming-merge block (see MERGE_BLOCK_VALUES), so
+# a block is one product, and a whole tensor asked for at once is formed in pieces of this size.
+PRODUCT_VALUES = 1 << 18
+
 if TYPE_CHECKING:
     from ..io.reader import BufferPool
     from ..io.tensors import TensorSource
@@ -71,8 +75,8 @@ def add_lora_rows(
     """`accumulator += alpha · (B @ A)[rows]` (or `(B @ A).T[rows]` if `transpose`) in float32, in place.
 
     The scale is applied to the rank-sized operand (`alpha` rounded to float32 first, as a BLAS `sgemm` rounds its
-    `alpha`), the product goes into a pooled buffer and is then added: one rounding for the scaled factor, the matrix
-    product's own, and one for the addition.
+    `alpha`), the product goes into a pooled buffer of at most `PRODUCT_VALUES` values (more rows are formed in pieces)
+    and is then added: one rounding for the scaled factor, the matrix product's own, and one for the addition.
 
     Args:
         accumulator: float32 block of the delta's rows `rows`, shaped `(stop - start, columns)`.
@@ -98,6 +102,10 @@ def add_lora_rows(
     start, stop = rows
     left, right = (a[:, start:stop].T, b.T) if transpose else (b[start:stop], a)
     scaled = np.multiply(left, np.float32(alpha), out=pool.take("lora_left", np.float32, left.size).reshape(left.shape))
-    product = np.matmul(scaled, right, out=pool.take("lora_product", np.float32, accumulator.size).reshape(accumulator.shape))
-    accumulator += product
+    columns = right.shape[1]
+    step = max(1, PRODUCT_VALUES // max(1, columns))  # a whole tensor (TIES reads deltas whole) in bounded scratch
+    for first in range(0, stop - start, step):
+        chunk = scaled[first : first + step]
+        product = np.matmul(chunk, right, out=pool.take("lora_product", np.float32, chunk.shape[0] * columns).reshape(-1, columns))
+        accumulator[first : first + step] += product
     return accumulator

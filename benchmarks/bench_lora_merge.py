@@ -67,9 +67,12 @@ def main() -> int:
     args = parser.parse_args()
     vectors = args.vector or sorted(path / "vector" for path in DEMO_RUNS.iterdir())
     out = WORK / "lora"
+    outputs = {"lora merge": out / "after", "lora merge" + ALT: out / "before"}
     rows = {
-        "lora merge": (merge_command(REPO, args.base, vectors, out / "after"), dem_env(REPO), REPO),
-        "lora merge" + ALT: (merge_command(args.compare_src, args.base, vectors, out / "before"), dem_env(args.compare_src), args.compare_src),
+        "lora merge": (merge_command(REPO, args.base, vectors, outputs["lora merge"]), dem_env(REPO), REPO),
+        "lora merge" + ALT: (
+            merge_command(args.compare_src, args.base, vectors, outputs["lora merge" + ALT]), dem_env(args.compare_src), args.compare_src,
+        ),
         "startup": ([*dem_cli(REPO), "merge", "--help"], dem_env(REPO), REPO),
         "import torch": ([sys.executable, "-c", "import torch"], None, REPO),
     }
@@ -80,7 +83,8 @@ def main() -> int:
     for round_number in range(args.rounds + 1):
         for name in names[round_number % len(names):] + names[: round_number % len(names)]:
             command, env, cwd = rows[name]
-            shutil.rmtree(out / "after" if name == "lora merge" else out / "before", ignore_errors=True)
+            if name in outputs:  # outside the timing
+                shutil.rmtree(outputs[name], ignore_errors=True)
             out.mkdir(parents=True, exist_ok=True)
             wall, rss, code = run_measured(command, out / f"{name.replace(' ', '_')}.log", env=env, cwd=cwd)
             if code != 0:

@@ -252,6 +252,24 @@ def test_interrupted_debian_fetch_leaves_nothing_and_a_retry_succeeds(fault, tmp
 
 # ---------------------------------------------------------------------------------------------- data loss (issue 14)
 
+@pytest.mark.parametrize("factor, value", [("lora_A", float("nan")), ("lora_B", float("inf"))])
+def test_non_finite_lora_factor_on_disk_stops_the_merge_without_output(factor, value, tmp_path, base_dir):
+    """The streaming merge reads LoRA factors with NumPy (bf16 ones too) and refuses a non-finite one by name."""
+    from safetensors.torch import load_file, save_file
+
+    vector = DistributionVector.from_peft(_peft_adapter(tmp_path / "adapter"), name="lora", base=base_dir)
+    vector.save_pretrained(tmp_path / "vec")
+    path = tmp_path / "vec" / "vector.safetensors"
+    tensors = {name: tensor.to(torch.bfloat16) for name, tensor in load_file(path).items()}
+    name = f"model.layers.1.self_attn.q_proj.weight.{factor}"
+    tensors[name][0, 1] = value
+    save_file(tensors, path)
+    merger = DEMMerger.from_pretrained(base_dir, vectors=[tmp_path / "vec"])
+    with pytest.raises(ValueError, match=re.escape(f"'lora' has NaN or infinite values in {name!r}")):
+        merger.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 def _peft_adapter(folder: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 

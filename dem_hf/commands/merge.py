@@ -4,7 +4,7 @@
         --output dem-model
 
 Each `--vector DIR=WEIGHT` is a saved distribution vector and its coefficient; the options below `--output` are
-`DEMConfig`'s. The merge reads a block of rows at a time and never imports torch for saved full vectors.
+`DEMConfig`'s. The merge reads a block of rows at a time and never imports torch for saved vectors, full or LoRA.
 """
 
 from __future__ import annotations

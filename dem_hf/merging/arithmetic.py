@@ -3,17 +3,20 @@
 Nothing here opens files or builds models. Two engines compute the same sum:
 
 - [`merged_blocks`], on NumPy arrays, block by block: the streaming merge of `DEMMerger.save_pretrained`
-  (which needs no torch for saved full vectors) and the in-memory `DEMMerger.merge`, so that a saved folder
-  and the in-memory model are bitwise identical;
+  (which needs no torch for saved vectors, full or LoRA) and the in-memory `DEMMerger.merge`, so that a saved
+  folder and the in-memory model are bitwise identical;
 - [`merge_tensor`], on torch tensors on any device: the exact re-anchoring of a coefficient search on GPU.
 
 A merge's weights are either one float per vector (`Terms`) or per tensor ([`TensorTerms`]: per-layer / per-module
 coefficients, looked up for each tensor by its group); [`terms_for`] gives the `(vector, weight)` pairs of one
 tensor either way, so the per-tensor arithmetic is the same and equal weights give bit-identical merges.
 
-Both do the same float32 operations in the same order, so they agree bit for bit: the weighted deltas are
-summed first (`w·Δ` rounded to float32, then added), the base is added last, and the result is rounded once
-to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the exact (float32) merge.
+Both do the same float32 operations in the same order, so they agree bit for bit on dense deltas: the weighted
+deltas are summed first (`w·Δ` rounded to float32, then added), the base is added last, and the result is rounded
+once to the base tensor's dtype, so a bf16 merge is within one bf16 rounding of the exact (float32) merge. A LoRA
+delta's block is a float32 matrix product, `(w·s·B[rows]) @ A` by NumPy's BLAS here and `addmm_` by torch's there
+([`dem_hf.vectors.factors`]): the two sum the rank's products in their own order, so they agree to float32 rounding
+(tests/test_lora_numpy.py bounds both against a float64 computation), not bit for bit.
 """
 
 from __future__ import annotations
@@ -269,25 +272,29 @@ def row_blocks(shape: tuple[int, ...], block_values: int) -> Iterator[tuple[int,
 
 
 @contextmanager
-def single_threaded(import_torch: bool = False) -> Iterator[None]:
-    """Run torch's CPU ops on one thread for a while (restored afterwards); nothing to do if torch is not
-    loaded, unless `import_torch` (the work inside will load it, e.g. to form LoRA deltas).
+def single_threaded() -> Iterator[None]:
+    """Run NumPy's BLAS (the matrix products of LoRA blocks) and, if torch is loaded, torch's CPU ops on one thread
+    for a while (both restored afterwards); BLAS through `threadpoolctl`.
 
-    A streaming merge is memory- and I/O-bound on small blocks and runs its own worker threads: torch's
-    intra-op threads on top gain nothing, and when the cores are busy their synchronisation made the adds
-    many times slower (measured: 10 s instead of 0.3 s for a 265M-parameter merge on a loaded 2-core machine).
+    A streaming merge is memory- and I/O-bound on small blocks and runs its own worker threads: library threads on
+    top gain nothing, and when the cores are busy their synchronisation made the merge many times slower (measured
+    on a loaded 2-core machine: torch's intra-op threads, 10 s instead of 0.3 s for a 265M-parameter full-vector
+    merge; OpenBLAS's threads, 58 s instead of 5.6 s for 4 rank-16 LoRA vectors on a 135M base).
     """
-    if not import_torch and "torch" not in sys.modules:
-        yield
-        return
-    import torch
+    from threadpoolctl import threadpool_limits
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if "torch" not in sys.modules:
+            yield
+            return
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 def terms_for(name: str, terms: Terms | TensorTerms) -> list[tuple[DistributionVector, float]]:
@@ -345,7 +352,7 @@ def write_merged(
 
     workers = workers or MERGE_WORKERS
     names = sorted(base.keys(), key=lambda name: -math.prod(base.shape(name)))
-    with single_threaded(import_torch=any(vector.lora_modules for vector, _ in terms)):
+    with single_threaded():
         if workers <= 1:
             for name in names:
                 merge_one(name)

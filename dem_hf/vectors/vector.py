@@ -38,6 +38,7 @@ from ..io.tensors import (
     open_weights,
 )
 from .config import LORA_A, LORA_B, LoraModule, check_vector_name
+from .factors import FactorCache, add_lora_rows, non_finite_factor, read_factor
 from .folder import (  # noqa: F401 (re-exported)
     VECTOR_CONFIG_NAME,
     VECTOR_STEM,
@@ -98,7 +99,8 @@ class DistributionVector(VectorFolderMixin):
         self.dense_names = [n for n in tensors.keys() if n not in factor_names]
         self._dense = frozenset(self.dense_names)
         self._targets = self._dense | frozenset(self.lora_modules)
-        self._factors_cache: tuple | None = None  # the last LoRA factors a block-wise merge read
+        self._factors_cache: tuple | None = None  # the last LoRA factors a block-wise torch merge read
+        self._numpy_factor_cache = FactorCache()  # the streaming merge's, per thread
 
     # ----------------------------------------------------------------------------------------- inspection
 
@@ -160,9 +162,11 @@ class DistributionVector(VectorFolderMixin):
     def add_rows_to(self, accumulator: np.ndarray, name: str, weight: float, rows: tuple[int, int], pool: BufferPool) -> None:
         """Add `weight` times rows `rows` of the delta for `name` to a float32 NumPy `accumulator`, in place.
 
-        This is the streaming merge's arithmetic: a dense delta is read into `pool`'s buffers and added as
-        `accumulator += weight * delta` (without importing torch); a LoRA block is formed by torch's `addmm_`
-        on the same memory. Nothing is checked for NaN/inf here (see [`~dem_hf.merging.arithmetic.raise_for_non_finite`]).
+        This is the streaming merge's arithmetic, in NumPy (torch is not imported): a dense delta is read into
+        `pool`'s buffers and added as `accumulator += weight * delta`; a LoRA block is formed as
+        `(weight·scaling·B[rows]) @ A` in float32 ([`dem_hf.vectors.factors.add_lora_rows`]), the factors read once per
+        module and thread. Only LoRA factors are checked for NaN/inf here (`ValueError` naming the factor); dense
+        deltas are not (see [`~dem_hf.merging.arithmetic.raise_for_non_finite`]).
         """
         if name in self._dense:
             count, dtype = accumulator.size, self.tensors.dtype_name(name)
@@ -172,9 +176,9 @@ class DistributionVector(VectorFolderMixin):
                 delta = np.multiply(delta, np.float32(weight), out=pool.take("scaled", np.float32, count).reshape(accumulator.shape))
             accumulator += delta
         if name in self.lora_modules:
-            import torch
-
-            self._add_lora_(torch.from_numpy(accumulator), name, weight, rows)
+            module = self.lora_modules[name]
+            a, b = self._numpy_factors(name, pool)
+            add_lora_rows(accumulator, a, b, weight * module.scaling, rows, module.transpose, pool)
 
     def _add_lora_(self, target: torch.Tensor, name: str, weight: float, rows: tuple[int, int] | None) -> None:
         module = self.lora_modules[name]
@@ -198,15 +202,27 @@ class DistributionVector(VectorFolderMixin):
         self._factors_cache = (key, a, b) if cache else None
         return a, b
 
+    def _numpy_factors(self, name: str, pool: BufferPool | None) -> tuple[np.ndarray, np.ndarray]:
+        """Module `name`'s factors `(A, B)` as float32 NumPy arrays, checked for NaN/inf; kept per thread for the
+        merge that owns `pool` (read afresh when `pool` is None)."""
+        cached = self._numpy_factor_cache.get(name, pool) if pool is not None else None
+        if cached is not None:
+            return cached
+        a, b = read_factor(self.tensors, name + LORA_A), read_factor(self.tensors, name + LORA_B)
+        bad = non_finite_factor(a, b)
+        if bad is not None:
+            raise ValueError(f"Vector {self.name!r} has NaN or infinite values in {name + bad!r}; refusing to merge it.")
+        if pool is not None:
+            self._numpy_factor_cache.put(name, pool, a, b)
+        return a, b
+
     def check_delta_finite(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Raise `ValueError` if this vector's delta for `name` (or those rows of it) has NaN or inf values."""
         if name in self._dense:
             delta = self.tensors.get(name) if rows is None else read_rows(self.tensors, name, rows[0], rows[1])
             self._check_finite(delta, name)
         if name in self.lora_modules:
-            import torch
-
-            self._lora_factors(name, torch.float32, torch.device("cpu"))
+            self._numpy_factors(name, None)
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense float32 delta for one base tensor (formed from factors for LoRA modules)."""

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 16's study: DEM against data mixing over two groups of distributions, two budgets, LoRA and full
+# fine-tuning, with DEM's variants, four mixtures per setting and an off-distribution column. Every stage is cached
+# (benchmarks/.work/dem_vs_mixing/, the demo's cache in examples/.cache/), so the script resumes where it stopped;
+# each line prints its Markdown table for benchmarks/RESULTS.md, and the last one draws every result in one Pareto
+# chart (benchmarks/dem_vs_mixing_pareto.png).
+#
+#   bash benchmarks/dem_vs_mixing_study.sh            # all settings, most important first (CPU: many hours)
+#   STUDY_ONLY=2 bash benchmarks/dem_vs_mixing_study.sh   # one setting (its number below)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+VARIANTS=(--dem-variants gradient:layer gradient:layer:dare_linear:0.5 gradient:layer:breadcrumbs:0.8
+          --dem-budget 12 --dem-batch-sequences 3)
+COMMON=(--max_length 128 --off-distribution fortunes "${VARIANTS[@]}")
+LONG=(--max_steps 120 --lr_scheduler_type cosine --warmup_ratio 0.1)
+TEXT=(--distributions bible pydocs jargon)
+settings=(
+  "${LONG[*]}"                                                     # 1: demo group, LoRA, 4x budget, cosine
+  ""                                                               # 2: demo group, LoRA, 30 steps, constant lr
+  "${TEXT[*]} ${LONG[*]}"                                          # 3: plain-text group, LoRA, 4x budget
+  "${TEXT[*]}"                                                     # 4: plain-text group, LoRA, 30 steps
+  "--finetuning full --learning_rate 5e-5 --lr_scheduler_type cosine --warmup_ratio 0.1"  # 5: demo group, full, 30 steps
+)
+mkdir -p benchmarks/.work/dem_vs_mixing
+for index in "${!settings[@]}"; do
+  number=$((index + 1))
+  if [[ -n "${STUDY_ONLY:-}" && "$STUDY_ONLY" != "$number" ]]; then continue; fi
+  # shellcheck disable=SC2086  # each setting is a list of options
+  $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$number.md"
+done
+$PYTHON - <<'PY'
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from dem_vs_mixing import pareto_chart  # noqa: E402
+
+files = sorted(Path("benchmarks/.work/dem_vs_mixing").glob("result-*.json"))
+pareto_chart([json.loads(f.read_text()) for f in files], Path("benchmarks/dem_vs_mixing_pareto.png"))
+print("Pareto chart of", len(files), "settings: benchmarks/dem_vs_mixing_pareto.png")
+PY

@@ -3,7 +3,7 @@ processes, and processes sharing an output folder without forming a process grou
 
 The launched tests start real processes (`tests/launched_training.py`), which record every output write they
 make, the optimizer steps they take and the world size their trainers see, so the counts come from outside the
-code under test. They take about a minute each on a busy 2-core machine, so they are marked slow and `.ci/run`
+code under test. They take 30-90 s each on a busy 2-core machine, so they are marked slow and `.ci/run`
 runs them in a step of their own.
 """
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from ..io import outputs
 from ..io.outputs import OutputInUseError, lock_path, output_lock
 
 # Where launchers put the number of processes they started: torchrun / accelerate launch, then MPI implementations
@@ -100,4 +101,5 @@ def _in_use_message(run_dir: Path) -> str:
         "If you started several processes to train together, they did not form one process group: start them with "
         "`accelerate launch` or `torchrun` (with use_cpu=True on a machine without a GPU). Otherwise give each "
         "process its own output_dir, or wait for the other one to finish: its finished runs are then reused."
+        + ("" if outputs.fcntl is not None else f" If no other process is training it, delete {str(lock_path(run_dir))!r}.")
     )

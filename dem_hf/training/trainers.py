@@ -276,8 +276,10 @@ def train_distributions(
         `list[DistributionVector]`: one per dataset, in the given order, read from `output_dir/<name>/vector`.
 
     Raises:
-        ValueError: for bad input (before any run trains), and for a run recorded with other data or settings
-            when `retrain` is False (the message lists the differences).
+        ValueError: for bad input (before any run trains), for a run recorded with other data or settings
+            when `retrain` is False (the message lists the differences), and in every process of a launch whose
+            processes formed no process group.
+        OutputInUseError: when another call, outside this process group, is training one of the runs now.
 
     Example:
         ```python

@@ -25,7 +25,7 @@ from transformers import Trainer
 from trl import SFTConfig
 
 import dem_hf
-from dem_hf import DistributionVector, train_distributions
+from dem_hf import DistributionVector, train_distributions, train_mixture
 from dem_hf.io.outputs import OutputInUseError
 from dem_hf.training.processes import check_process_group, hold_run_folders
 
@@ -253,4 +253,16 @@ def test_a_run_folder_held_by_another_call_is_refused_before_training(world, tmp
         assert sorted(p.name for p in output.iterdir()) == [".other.lock"]  # 'plain' was neither opened nor locked
         with hold_run_folders([output / "plain"], main_process=False):  # a process that is not the main one
             assert sorted(p.name for p in output.iterdir()) == [".other.lock"]
+    assert trained == [] and list(output.iterdir()) == []
+
+
+def test_a_mixture_run_held_by_another_call_is_refused_before_training(world, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(Trainer, "train", lambda self, *args, **kwargs: trained.append(self.args.run_name))
+    output = tmp_path / "mixtures"
+    config = SFTConfig(output_dir=str(output), use_cpu=True, report_to="none", save_strategy="no", max_steps=1)
+    datasets = {name: str(world / "data" / f"{name}.jsonl") for name in NAMES}
+    with hold_run_folders([output / "half"], main_process=True):
+        with pytest.raises(OutputInUseError, match=r"Run 'half' in .* is being trained by another process right now"):
+            train_mixture(world / "base", datasets, {"plain": 0.5, "other": 0.5}, config, output_dir=output, name="half")
     assert trained == [] and list(output.iterdir()) == []

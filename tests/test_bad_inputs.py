@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -186,6 +188,15 @@ def train(w, datasets, peft_config=None, **settings):
     settings = {"max_steps": 1, **settings}
     config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", save_strategy="no", **settings)
     return train_distributions(w["base"], datasets, config, peft_config, w["out"])
+
+
+def train_launched_without_group(w):
+    """One of two launched processes (WORLD_SIZE=2) whose trainer formed no group (world size 1, as Accelerate leaves
+    a CPU launch without use_cpu=True)."""
+    config = SFTConfig(output_dir=str(w["out"]), use_cpu=False, bf16=False, report_to="none", save_strategy="no", max_steps=1)
+    assert config.world_size == 1  # the device state is set up before the launcher's variable appears
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
+        return train_distributions(w["base"], {"ok": texts()}, config, None, w["out"])
 
 
 def jsonl(w, lines: list[str], name: str = "data.jsonl") -> Path:
@@ -543,6 +554,9 @@ CASES = {
     ),
     "train: dataset file that does not exist": (
         lambda w: train(w, {"ok": texts(), "missing": "no/such/file.jsonl"}), ValueError, "does not exist",
+    ),
+    "train: launched processes that formed no process group": (
+        train_launched_without_group, ValueError, "one of 2 processes started by a launcher (WORLD_SIZE=2), but its trainer runs alone",
     ),
     "train: max_steps=0": (lambda w: train(w, {"ok": texts()}, max_steps=0), ValueError, "SFTConfig(max_steps=0) would train nothing"),
     "train: num_train_epochs=0 without max_steps": (

@@ -10,6 +10,8 @@ weighted mixtures of the data-mixing baseline.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -180,6 +182,16 @@ def check_chat_template(datasets: Mapping[str, PreparedDataset], tokenizer, sft_
 
 
 # ============================================================================================ mixtures
+
+
+def default_mixture_name(weights: Mapping[str, float]) -> str:
+    """`mixture_<name>-<weight>_...` when that is a valid folder name, else `mixture-<hash of the weights>`."""
+    readable = "mixture_" + "_".join(f"{name}-{weight:g}" for name, weight in weights.items())
+    try:
+        return check_vector_name(readable)
+    except ValueError:
+        digest = hashlib.sha256(json.dumps(sorted(weights.items())).encode()).hexdigest()[:10]
+        return f"mixture-{digest}"
 
 
 def mixture_probabilities(datasets: Mapping[str, Any], weights: Mapping[str, float]) -> dict[str, float]:

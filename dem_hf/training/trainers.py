@@ -28,8 +28,11 @@ Everything is checked before the first run starts: names, duplicates, every row 
 with the file and line of an error, chat message structure, rows the loss can score), columns TRL understands,
 chat templates, settings that would train nothing (`max_steps=0`), LoRA target modules and dtypes.
 
-Distributed training is TRL's: launch the same script with `accelerate launch` (DDP, FSDP or DeepSpeed); only
-the main process writes vectors and `run_info.json`.
+Distributed training is TRL's: launch the same script with `accelerate launch` (DDP, FSDP or DeepSpeed; on a
+machine without a GPU, `use_cpu=True` for a CPU group); every run trains once, as one process group, and only the
+main process writes vectors and `run_info.json`. Processes that share `output_dir` without forming one group (a
+launch that fell back to independent processes, or two plain runs started at once) are refused before they train
+(see [`dem_hf.training.processes`]).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,12 +73,14 @@ from .data import (
     DatasetSource,
     PreparedDataset,
     check_chat_template,
+    default_mixture_name,
     load_training_dataset,
     mix_datasets,
     mixture_probabilities,
     prepare_datasets,
     sample_mixture,
 )
+from .processes import check_process_group, hold_run_folders
 from .runs import (
     RUN_INFO_NAME,
     RunFolder,
@@ -89,7 +93,7 @@ from .runs import (
     train_or_resume,
 )
 
-# The API of this module; its helpers live in training_data, training_config and runs.
+# The API of this module; its helpers live in data, config, runs and processes.
 __all__ = [
     "RUN_INFO_NAME", "TrainingRun", "bf16_available", "default_mixture_name", "load_training_dataset", "mix_datasets",
     "train_distributions", "train_mixture",
@@ -160,6 +164,11 @@ class _Plan:
     base_name: str | None
     base_fingerprint: dict[str, Any]
 
+    @property
+    def is_main_process(self) -> bool:
+        """The group's main process writes run folders and holds their locks (`dem_hf.training.processes`)."""
+        return self.sft_config.process_index == 0
+
     def setup(self, config, data: dict[str, Any]) -> dict[str, Any]:
         """The part of `run_info.json` a re-run compares to decide whether a reused run matches."""
         return {
@@ -181,6 +190,7 @@ def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class,
         sft_config = default_sft_config(output_dir)
     check_training_length(sft_config)
     output_dir = check_output_directory(output_dir if output_dir is not None else sft_config.output_dir, overwrite=True)
+    check_process_group(sft_config, output_dir)
     if isinstance(base, os.PathLike):
         base = str(base)
     if not isinstance(base, (str, torch.nn.Module)):
@@ -198,7 +208,7 @@ def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class,
 
 def _open_runs(plan: _Plan, setups: dict[str, dict[str, Any]], retrain: bool, needs_vector: bool) -> dict[str, RunFolder]:
     """What happens to each run folder (reuse, resume, train, retrain), decided for all runs before any trains."""
-    main = plan.sft_config.process_index == 0
+    main = plan.is_main_process
     with plan.sft_config.main_process_first(desc="checking run folders"):
         return {
             name: open_run(name, plan.output_dir / name, setup, retrain=retrain, needs_vector=needs_vector, main_process=main)
@@ -266,8 +276,10 @@ def train_distributions(
         `list[DistributionVector]`: one per dataset, in the given order, read from `output_dir/<name>/vector`.
 
     Raises:
-        ValueError: for bad input (before any run trains), and for a run recorded with other data or settings
-            when `retrain` is False (the message lists the differences).
+        ValueError: for bad input (before any run trains), for a run recorded with other data or settings
+            when `retrain` is False (the message lists the differences), and in every process of a launch whose
+            processes formed no process group.
+        OutputInUseError: when another call, outside this process group, is training one of the runs now.
 
     Example:
         ```python
@@ -290,18 +302,19 @@ def train_distributions(
     plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain)
     configs = {name: run_config(plan.sft_config, plan.output_dir / name, name) for name in plan.datasets}
     setups = {name: plan.setup(configs[name], data.summary()) for name, data in plan.datasets.items()}
-    folders = _open_runs(plan, setups, retrain, needs_vector=True)
-    vectors = []
-    for position, (name, data) in enumerate(plan.datasets.items(), start=1):
-        folder = folders[name]
-        if folder.reused:
-            logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}) finished earlier with this data and these "
-                        f"settings; reusing {folder.run_dir}.")
-            vectors.append(DistributionVector.from_pretrained(folder.run_dir / VECTOR_FOLDER))
-            continue
-        logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}): {data.num_examples} examples -> {folder.work_dir}")
-        vectors.append(_train_distribution(plan, name, data, folder, configs[name], setups[name], checkpoint_vectors))
-    return vectors
+    with hold_run_folders([plan.output_dir / name for name in setups], plan.is_main_process):
+        folders = _open_runs(plan, setups, retrain, needs_vector=True)
+        vectors = []
+        for position, (name, data) in enumerate(plan.datasets.items(), start=1):
+            folder = folders[name]
+            if folder.reused:
+                logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}) finished earlier with this data and these "
+                            f"settings; reusing {folder.run_dir}.")
+                vectors.append(DistributionVector.from_pretrained(folder.run_dir / VECTOR_FOLDER))
+                continue
+            logger.info(f"Run {name!r} ({position}/{len(plan.datasets)}): {data.num_examples} examples -> {folder.work_dir}")
+            vectors.append(_train_distribution(plan, name, data, folder, configs[name], setups[name], checkpoint_vectors))
+        return vectors
 
 
 def _train_distribution(
@@ -340,18 +353,6 @@ def _vector_from_saved(plan: _Plan, name: str, model_dir: Path, vector_dir: Path
         vector.save_pretrained(vector_dir, overwrite=True)
     else:
         DistributionVector.from_models(plan.base, model_dir, name=name, save_directory=vector_dir, overwrite=True, metadata=metadata)
-
-
-def default_mixture_name(weights: Mapping[str, float]) -> str:
-    """`mixture_<name>-<weight>_...` when that is a valid folder name, else `mixture-<hash of the weights>`."""
-    readable = "mixture_" + "_".join(f"{name}-{weight:g}" for name, weight in weights.items())
-    try:
-        return check_vector_name(readable)
-    except ValueError:
-        import hashlib
-
-        digest = hashlib.sha256(json.dumps(sorted(weights.items())).encode()).hexdigest()[:10]
-        return f"mixture-{digest}"
 
 
 def train_mixture(
@@ -423,25 +424,30 @@ def train_mixture(
             "num_examples": len(mixture), "seed": seed}
     config = run_config(plan.sft_config, run_dir, name)
     setup = plan.setup(config, data)
-    folder = _open_runs(plan, {name: setup}, retrain, needs_vector=False)[name]
-    model_dir = final_model_dir(run_dir, lora=peft_config is not None)
-    if folder.reused:
-        logger.info(f"Mixture run {name!r} finished earlier with this data and these settings; reusing {run_dir}.")
-        return TrainingRun(name, run_dir, model_dir, folder.info, reused=True)
-    logger.info(f"Mixture run {name!r}: {len(mixture)} examples drawn as {counts} -> {folder.work_dir}")
+    with hold_run_folders([run_dir], plan.is_main_process):
+        folder = _open_runs(plan, {name: setup}, retrain, needs_vector=False)[name]
+        if folder.reused:
+            logger.info(f"Mixture run {name!r} finished earlier with this data and these settings; reusing {run_dir}.")
+            return TrainingRun(name, run_dir, final_model_dir(run_dir, lora=peft_config is not None), folder.info, reused=True)
+        logger.info(f"Mixture run {name!r}: {len(mixture)} examples drawn as {counts} -> {folder.work_dir}")
+        info = {"name": name, "kind": "mixture", "base_model": plan.base_name, **setup, "probabilities": probabilities,
+                "examples_per_dataset": counts}
+        return _train_mixture(plan, folder, mixture, config, info)
+
+
+def _train_mixture(plan: _Plan, folder: RunFolder, mixture, config, info: dict[str, Any]) -> TrainingRun:
     if folder.retraining:
         config = dataclasses.replace(config, output_dir=str(folder.work_dir))
     trainer = _build_trainer(plan.base, mixture, config, plan.peft_config, plan.tokenizer, plan.formatting_func, plan.callbacks)
-    info = {"name": name, "kind": "mixture", "base_model": plan.base_name, **setup, "probabilities": probabilities,
-            "examples_per_dataset": counts}
     if trainer.is_world_process_zero():
         record_start(folder, info)
-    train_or_resume(trainer, folder.work_dir, name)
-    trainer.save_model(str(final_model_dir(folder.work_dir, lora=peft_config is not None)))
+    train_or_resume(trainer, folder.work_dir, folder.name)
+    trainer.save_model(str(final_model_dir(folder.work_dir, lora=plan.peft_config is not None)))
+    model_dir = final_model_dir(folder.run_dir, lora=plan.peft_config is not None)
     info = {**info, "compute": training_compute(trainer.state, trainer.args, trainer.model), "model_dir": model_dir.name,
             "versions": library_versions()}
     if trainer.is_world_process_zero():
         finish_run(folder, info)
     trainer.accelerator.wait_for_everyone()
     _release(trainer)
-    return TrainingRun(name, run_dir, model_dir, {**info, "finished": True})
+    return TrainingRun(folder.name, folder.run_dir, model_dir, {**info, "finished": True})

@@ -23,7 +23,7 @@ from dem_hf.io.shards import ShardedWriter
 from dem_hf.io.tensors import TensorDict, fingerprint, open_weights
 from dem_hf.vectors.folder import VECTOR_CONFIG_NAME, save_vector_card
 
-from .conftest import perturbed, save_model
+from .conftest import perturbed
 
 
 def extract_as_before(base, finetuned, name: str, save_directory: Path, max_shard_size: int | str = "2GB") -> Path:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..io.blocks import for_each_on_threads, row_blocks  # noqa: F401 (row_blocks re-exported)
+from ..io.blocks import for_each_on_threads, row_blocks
 from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, from_float32, to_float32
 from ..io.reader import BufferPool, CheckpointReader, to_torch
 from ..io.shards import ShardedWriter, TensorBlocks

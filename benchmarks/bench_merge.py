@@ -1,6 +1,6 @@
 """Merge benchmark: dem_hf streaming merge vs the plain Transformers approach vs mergekit `task_arithmetic`.
 
-    python benchmarks/bench_merge.py [--size 265m|3b] [--rounds 3] [--contenders dem_hf,transformers,mergekit]
+    python benchmarks/bench_merge.py [--size 265m|3b] [--rounds 3] [--contenders dem_hf,transformers,mergekit,extract]
                                      [--compare-src DIR] [--keep-outputs]
 
 What it does (idempotent: generated models, vectors and the mergekit environment are reused):
@@ -21,16 +21,20 @@ What it does (idempotent: generated models, vectors and the mergekit environment
                    `save_pretrained` (this file, `_transformers_merge` mode).
    - mergekit:     `mergekit-yaml config.yml O --no-copy-tokenizer`, `task_arithmetic`, `dtype: float32`,
                    from its own virtualenv `benchmarks/.work/mergekit-venv` (torch==2.13.0 pinned).
+   - extract:      `python -m dem_hf extract --base B --finetuned FT1 --name ft1 --output O`, the streaming
+                   extraction of one vector, against the dem_hf merge of the same rounds (per-round ratios).
    - dem_hf_startup: `python -m dem_hf merge --help`, the CLI's startup cost alone (default table only).
-   With `--compare-src DIR`, the dem_hf rows are also timed from the dem_hf package in DIR (marked [alt]),
+   With `--compare-src DIR`, the dem_hf rows (merge, extract, startup) are also timed from the dem_hf package in DIR (marked [alt]),
    interleaved with the others: an A/B of a change to dem_hf in one run.
-3. Checks that the outputs agree with the exact merge on a few tensors and prints a Markdown table.
+3. Checks that the outputs agree with the exact merge on a few tensors (and that every extraction wrote the files of
+   `vectors/ft1`, byte for byte) and prints a Markdown table.
 Results are recorded by hand in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -44,6 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / ".work"
 MERGEKIT_VENV = WORK / "mergekit-venv"
 sys.path.insert(0, str(REPO))  # the working tree's dem_hf, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoints import base_tensor, meta_specs, noise_tensor, numel, write_checkpoint, write_vector_directly  # noqa: E402
 TORCH_PIN = "torch==2.13.0"
 MERGEKIT_PIN = "mergekit"
 GENERATOR_VERSION = 2
@@ -69,8 +75,10 @@ SIZES = {
     ),
 }
 WEIGHTS = {"ft1": 1.0, "ft2": 0.5, "ft3": 0.25}  # exactly representable, distinct: a wrong weight shows
-BASE_STD, NOISE_STD = 0.02, 1e-3
-CONTENDERS = ("dem_hf", "transformers", "mergekit")
+CONTENDERS = ("dem_hf", "transformers", "mergekit", "extract")
+# Not a merge: `dem-hf extract` of the first fine-tuned model (a vector like `vectors/ft1`), timed in the same rounds as
+# the merges, so that its cost is measured against the 3-vector merge side by side (issue 17: at most 1.5x).
+EXTRACT = "extract"
 # Not a merge: `dem-hf merge --help`, the cost of starting the CLI (Python, torch, dem_hf's imports), a floor
 # under the dem_hf row. Added to the table unless --contenders is given.
 STARTUP = "dem_hf_startup"
@@ -88,59 +96,7 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# --------------------------------------------------------------------------------------------- generation
-
-
-def meta_specs(config_kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of the checkpoint `LlamaForCausalLM(config).save_pretrained` would write."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**config_kwargs)
-    if config.tie_word_embeddings:
-        raise ValueError("the generated models keep lm_head.weight: use tie_word_embeddings=False")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    # Not dem_hf.io.tensors.untied_state_dict: every meta tensor has data_ptr 0, so equal shapes look tied.
-    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
-
-
-def _seeded(index: int, stream: int):
-    import torch
-
-    return torch.Generator().manual_seed(1_000_003 * stream + index)
-
-
-def base_tensor(index: int, name: str, shape, dtype):
-    import torch
-
-    if len(shape) == 1:  # RMSNorm weights: ones plus a little noise
-        return (1.0 + BASE_STD * torch.randn(shape, generator=_seeded(index, 0))).to(dtype)
-    return (BASE_STD * torch.randn(shape, generator=_seeded(index, 0))).to(dtype)
-
-
-def noise_tensor(index: int, shape, stream: int):
-    import torch
-
-    return NOISE_STD * torch.randn(shape, generator=_seeded(index, stream))
-
-
-def write_checkpoint(folder: Path, config_kwargs: dict, dtype_name: str, tensors) -> None:
-    """A Transformers folder (config.json + safetensors shards) from `(name, tensor)` pairs, atomically."""
-    from transformers import LlamaConfig
-
-    from dem_hf.io.outputs import atomic_directory
-    from dem_hf.io.shards import ShardedWriter
-
-    with atomic_directory(folder, overwrite=True) as staging:
-        config = LlamaConfig(**config_kwargs)
-        config.dtype = dtype_name
-        config.architectures = ["LlamaForCausalLM"]
-        config.save_pretrained(staging)
-        writer = ShardedWriter(staging, "model", "2GB")
-        for name, tensor in tensors:
-            writer.add(name, tensor)
-        writer.close()
+# --------------------------------------------------------------------------------------------- measuring
 
 
 def run_measured(command: list[str], log_file: Path, env: dict | None = None, cwd: Path = REPO) -> tuple[float, int, int]:
@@ -199,7 +155,7 @@ def ensure_models(size: str) -> dict:
     folder.mkdir(parents=True)
     dtype = getattr(torch, spec["dtype"])
     specs = meta_specs(spec["config"])
-    log(f"{size}: {sum(_numel(s) for _, s in specs) / 1e6:.1f}M parameters, {len(specs)} tensors, {spec['dtype']}")
+    log(f"{size}: {sum(numel(s) for _, s in specs) / 1e6:.1f}M parameters, {len(specs)} tensors, {spec['dtype']}")
 
     started = time.perf_counter()
     write_checkpoint(paths["base"], spec["config"], spec["dtype"],
@@ -231,26 +187,6 @@ def ensure_models(size: str) -> dict:
     (folder / "extraction.json").write_text(json.dumps(extraction, indent=2) + "\n")
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
     return {**paths, "extraction": extraction}
-
-
-def write_vector_directly(base: Path, target: Path, name: str, specs, stream: int, dtype) -> None:
-    """A saved full distribution vector (random deltas) for `base`, without a fine-tuned model on disk."""
-    from dem_hf.io.reader import CheckpointReader
-    from dem_hf.io.tensors import TensorDict, fingerprint
-    from dem_hf.vectors.vector import DistributionVector, write_vector_folder
-
-    config = DistributionVector(
-        name, TensorDict({}), base_fingerprint=fingerprint(CheckpointReader(base)), base_model_name_or_path=str(base)
-    ).config_dict()
-    items = ((n, noise_tensor(i, s, stream).to(dtype)) for i, (n, s) in enumerate(specs))
-    write_vector_folder(target, items, config, overwrite=True)
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 # --------------------------------------------------------------------------------------------- contenders
@@ -303,6 +239,12 @@ def commands(paths: dict, contenders: list[str], dtype: str, compare: Path | Non
             if (source / "dem_hf" / "__main__.py").exists():  # vectors are copied into the output by default there
                 command.append("--no-save-vectors")
             result["dem_hf" + suffix] = (command + ["--output", str(out / ("dem_hf" + suffix))], dem_env(source), source)
+        if EXTRACT + suffix in contenders:
+            first = next(iter(WEIGHTS))
+            result[EXTRACT + suffix] = ([
+                *cli, "extract", "--base", str(paths["base"]), "--finetuned", str(paths["finetuned"][first]), "--name", first,
+                "--output", str(out / (EXTRACT + suffix)),
+            ], dem_env(source), source)
         if STARTUP + suffix in contenders:
             result[STARTUP + suffix] = ([*cli, "merge", "--help"], dem_env(source), source)
     if "transformers" in contenders:
@@ -395,6 +337,30 @@ def check_outputs(paths: dict, contenders: list[str], finetuned: bool) -> dict[s
     return {c: f"{worst[c]:.2g} ulp, {wrong[c]} of {total / 1e6:.0f}M values" for c in contenders}
 
 
+def check_extractions(paths: dict, extractions: list[str]) -> dict[str, str]:
+    """Whether each extraction's output folder holds, byte for byte, the files of `vectors/ft1` (extracted by this
+    tree's `dem-hf extract` when the inputs were generated)."""
+    expected = paths["vectors"][next(iter(WEIGHTS))]
+    names = sorted(p.name for p in expected.iterdir())
+    result = {}
+    for contender in extractions:
+        out = paths["out"] / contender
+        same = sorted(p.name for p in out.iterdir()) == names and filecmp.cmpfiles(out, expected, names, shallow=False)[0] == names
+        result[contender] = f"files {'identical' if same else 'DIFFERENT'} to vectors/ft1"
+    return result
+
+
+def print_extraction_ratios(results: dict[str, list[tuple[float, int]]], contenders: list[str]) -> None:
+    """Each extraction's wall time over the dem_hf merge's of the same round (the two ran one after the other), as the
+    median and min-max of the per-round ratios."""
+    for suffix in ("", ALT):
+        if EXTRACT + suffix not in contenders or "dem_hf" + suffix not in contenders:
+            continue
+        ratios = [e / m for (e, _), (m, _) in zip(results[EXTRACT + suffix], results["dem_hf" + suffix])]
+        print(f"\n{EXTRACT + suffix} / dem_hf{suffix} merge (base + {len(WEIGHTS)} vectors), per round: median "
+              f"{statistics.median(ratios):.2f}x, min-max {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds")
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -425,7 +391,7 @@ def main() -> int:
     if not args.contenders:
         contenders.append(STARTUP)
     if args.compare_src:
-        contenders += [c + ALT for c in contenders if c in ("dem_hf", STARTUP)]
+        contenders += [c + ALT for c in contenders if c in ("dem_hf", EXTRACT, STARTUP)]
     unknown = {c.removesuffix(ALT) for c in contenders} - set(CONTENDERS) - {STARTUP}
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}")
@@ -455,8 +421,10 @@ def main() -> int:
     if args.rounds < 1:
         log("no timed rounds (--rounds 0): inputs generated, warm-up done")
         return 0
-    errors = check_outputs(paths, [c for c in contenders if not c.startswith(STARTUP)], SIZES[args.size]["finetuned"])
+    merges = [c for c in contenders if not c.startswith((STARTUP, EXTRACT))]
+    errors = check_outputs(paths, merges, SIZES[args.size]["finetuned"]) if merges else {}
     errors.update({c: None for c in contenders if c.startswith(STARTUP)})
+    errors.update(check_extractions(paths, [c for c in contenders if c.startswith(EXTRACT)]))
     print()
     print(f"size {args.size}: {SIZES[args.size]['dtype']} Llama, base + {len(WEIGHTS)} full vectors, weights "
           f"{list(WEIGHTS.values())}; {args.rounds} timed rounds after 1 warm-up, order rotated each round")
@@ -468,11 +436,12 @@ def main() -> int:
         walls = [w for w, _ in results[contender]]
         rss = max(r for _, r in results[contender])
         speed = memory = "-"
-        if reference and not contender.startswith(STARTUP):
+        if reference and not contender.startswith((STARTUP, EXTRACT)):
             speed = f"{statistics.median(w for w, _ in reference) / statistics.median(walls):.1f}x"
             memory = f"{rss / max(r for _, r in reference):.2f}x"
         print(f"| {contender} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} | {rss / 1e9:.2f} | "
               f"{speed} | {memory} | {errors[contender] or '-'} |")
+    print_extraction_ratios(results, contenders)
     if paths["extraction"]:
         print()
         print("one-off `dem-hf extract` per vector: " + ", ".join(

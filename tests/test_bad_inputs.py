@@ -266,6 +266,10 @@ CASES = {
     "unsafe vector name": (
         lambda w: DistributionVector.from_models(w["base"], w["tuned"]["math"], name="../escape"), ValueError, "Invalid name",
     ),
+    "extract: shard size that is not a size": (
+        lambda w: DistributionVector.from_models(w["base"], w["tuned"]["math"], name="x", save_directory=w["out"], max_shard_size="huge"),
+        ValueError, "Expected a size such as '2GB', '500MB' or a number of bytes, got 'huge'",
+    ),
     "vector folder does not exist": (
         lambda w: DistributionVector.from_pretrained(w["tmp"] / "nowhere"), FileNotFoundError, "nowhere",
     ),
@@ -742,6 +746,11 @@ CLI_CASES = {
     "cli extract: finetuned model of another shape": (
         lambda w: ["extract", "--base", str(w["base"]), "--finetuned", str(w["wide"]), "--name", "x", "--output", str(w["out"])],
         "Shape of 'model.layers.0.mlp.down_proj.weight' differs",
+    ),
+    "cli extract: shard size that is not a size": (
+        lambda w: ["extract", "--base", str(w["base"]), "--finetuned", str(w["tuned"]["math"]), "--name", "x",
+                   "--output", str(w["out"]), "--max-shard-size", "0.5 banana"],
+        "Expected a size such as '2GB', '500MB' or a number of bytes, got '0.5 banana'",
     ),
     "cli search: unknown strategy": (
         lambda w: ["search", "--base", str(w["base"]), "--vector", str(w["tmp"] / "vec" / "math"),

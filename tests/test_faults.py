@@ -99,13 +99,50 @@ def test_failed_overwrite_keeps_the_previous_result(fault, tmp_path, base_dir, v
     assert tree_digest(out) == before
 
 
-def test_interrupted_vector_save_leaves_nothing(tmp_path, base_dir, finetuned_dirs, monkeypatch):
-    with monkeypatch.context() as patch:
-        patch.setattr(ShardedWriter, "add", fail_after(4, disk_full()))
-        with pytest.raises(OSError):
-            DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "v")
-    assert not (tmp_path / "v").exists()
+@pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
+def test_interrupted_extraction_leaves_nothing_and_keeps_the_previous_vector(fault, tmp_path, base_dir, finetuned_dirs, monkeypatch):
+    """A fault in the middle of the streaming extraction (3 threads, many blocks, several shards): no folder appears,
+    nothing temporary is left, the inputs are untouched, an existing vector being overwritten is kept, and the retry
+    succeeds."""
+    import dem_hf.vectors.extraction as extraction
+
+    make_error, error_type = FAULTS[fault]
+    monkeypatch.setattr(extraction, "EXTRACT_WORKERS", 3)
+    monkeypatch.setattr(extraction, "EXTRACT_BLOCK_VALUES", 100)
+    inputs = {p: tree_digest(p) for p in [base_dir, finetuned_dirs["math"]]}
+    previous = DistributionVector.from_models(base_dir, finetuned_dirs["chat"], name="chat", save_directory=tmp_path / "old").path
+    kept = tree_digest(previous)
+    for target, overwrite in ((tmp_path / "v", False), (previous, True)):
+        with monkeypatch.context() as patch:
+            patch.setattr(ShardedWriter, "add", fail_after(4, make_error()))
+            with pytest.raises(error_type):
+                DistributionVector.from_models(
+                    base_dir, finetuned_dirs["math"], name="math", save_directory=target, overwrite=overwrite, max_shard_size=20_000
+                )
+    assert not (tmp_path / "v").exists() and tree_digest(previous) == kept
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or p.name.endswith(".lock")] == []
+    assert {p: tree_digest(p) for p in inputs} == inputs
     DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "v")
+
+
+def test_folder_appearing_during_extraction_is_left_untouched(tmp_path, base_dir, finetuned_dirs, monkeypatch):
+    """Another program creates the vector's folder while the streaming extraction runs: its files stay, the call fails
+    clearly, nothing temporary is left, and a retry elsewhere succeeds."""
+    out = tmp_path / "vec"
+    original = ShardedWriter.close
+
+    def close_after_someone_else_wrote(self):
+        out.mkdir()
+        (out / "precious.txt").write_text("theirs")
+        return original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardedWriter, "close", close_after_someone_else_wrote)
+        with pytest.raises(FileExistsError, match="appeared while"):
+            DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=out)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"] and (out / "precious.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".vec")] == []
+    DistributionVector.from_models(base_dir, finetuned_dirs["math"], name="math", save_directory=tmp_path / "elsewhere")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -452,23 +489,30 @@ def test_stale_temporary_file_of_a_killed_write_is_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-k1ll3d_x", "result.json"]
 
 
-def test_disk_full_during_extract_is_one_line_and_leaves_nothing(tmp_path, base_dir, finetuned_dirs, monkeypatch, capsys):
-    """`save_file` of safetensors reports a full disk as its own `SafetensorError`: on the command line that is one
-    line (exit status 1, an environment failure), no partial output, and the retry succeeds."""
+@pytest.mark.parametrize("source", ["finetuned", "adapter"])
+def test_disk_full_during_extract_is_one_line_and_leaves_nothing(source, tmp_path, base_dir, finetuned_dirs, monkeypatch, capsys):
+    """A full disk in the middle of `dem-hf extract` is one line on the command line (exit status 1, an environment
+    failure), no partial output, and the retry succeeds. A full fine-tune streams into planned shards (the disk fills
+    in a positioned write, `os.pwrite`); an adapter's factors go through safetensors' `save_file`, which reports a
+    full disk as its own `SafetensorError`."""
     import safetensors.torch
     from safetensors import SafetensorError
 
     def full_disk(*args, **kwargs):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        if source == "adapter":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise disk_full()
 
-    argv = ["extract", "--base", str(base_dir), "--finetuned", str(finetuned_dirs["math"]), "--name", "math",
+    inputs = {"finetuned": finetuned_dirs["math"], "adapter": _peft_adapter(tmp_path / "adapter") if source == "adapter" else None}
+    argv = ["extract", "--base", str(base_dir), f"--{source}", str(inputs[source]), "--name", "math",
             "--output", str(tmp_path / "vec"), "--max-shard-size", "20KB"]
+    before = sorted(p.name for p in tmp_path.iterdir())
     with monkeypatch.context() as patch:
-        patch.setattr(safetensors.torch, "save_file", full_disk)
+        patch.setattr(*((safetensors.torch, "save_file") if source == "adapter" else (os, "pwrite")), full_disk)
         assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft_chat", "ft_code", "ft_math"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert main(argv) == 0
 
 

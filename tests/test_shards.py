@@ -101,3 +101,30 @@ def test_platforms_without_positioned_io_get_the_same_bytes(tmp_path, base_dir, 
         )
         outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("model*"))})
     assert len(outputs[0]) > 2 and outputs[0] == outputs[1]
+
+
+def test_planned_shards_in_safetensors_order_are_the_bytes_save_file_writes(tmp_path):
+    """With `order="safetensors"` the planned writer places each shard's tensors as safetensors' `save_file` does (by
+    dtype, then name), so its files equal, byte for byte, those of the queued writer; every dtype dem_hf stores."""
+    generator = torch.Generator().manual_seed(0)
+    source = {
+        name: (torch.randn(shape, generator=generator) * 10).to(dtype)
+        for name, shape, dtype in [
+            ("z.f64", (3, 2), torch.float64), ("y.f32", (5,), torch.float32), ("x.bf16", (4, 4), torch.bfloat16),
+            ("w.f16", (2, 3), torch.float16), ("v.i64", (3,), torch.int64), ("u.i32", (2, 2), torch.int32),
+            ("t.i16", (7,), torch.int16), ("s.i8", (5,), torch.int8), ("r.u8", (6,), torch.uint8),
+            ("q.bool", (9,), torch.bool), ("p.f32", (), torch.float32), ("a.f32", (3, 3), torch.float32),
+        ]
+    }
+    layout = [(name, tuple(tensor.shape), tensor.dtype) for name, tensor in source.items()]
+    outputs = {}
+    for mode in ("queued", "planned"):
+        (tmp_path / mode).mkdir()
+        writer = ShardedWriter(tmp_path / mode, "model", max_shard_size=60, **({"layout": layout, "order": "safetensors"} if mode == "planned" else {}))
+        for name, tensor in reversed(list(source.items())) if mode == "planned" else source.items():
+            writer.add(name, tensor)
+        writer.close()
+        outputs[mode] = {path.name: path.read_bytes() for path in sorted((tmp_path / mode).iterdir())}
+    assert len(outputs["queued"]) > 4 and outputs["planned"] == outputs["queued"]
+    with pytest.raises(ValueError, match=r"Expected order to be one of \['layout', 'safetensors'\], got 'sorted'"):
+        ShardedWriter(tmp_path, "model", layout=layout, order="sorted")

@@ -3,7 +3,9 @@
     dem-hf extract --base HuggingFaceTB/SmolLM2-135M --finetuned runs/math/model --name math --output vectors/math
     dem-hf extract --base HuggingFaceTB/SmolLM2-135M --adapter runs/chat/adapter --name chat --output vectors/chat
 
-A full fine-tune gives the dense difference θ_ft − θ; a PEFT LoRA adapter keeps its low-rank factors.
+A full fine-tune gives the dense difference θ_ft − θ, streamed block by block into the vector's shards (NumPy,
+no torch for two saved checkpoints; memory stays at a few block buffers whatever the model's size); a PEFT LoRA
+adapter keeps its low-rank factors.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Reading and writing checkpoints without torch: lazy positioned reads of safetensors, the planned-shard writer,
-exact dtype conversions, atomic output folders and files, tensor sources and the base fingerprint.
+"""Reading and writing checkpoints without torch: lazy positioned reads of safetensors, the planned-shard writer, the
+row blocks and worker threads of streaming passes, exact dtype conversions, atomic output folders and files, tensor
+sources and the base fingerprint.
 """
 
 
 from ..lazy import lazy_exports
 
 _EXPORTS = {
+    "for_each_on_threads": "blocks",
+    "row_blocks": "blocks",
     "FLOAT_DTYPES": "dtypes",
     "STORAGE_DTYPES": "dtypes",
     "from_float32": "dtypes",

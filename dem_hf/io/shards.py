@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
+# Where safetensors' own `save_file` puts each tensor in a file: sorted by dtype, in this order (its `Dtype` enum,
+# widest first), then by name. A planned writer with `order="safetensors"` follows it, so that it writes the bytes
+# a queued writer (which calls `save_file`) writes for the same tensors.
+SAFETENSORS_DTYPE_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+LAYOUT_ORDERS = ("layout", "safetensors")
 
 
 @dataclass
@@ -88,6 +93,9 @@ class ShardedWriter:
         metadata: string metadata stored in every shard's header.
         layout: `(name, shape, dtype)` of every tensor (dtype as a safetensors name such as `"BF16"`, or a
             `torch.dtype`) to stream instead of buffering; shards follow the layout's order.
+        order: where tensors go inside each planned shard: `"layout"` (the layout's order) or `"safetensors"` (as
+            safetensors' `save_file` orders them, by dtype then name: the files are then byte for byte those the
+            queued mode writes for the same tensors). Which tensors share a shard follows the layout's order either way.
 
     Example:
         ```python
@@ -106,7 +114,10 @@ class ShardedWriter:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
         layout: Iterable[tuple[str, tuple[int, ...], Any]] | None = None,
+        order: str = "layout",
     ) -> None:
+        if order not in LAYOUT_ORDERS:
+            raise ValueError(f"Expected order to be one of {list(LAYOUT_ORDERS)}, got {order!r}.")
         self.folder = Path(folder)
         self.stem = stem
         self.max_bytes = parse_size(max_shard_size)
@@ -121,7 +132,7 @@ class ShardedWriter:
         self._written: set[str] = set()  # tensors written whole
         self._lock = threading.Lock()
         if layout is not None:
-            self._plan(list(layout))
+            self._plan(list(layout), order)
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray | TensorBlocks) -> None:
         """Add one tensor. With a layout it is written now, at its planned place (thread-safe, any order);
@@ -162,7 +173,7 @@ class ShardedWriter:
 
     # ------------------------------------------------------------------------------------ streaming mode
 
-    def _plan(self, layout: list[tuple[str, tuple[int, ...], Any]]) -> None:
+    def _plan(self, layout: list[tuple[str, tuple[int, ...], Any]], order: str = "layout") -> None:
         groups: list[list[tuple[str, tuple[int, ...], str, int]]] = [[]]
         group_bytes = 0
         for name, shape, dtype in layout:
@@ -178,6 +189,8 @@ class ShardedWriter:
         names = [entry[0] for group in groups for entry in group]
         if len(set(names)) != len(names):
             raise ValueError("The layout names a tensor twice.")
+        if order == "safetensors":
+            groups = [sorted(group, key=lambda entry: (SAFETENSORS_DTYPE_ORDER.index(entry[2]), entry[0])) for group in groups]
         self._shards = []
         for number, group in enumerate(groups, start=1):
             file = f"{self.stem}.safetensors" if len(groups) == 1 else f"{self.stem}-{number:05d}-of-{len(groups):05d}.safetensors"

@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..io.blocks import for_each_on_threads, row_blocks
 from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, from_float32, to_float32
 from ..io.reader import BufferPool, CheckpointReader, to_torch
 from ..io.shards import ShardedWriter, TensorBlocks
@@ -263,14 +262,6 @@ def delta_rows(vector: DistributionVector, name: str, rows: tuple[int, int], out
     return out
 
 
-def row_blocks(shape: tuple[int, ...], block_values: int) -> Iterator[tuple[int, int]]:
-    """`(start, stop)` row ranges along dim 0 of about `block_values` values each (at least one row)."""
-    rows, row_values = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
-    step = max(1, block_values // max(1, row_values))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Run NumPy's BLAS (the matrix products of LoRA blocks) and, if torch is loaded, torch's CPU ops on one thread
@@ -343,26 +334,14 @@ def write_merged(
     Memory holds a few block buffers per thread, never a tensor or a shard. The first error stops the merge:
     tensors not yet started are cancelled, and the error is raised once the running ones end.
     """
-    local = threading.local()
+    def merge_one(name: str, pool: BufferPool) -> None:
+        writer.add(name, merged_blocks(base, name, terms_for(name, terms), pool, operator=operator))
 
-    def merge_one(name: str) -> None:
-        if not hasattr(local, "pool"):
-            local.pool = BufferPool()
-        writer.add(name, merged_blocks(base, name, terms_for(name, terms), local.pool, operator=operator))
-
-    workers = workers or MERGE_WORKERS
     names = sorted(base.keys(), key=lambda name: -math.prod(base.shape(name)))
     with single_threaded():
-        if workers <= 1:
-            for name in names:
-                merge_one(name)
-            return
-        executor = ThreadPoolExecutor(workers, thread_name_prefix="dem_hf-merge")
         try:
-            for future in [executor.submit(merge_one, name) for name in names]:
-                future.result()
+            for_each_on_threads(merge_one, names, workers or MERGE_WORKERS, thread_name_prefix="dem_hf-merge")
         finally:
-            executor.shutdown(wait=True, cancel_futures=True)
             for source in [base, *(vector.tensors for vector, _ in terms)]:
                 if isinstance(source, CheckpointReader):
                     source.close()  # the threads' file descriptors

@@ -13,6 +13,8 @@ _EXPORTS = {
     "read_vector_config": "config",
     "VECTOR_TYPES": "config",
     "write_vector_folder": "folder",
+    "staged_vector_folder": "folder",
+    "write_delta_folder": "extraction",
     "LORA_A": "config",
     "LORA_B": "config",
     "LoraModule": "config",

@@ -16,7 +16,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VECTOR_CARD_TEMPLATE", "VECTOR_CONFIG_NAME", "VECTOR_STEM", "VECTOR_TAGS", "VectorFolderMixin",
-    "render_vector_card", "save_vector_card", "write_vector_folder",
+    "render_vector_card", "save_vector_card", "staged_vector_folder", "write_vector_folder",
 ]
 
 VECTOR_CONFIG_NAME = "vector_config.json"
@@ -59,14 +60,36 @@ def write_vector_folder(
     """Write `(name, tensor)` pairs, one at a time, the vector config and its card into a folder, atomically.
 
     `model_card_kwargs` go to [`render_vector_card`]."""
-    with atomic_directory(save_directory, overwrite=overwrite) as staging:
+    with staged_vector_folder(save_directory, config, overwrite=overwrite, model_card_kwargs=model_card_kwargs) as staging:
         writer = ShardedWriter(staging, stem=VECTOR_STEM, max_shard_size=max_shard_size)
         for name, tensor in items:
             writer.add(name, tensor)
         writer.close()
+    return Path(save_directory)
+
+
+@contextmanager
+def staged_vector_folder(
+    save_directory: str | os.PathLike,
+    config: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    model_card_kwargs: Mapping[str, Any] | None = None,
+) -> Iterator[Path]:
+    """A vector folder built under a temporary name ([`~dem_hf.io.outputs.atomic_directory`]): the block writes the
+    tensors (`vector*.safetensors`) into the folder it is given; then `vector_config.json` and the card are added and
+    the folder is moved into place. An error in the block leaves nothing behind.
+
+    Example:
+        ```python
+        >>> with staged_vector_folder("vectors/math", vector.config_dict()) as staging:
+        ...     ShardedWriter(staging, VECTOR_STEM, layout=[]).close()
+        ```
+    """
+    with atomic_directory(save_directory, overwrite=overwrite) as staging:
+        yield staging
         (staging / VECTOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_vector_card(staging, config, **(model_card_kwargs or {}))
-    return Path(save_directory)
 
 
 def save_vector_card(folder: str | os.PathLike, config: Mapping[str, Any], **card_kwargs: Any) -> Path:

@@ -27,7 +27,7 @@ from .. import __version__, logging
 from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, to_float32, torch_dtype_label
 from ..io.outputs import check_not_inside, check_output_directory, local_folder
 from ..io.reader import BufferPool, read_rows
-from ..io.shards import DEFAULT_MAX_SHARD_SIZE
+from ..io.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..io.tensors import (
     TensorDict,
     TensorSource,
@@ -38,6 +38,7 @@ from ..io.tensors import (
     open_weights,
 )
 from .config import LORA_A, LORA_B, LoraModule, check_vector_name
+from .extraction import delta_tensors, write_delta_folder
 from .factors import FactorCache, add_lora_rows, non_finite_factor, read_factor
 from .folder import (  # noqa: F401 (re-exported)
     VECTOR_CONFIG_NAME,
@@ -306,9 +307,13 @@ class DistributionVector(VectorFolderMixin):
     ) -> DistributionVector:
         """The full vector θ_ft − θ of a fine-tuned model.
 
-        `base` and `finetuned` are folders, Hub ids or in-memory `PreTrainedModel`s. Folders are streamed
-        one tensor at a time, so two whole models are never in memory. Deltas are computed in float32 and
-        stored in the fine-tuned model's dtype; tensors fine-tuning left unchanged are not stored.
+        `base` and `finetuned` are folders, Hub ids or in-memory `PreTrainedModel`s. Deltas are computed in float32
+        and stored in the fine-tuned model's dtype; tensors fine-tuning left unchanged are not stored.
+
+        With `save_directory` the vector is streamed to that folder and the returned vector reads from it: NumPy, block
+        by block, into planned shards (no torch for two saved checkpoints, memory bounded by a few block buffers per
+        thread whatever the model's size; [`dem_hf.vectors.extraction.write_delta_folder`]). Without it the deltas
+        are whole torch tensors kept in memory.
 
         Args:
             base: the base model θ.
@@ -324,33 +329,16 @@ class DistributionVector(VectorFolderMixin):
         if save_directory is not None:
             check_output_directory(save_directory, overwrite)
             check_not_inside(save_directory, {"base model": local_folder(base), "fine-tuned model": local_folder(finetuned)})
+            parse_size(max_shard_size)
         base_source, base_id, base_config = open_weights(base)
         tuned_source, _, tuned_config = open_weights(finetuned)
         check_same_architecture(base_config, tuned_config)
         check_same_tensors(base_source, tuned_source)
-        vector_fingerprint = fingerprint(base_source)
-
-        def deltas():
-            import torch
-
-            for tensor_name in base_source.keys():
-                base_tensor = base_source.get(tensor_name).detach().to("cpu")
-                tuned = tuned_source.get(tensor_name).detach().to("cpu")
-                if base_source.dtype_name(tensor_name) not in FLOAT_DTYPES:
-                    if not torch.equal(base_tensor, tuned):
-                        raise ValueError(f"Non-float tensor {tensor_name!r} differs between base and fine-tuned model.")
-                    continue
-                delta = tuned.to(torch.float32) - base_tensor.to(torch.float32)
-                if not torch.isfinite(delta).all():
-                    raise ValueError(f"Fine-tuned tensor {tensor_name!r} has NaN or infinite values.")
-                if delta.any():
-                    yield tensor_name, delta.to(tuned.dtype)
-
-        kwargs = dict(base_fingerprint=vector_fingerprint, base_model_name_or_path=base_id, metadata=metadata)
+        kwargs = dict(base_fingerprint=fingerprint(base_source), base_model_name_or_path=base_id, metadata=metadata)
         if save_directory is None:
-            return cls(name, TensorDict(dict(deltas())), **kwargs)
+            return cls(name, TensorDict(dict(delta_tensors(base_source, tuned_source))), **kwargs)
         config = cls(name, TensorDict({}), **kwargs).config_dict()
-        write_vector_folder(save_directory, deltas(), config, overwrite=overwrite, max_shard_size=max_shard_size)
+        write_delta_folder(base_source, tuned_source, save_directory, config, overwrite=overwrite, max_shard_size=max_shard_size)
         return cls.from_pretrained(save_directory)
 
     @classmethod

@@ -160,6 +160,22 @@ def test_a_bad_fine_tune_stops_the_extraction_without_output(damage, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned"]
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_delta_that_overflows_float16_is_refused(in_memory, tmp_path):
+    """A float32 base and a float16 fine-tune 70,000 apart: the delta is finite in float32 but not in float16 (the
+    vector's dtype); before, it was stored as inf and only the merge refused it."""
+    base, tuned = mixed_pair(torch.float32, torch.float16)
+    base["layers.0.proj.weight"][2, 3] = -60000.0
+    tuned["layers.0.proj.weight"][2, 3] = 10000.0
+    base_dir, tuned_dir = write_checkpoint(tmp_path / "base", base), write_checkpoint(tmp_path / "tuned", tuned)
+    with pytest.raises(ValueError, match="'layers.0.proj.weight' .* does not fit the fine-tuned tensor's dtype F16"):
+        if in_memory:
+            DistributionVector.from_models(base_dir, tuned_dir, name="v")
+        else:
+            DistributionVector.from_models(base_dir, tuned_dir, name="v", save_directory=tmp_path / "v")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "tuned"]
+
+
 def test_the_extract_command_imports_no_torch(tmp_path, base_dir, finetuned_dirs):
     """`dem-hf extract` of two saved checkpoints runs on NumPy, as the merge does: torch (about 2 s of start-up),
     transformers and the Hub client are never imported; the vector is the one the library call writes."""

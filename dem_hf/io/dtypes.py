@@ -98,3 +98,20 @@ def from_float32(values: np.ndarray, dtype_name: str, out: np.ndarray | None = N
     if nan is not None:
         out[nan] = BF16_NAN
     return out
+
+
+# Exponent bits of the half-precision storage dtypes: all set means inf or NaN.
+HALF_EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
+
+
+def all_finite(block: np.ndarray, dtype: str, pool) -> bool:
+    """Whether a block in storage dtype `dtype` holds no NaN or inf, in one cheap pass into a pooled buffer.
+
+    Half-precision blocks are tested on their bit patterns (all exponent bits set means inf or NaN; NumPy has no
+    bfloat16), wider ones with `np.isfinite` (about as fast as one float32 add of the block).
+    """
+    if dtype in HALF_EXPONENT_BITS:
+        mask = HALF_EXPONENT_BITS[dtype]
+        bits = np.bitwise_and(block.view(np.uint16), mask, out=pool.take("exponent", np.uint16, block.size).reshape(block.shape))
+        return int(bits.max(initial=0)) != mask
+    return bool(np.isfinite(block, out=pool.take("finite", np.bool_, block.size).reshape(block.shape)).all())

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..io.blocks import for_each_on_threads, row_blocks
-from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, from_float32, to_float32
+from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, all_finite, from_float32, to_float32
 from ..io.reader import BufferPool, CheckpointReader, to_torch
 from ..io.shards import ShardedWriter, TensorBlocks
 from ..io.tensors import TensorDict, untied_state_dict
@@ -49,8 +49,6 @@ Terms = Sequence[tuple["DistributionVector", float]]
 # Values per block of a streaming merge: a 1 MiB float32 accumulator stays in cache while every vector is added
 # to it, and reads and writes of this size are cheap; larger blocks were slower on the 2-core benchmark machine.
 MERGE_BLOCK_VALUES = 1 << 18
-# Exponent bits of the half-precision storage dtypes: all set means inf or NaN.
-HALF_EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
 # Threads of a streaming merge: reads, adds and writes of different tensors overlap (each releases the GIL).
 MERGE_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -136,19 +134,6 @@ def raise_for_non_finite(name: str, terms: Terms, rows: tuple[int, int] | None =
     for vector, weight in terms:
         if weight != 0.0:
             vector.check_delta_finite(name, rows)
-
-
-def all_finite(block: np.ndarray, dtype: str, pool: BufferPool) -> bool:
-    """Whether a block in storage dtype `dtype` holds no NaN or inf, in one cheap pass into a pooled buffer.
-
-    Half-precision blocks are tested on their bit patterns (all exponent bits set means inf or NaN; NumPy has no
-    bfloat16), wider ones with `np.isfinite` (about as fast as one float32 add of the block).
-    """
-    if dtype in HALF_EXPONENT_BITS:
-        mask = HALF_EXPONENT_BITS[dtype]
-        bits = np.bitwise_and(block.view(np.uint16), mask, out=pool.take("exponent", np.uint16, block.size).reshape(block.shape))
-        return int(bits.max(initial=0)) != mask
-    return bool(np.isfinite(block, out=pool.take("finite", np.bool_, block.size).reshape(block.shape)).all())
 
 
 def raise_for_non_finite_result(name: str, terms: Terms, rows: tuple[int, int], dtype: str, base: np.ndarray) -> None:

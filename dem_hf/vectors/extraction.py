@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..io.blocks import for_each_on_threads, row_blocks
-from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, from_float32, to_float32
+from ..io.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, all_finite, from_float32, to_float32
 from ..io.reader import BufferPool, CheckpointReader
 from ..io.shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, TensorBlocks
 from ..io.tensors import TensorSource
@@ -135,7 +135,10 @@ def delta_blocks(base: TensorSource, tuned: TensorSource, name: str, pool: Buffe
 
     def blocks() -> Iterator[np.ndarray]:
         for delta in _float32_deltas(base, tuned, name, pool):
-            yield from_float32(delta, dtype, out=pool.take("out", STORAGE_DTYPES[dtype], delta.size).reshape(delta.shape))
+            rounded = from_float32(delta, dtype, out=pool.take("out", STORAGE_DTYPES[dtype], delta.size).reshape(delta.shape))
+            if not all_finite(rounded, dtype, pool):  # finite in float32: the delta overflows the tensor's dtype
+                raise_overflow(name, dtype)
+            yield rounded
 
     return TensorBlocks(shape, dtype, blocks())
 
@@ -171,4 +174,16 @@ def delta_tensors(base: TensorSource, tuned: TensorSource) -> Iterator[tuple[str
         if not torch.isfinite(delta).all():
             raise ValueError(f"Fine-tuned tensor {name!r} has NaN or infinite values.")
         if delta.any():
-            yield name, delta.to(tuned_tensor.dtype)
+            rounded = delta.to(tuned_tensor.dtype)
+            if not torch.isfinite(rounded).all():
+                raise_overflow(name, tuned.dtype_name(name))
+            yield name, rounded
+
+
+def raise_overflow(name: str, dtype: str) -> None:
+    """The `ValueError` for a delta too large for the fine-tuned tensor's dtype (a float16 delta beyond ±65504)."""
+    raise ValueError(
+        f"The delta of tensor {name!r} (fine-tuned − base) does not fit the fine-tuned tensor's dtype {dtype}: some "
+        "entries would be stored as infinite. Are the base and the fine-tuned model related? Otherwise save the "
+        "fine-tuned model in float32 or bfloat16 before extracting."
+    )

@@ -360,6 +360,17 @@ def validation_texts(seed: int, count: int = 8) -> list[str]:
     return [" ".join(f"w{i}" for i in generator.integers(0, 60, generator.integers(4, 16))) for _ in range(count)]
 
 
+def switching_world(method, base_dir, finetuned_dirs):
+    """Two full vectors and a LoRA one under `method`: the vectors, the config, the merger, a base model to switch in
+    place and a copy of its weights."""
+    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
+    vectors.append(lora_vector("lora", 4))
+    config = DEMConfig(merge_method=method, **PARAMETERS[method])
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=config)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    return vectors, config, merger, model, {n: t.clone() for n, t in untied_state_dict(model).items()}
+
+
 @pytest.mark.parametrize("method", SPARSE_METHODS)
 def test_candidate_switching_equals_the_merge_and_restores_the_base(method, base_dir, finetuned_dirs, monkeypatch):
     """Any sequence of candidates and densities lands on what merge() gives for the last one; restore is exact."""
@@ -367,12 +378,7 @@ def test_candidate_switching_equals_the_merge_and_restores_the_base(method, base
     from dem_hf.search.operator_candidates import OperatorCandidateModel
 
     monkeypatch.setattr(dem_hf.search.candidates, "RESYNC_EVERY", 3)
-    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
-    vectors.append(lora_vector("lora", 4))
-    config = DEMConfig(merge_method=method, **PARAMETERS[method])
-    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=config)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    base = {n: t.clone() for n, t in untied_state_dict(model).items()}
+    vectors, config, merger, model, base = switching_world(method, base_dir, finetuned_dirs)
     steps = [([0.5, 1.0, 0.0], None), ([0.5, -0.7, 1.2], None), ([0.0, -0.7, 1.2], 0.8), ([1.5, 0.2, 0.3], 0.8), ([1.5, 0.2, 0.9], 0.35)]
     with OperatorCandidateModel(model, merger.base, vectors, config.merge_operator) as switcher:
         for weights, density in steps:
@@ -449,12 +455,7 @@ def test_per_layer_switching_with_an_operator_equals_the_merge(method, base_dir,
     from dem_hf.search.operator_candidates import OperatorCandidateModel
 
     monkeypatch.setattr(dem_hf.search.candidates, "RESYNC_EVERY", 2)
-    vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
-    vectors.append(lora_vector("lora", 4))
-    config = DEMConfig(merge_method=method, **PARAMETERS[method])
-    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=config)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    base = {n: t.clone() for n, t in untied_state_dict(model).items()}
+    vectors, config, merger, model, base = switching_world(method, base_dir, finetuned_dirs)
     with OperatorCandidateModel(model, merger.base, vectors, config.merge_operator, granularity="layer") as switcher:
         groups = switcher.groups
         assert len(groups) > 1

@@ -1,6 +1,6 @@
 """LoRA merge benchmark: `dem-hf merge` of LoRA vectors, wall time and start-up, this tree against another.
 
-    python benchmarks/bench_lora_merge.py --compare-src /work/main [--rounds 5] [--base DIR] [--vector DIR ...]
+    python benchmarks/bench_lora_merge.py --compare-src ../dem_hf-before [--rounds 5] [--base DIR] [--vector DIR ...]
 
 Every row is its own process, started by `bench_merge.py`'s launcher (wall time around the child, the child's own
 peak RSS); one warm-up round (inputs in the page cache), then `--rounds` timed rounds, the order rotated each round,
@@ -29,8 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import REPO, WORK, dem_cli, dem_env, log, machine, run_measured  # noqa: E402
 
-DEMO_RUNS = Path("/work/demo-run/benchmarks/.work/dem_vs_mixing/dem-4d-n400-s30-l128-r16-seed0/runs")
-DEFAULT_BASE = Path("/work/demo-cache/SmolLM2-135M-Instruct")
+# The demo's converted model and its LoRA runs (`bash examples/run_demo.sh` makes them once).
+DEMO_RUNS = REPO / "examples" / ".cache" / "demo" / "runs"
+DEFAULT_BASE = REPO / "examples" / ".cache" / "SmolLM2-135M-Instruct"
 ALT = " [alt]"
 
 
@@ -65,7 +66,10 @@ def main() -> int:
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
     parser.add_argument("--vector", type=Path, action="append", default=None, help="A saved LoRA vector (repeat).")
     args = parser.parse_args()
-    vectors = args.vector or sorted(path / "vector" for path in DEMO_RUNS.iterdir())
+    if not args.vector and not DEMO_RUNS.is_dir():
+        parser.error(f"no --vector given and no demo runs in {DEMO_RUNS}: run `bash examples/run_demo.sh` once, or pass "
+                     "--base and --vector")
+    vectors = args.vector or sorted(path / "vector" for path in DEMO_RUNS.iterdir() if (path / "vector").is_dir())
     out = WORK / "lora"
     outputs = {"lora merge": out / "after", "lora merge" + ALT: out / "before"}
     rows = {

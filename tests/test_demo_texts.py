@@ -304,6 +304,10 @@ def test_fetch_unpacks_a_real_deb_once_and_records_its_version(tmp_path, monkeyp
     assert len(data["train"]) == 6 and log.read_text() == "download jargon-text\n"
     assert (tmp_path / "cache/distributions").iterdir().__next__().name.startswith("jargon-jargon-text_1%3a4.4.7-4.1-")
 
+    monkeypatch.chdir(tmp_path)  # a relative cache folder (the demo's default is `examples/.cache`)
+    relative = debian.fetch_debian_package("relative-cache", "jargon-text")
+    assert relative.version == "1:4.4.7-4.1" and (tmp_path / "relative-cache/debian/jargon-text/root/usr").is_dir()
+
 
 def test_real_fetch_of_jargon_text(tmp_path, monkeypatch):
     """The real `apt-get download jargon-text` (650 kB); skipped where the Debian archive is out of reach."""

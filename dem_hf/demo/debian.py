@@ -121,8 +121,9 @@ def _download_and_unpack(package: str, into: Path) -> str:
                 f"`apt-get download {package}` should leave one .deb file, left {[f.name for f in files]}."
             )
         version = _run(["dpkg-deb", "-f", str(files[0]), "Version"], cwd=download).strip()
-        (into / "root").mkdir()
-        _run(["dpkg-deb", "-x", str(files[0]), str(into / "root")], cwd=download)
+        root = (into / "root").absolute()  # the commands run in the download folder: a relative cache would miss
+        root.mkdir()
+        _run(["dpkg-deb", "-x", str(files[0]), str(root)], cwd=download)
     return version
 
 

@@ -25,11 +25,15 @@ def synthetic_distributions(cache_dir, names, n_train, n_val, n_test, seed):
     }
 
 
-def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, monkeypatch):
-    tokenizer = make_tokenizer()
-    base = save_model(make_llama(), tmp_path / "base", tokenizer)
+@pytest.fixture
+def tiny_demo(tmp_path, monkeypatch):
+    """The demo on a tiny saved model and synthetic distributions instead of SmolLM2 and the real data."""
+    base = save_model(make_llama(), tmp_path / "base", make_tokenizer())
     monkeypatch.setattr(pipeline, "prepare_smollm2", lambda cache_dir: base)
     monkeypatch.setattr(pipeline, "prepare_distributions", synthetic_distributions)
+
+
+def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=4, n_test=2, max_steps=2,
         batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
@@ -85,15 +89,11 @@ def test_bad_schedule_or_finetuning_is_refused(bad):
         DemoConfig(**bad)
 
 
-def test_the_demo_trains_full_fine_tunes_with_a_decaying_schedule(tmp_path, monkeypatch):
+def test_the_demo_trains_full_fine_tunes_with_a_decaying_schedule(tmp_path, tiny_demo):
     import json
 
     from dem_hf import DistributionVector
 
-    tokenizer = make_tokenizer()
-    base = save_model(make_llama(), tmp_path / "base", tokenizer)
-    monkeypatch.setattr(pipeline, "prepare_smollm2", lambda cache_dir: base)
-    monkeypatch.setattr(pipeline, "prepare_distributions", synthetic_distributions)
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=4, n_test=2, max_steps=4,
         batch_size=2, learning_rate=1e-3, max_length=32, strategy="random", n_trials=2, eval_batch_size=2,

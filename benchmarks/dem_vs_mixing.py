@@ -355,6 +355,10 @@ def report_markdown(result: dict) -> str:
     rows = [("base model", result["base"], None, None)]
     for label, m in result["mixtures"].items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
+    singles = result.get("singles", {})
+    if all(f"{n} only" in singles for n in names):  # each specialist on its own data: what routing would reach
+        routed = {n: singles[f"{n} only"][n] for n in names}
+        rows.append(("each specialist on its own distribution (oracle routing)", routed, None, None))
     for label, (row, flops, _) in entries.items():
         coefficients = result.get("dem_variants", {}).get(label.removeprefix("DEM, "), {}).get("coefficients")
         shown = label + (": " + coefficient_summary(coefficients) if coefficients else "")
@@ -368,7 +372,10 @@ def report_markdown(result: dict) -> str:
         off_cell = f" {off['perplexity'].get(key, float('nan')):.3f} |" if off else ""
         lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {mean:.3f} | {geo:.3f} |{off_cell} "
                      + (f"{tokens:,}" if tokens else "-") + " | " + (f"{flops:.3g}" if flops else "-") + " | "
-                     + (f"{flops / grid_flops:.2f}" if flops else "-") + " |")
+                     + (f"{flops / grid_flops:.2f}" if flops and grid_flops else "-") + " |")
+    if not result["mixtures"]:
+        lines += ["", "No mixture trained yet (`--mixtures` left the grid empty)."]
+        return "\n".join(lines)
     best_label, best = min(result["mixtures"].items(), key=lambda kv: _means(kv[1]["test_perplexity"], names)[0])
     best_mean = _means(best["test_perplexity"], names)[0]
     lines.append("")
@@ -418,8 +425,9 @@ def pareto_chart(results: list[dict], path: Path) -> None:
         ax.scatter([f for _, f in mixtures.values()], [m for m, _ in mixtures.values()], marker=marker, color="tab:blue",
                    label=f"one mixture run ({regime})")
         grid = sum(f for _, f in mixtures.values())
-        ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
-                   label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
+        if mixtures:
+                ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
+                       label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
         for label, (row, flops, _) in dem_entries(result).items():
             ax.scatter([flops], [_means(row, names)[0]], marker=marker, color="tab:red")
             ax.annotate(label.removeprefix("DEM, ").removeprefix("DEM "), (flops, _means(row, names)[0]), fontsize=6,

@@ -66,11 +66,11 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
 
 
 def test_caches_written_before_later_config_fields_existed_stay_valid(tmp_path):
-    """A stage cached by an older DemoConfig (without the later fields) is reused while they hold their defaults, and
-    recomputed once one of them changes the runs (a cosine schedule)."""
+    """A stage cached by an older DemoConfig (without the later fields) is reused while they hold the values it was
+    computed with, and recomputed once one of them differs (a cosine schedule; a minibatch per-layer fit)."""
     from dataclasses import asdict
 
-    config = DemoConfig()
+    config = DemoConfig(group_batch_sequences=None)
     old_config = {k: v for k, v in asdict(config).items() if k not in pipeline._LATER_FIELDS}
     path = tmp_path / "search.json"
     pipeline._write_json(path, {"key": {"config": old_config, "vectors": ["a"]}, "value": 1})
@@ -80,6 +80,20 @@ def test_caches_written_before_later_config_fields_existed_stay_valid(tmp_path):
     cosine = asdict(DemoConfig(lr_scheduler_type="cosine"))
     assert pipeline._cached(path, {"config": cosine, "vectors": ["a"]}, lambda: 3) == 3
     assert pipeline._cached(path, {"config": asdict(config), "vectors": ["a"]}, lambda: 4) == 4  # the new value replaced it
+
+
+def test_a_changed_default_does_not_reuse_caches_computed_with_the_old_value(tmp_path):
+    """Caches written before `group_batch_sequences` existed fitted on the full batch: a config asking for minibatches
+    (whatever the default is today) recomputes, one asking for the full batch reuses."""
+    from dataclasses import asdict
+
+    path = tmp_path / "search_layer.json"
+    old_config = {k: v for k, v in asdict(DemoConfig()).items() if k not in pipeline._LATER_FIELDS}
+    pipeline._write_json(path, {"key": {"config": old_config}, "value": "full batch"})
+    minibatch = asdict(DemoConfig(group_batch_sequences=4))
+    full = asdict(DemoConfig(group_batch_sequences=None))
+    assert pipeline._cached(path, {"config": full}, lambda: "recomputed") == "full batch"
+    assert pipeline._cached(path, {"config": minibatch}, lambda: "minibatch") == "minibatch"
 
 
 @pytest.mark.parametrize("bad", [{"lr_scheduler_type": "step"}, {"finetuning": "qlora"}, {"warmup_ratio": 1.0},

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,19 +98,20 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio!r}")
 
 
-# DemoConfig fields added after caches were first written: at their defaults they do not change a stage's result,
-# so a cache key written before they existed (or with them at their defaults) still matches.
-_LATER_FIELDS = ("lr_scheduler_type", "warmup_ratio", "finetuning", "group_batch_sequences")
+# DemoConfig fields added after caches were first written, with the value every stage cached before then was computed
+# with: a stored key without such a field stands for that value (whatever today's default is), so older caches stay
+# valid exactly when the new key holds it.
+_LATER_FIELDS: dict[str, Any] = {
+    "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "finetuning": "lora", "group_batch_sequences": None,
+}
 
 
 def _comparable(key: dict[str, Any]) -> dict[str, Any]:
-    """`key` without the later fields that hold their defaults."""
+    """`key` with the later fields it lacks filled in with the values caches written before them used."""
     config = key.get("config")
     if not isinstance(config, dict):
         return key
-    defaults = {f.name: f.default for f in fields(DemoConfig) if f.name in _LATER_FIELDS}
-    kept = {name: value for name, value in config.items() if not (name in defaults and value == defaults[name])}
-    return {**key, "config": kept}
+    return {**key, "config": {**_LATER_FIELDS, **config}}
 
 
 def _cached(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> Any:

@@ -7,7 +7,6 @@ device per tensor, and data parallelism by two gloo processes on the CPU."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 

@@ -87,7 +87,7 @@ def mixed_pair(base_dtype: torch.dtype, tuned_dtype: torch.dtype) -> tuple[dict,
     }
     tuned = {name: tensor.clone() for name, tensor in base.items()}
     for name in ("embed.weight", "layers.0.proj.weight", "layers.0.conv", "layers.0.scale"):
-        tuned[name] = tensor = tuned[name] + 0.01 * torch.randn(tuned[name].shape, generator=generator)
+        tuned[name] = tuned[name] + 0.01 * torch.randn(tuned[name].shape, generator=generator)
     tuned["layers.1.signed_zeros"] = -tuned["layers.1.signed_zeros"]
     tuned["layers.1.last_row"][-1, 2] += 0.125
     cast = lambda tensors, dtype: {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}  # noqa: E731

@@ -25,7 +25,7 @@ from dem_hf.merging.arithmetic import merged_blocks, row_blocks
 from dem_hf.merging.operators import MergeOperator
 from dem_hf.vectors.config import LoraModule
 
-from .conftest import make_llama, save_model
+from .conftest import make_llama
 
 DTYPES = ["F32", "BF16", "F16"]
 BLOCK_VALUES = 60  # a few rows per block: every tensor spans several blocks

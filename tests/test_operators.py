@@ -498,7 +498,8 @@ def test_per_layer_gradient_of_a_linear_operator_matches_finite_differences(base
                 assert gradients["math"][i][g] == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=3e-2, abs=1e-4)
 
 
-@pytest.mark.parametrize(("method", "strategy"), [("dare_linear", "gradient"), ("breadcrumbs", "gradient"), ("ties", "random")])
+@pytest.mark.parametrize(("method", "strategy"), [("dare_linear", "gradient"), ("breadcrumbs", "gradient"), ("ties", "random"),
+                                                ("ties", "gradient"), ("dare_ties", "gradient")])
 def test_a_per_layer_search_with_an_operator_merges_to_its_best_objective(method, strategy, base_dir, finetuned_dirs):
     from dem_hf import SearchConfig
     from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
@@ -517,10 +518,52 @@ def test_a_per_layer_search_with_an_operator_merges_to_its_best_objective(method
     assert mean == pytest.approx(result.best_objective, rel=1e-4)
 
 
-def test_a_per_layer_gradient_search_of_a_sign_electing_operator_is_refused(base_dir, finetuned_dirs):
-    from dem_hf import SearchConfig
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_per_layer_gradient_of_a_sign_electing_operator_matches_finite_differences(method, base_dir, finetuned_dirs):
+    """While every weight stays non-zero the election is fixed, so ties is linear in ω:
+    ∂L/∂ω_{i,g} = Σ_{θ∈g} ⟨∇θ L, [sign_i agrees] Δ_i / #agreeing⟩, against central differences per group; a vector at
+    weight 0 in a group (absent from that group's election) gets gradient 0 there."""
+    from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+    from dem_hf.search.operator_candidates import OperatorCandidateModel
 
     vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
-    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors, config=DEMConfig(merge_method="ties", density=0.3))
-    with pytest.raises(ValueError, match="sign election"):
-        merger.search({"math": validation_texts(1)}, SearchConfig(strategy="gradient", granularity="layer"), show_progress=False)
+    operator = MergeOperator(method, density=0.5, seed=2 if method == "dare_ties" else None)
+    sets = {"math": tokenize_for_evaluation(validation_texts(3), merger_tokenizer(base_dir))}
+    merger = DEMMerger.from_pretrained(base_dir, vectors=vectors)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    step = 0.05
+    with OperatorCandidateModel(model, merger.base, vectors, operator, granularity="layer") as switcher:
+        groups = len(switcher.groups)
+        weights = [[0.9 - 0.1 * g for g in range(groups)], [0.5] * (groups - 1) + [0.0]]
+        switcher.set_weights(weights)
+        _, gradients = switcher.loss_gradients(sets, batch_size=4)
+        assert gradients["math"][1][groups - 1] == 0.0
+        checked = 0
+        for i in range(2):
+            for g in range(groups):
+                if weights[i][g] == 0.0:
+                    continue
+                losses = []
+                for sign in (1, -1):
+                    moved = [list(row) for row in weights]
+                    moved[i][g] += sign * step
+                    switcher.set_weights(moved)
+                    losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
+                assert gradients["math"][i][g] == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=3e-2, abs=1e-4)
+                checked += 1
+        assert checked == 2 * groups - 1
+
+
+def test_elected_directions_are_the_derivative_of_the_ties_merge():
+    """Hand computation: merge_sparse_torch(ties) = Σ_i w_i · elected_directions_torch(...)[i] for fixed active vectors."""
+    from dem_hf.merging.operators import elected_directions_torch, merge_sparse_torch
+
+    deltas = [torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([-1.0, -1.0, 2.0, 1.0]), torch.tensor([2.0, 1.0, -4.0, 0.0])]
+    # elected sign of [2, -2, -2, 4]: +, -, -, +; agreeing: [v0, v2], [v0, v1], [v2], [v0, v1]
+    expected = [torch.tensor([0.5, -1.0, 0.0, 1.5]), torch.tensor([0.0, -0.5, 0.0, 0.5]), torch.tensor([1.0, 0.0, -4.0, 0.0])]
+    directions = elected_directions_torch(deltas)
+    for got, want in zip(directions, expected):
+        torch.testing.assert_close(got, want)
+    weights = [0.7, 1.3, 0.2]
+    merged = merge_sparse_torch(MergeOperator("ties", density=1.0), deltas, weights)
+    torch.testing.assert_close(merged, sum(w * d for w, d in zip(weights, directions)))

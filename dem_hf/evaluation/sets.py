@@ -8,7 +8,6 @@ device, then cached, because the coefficient search evaluates the same sets many
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple

@@ -298,20 +298,43 @@ def merge_sparse_torch(op: MergeOperator, deltas: Sequence[torch.Tensor], weight
 
     zero = torch.zeros((), dtype=torch.float32, device=deltas[0].device)
     if op.method in SIGN_ELECTION_METHODS:
-        total = torch.zeros_like(deltas[0])
-        for delta in deltas:
-            total += delta
-        majority = torch.where(total >= 0, 1.0, -1.0).to(torch.float32)
-        numerator, count = torch.zeros_like(total), torch.zeros_like(total)
+        majority, count = _election_torch(deltas)
+        numerator = torch.zeros_like(majority)
         for delta, weight in zip(deltas, weights):
-            agree = torch.sign(delta) == majority
-            numerator += torch.where(agree, delta * _scalar(weight, zero), zero)
-            count += agree
+            numerator += torch.where(torch.sign(delta) == majority, delta * _scalar(weight, zero), zero)
         return numerator / torch.clamp(count, min=1.0)
     total = torch.zeros_like(deltas[0])
     for delta, weight in zip(deltas, weights):
         total += delta if weight == 1.0 else delta * _scalar(weight, zero)
     return total
+
+
+def elected_directions_torch(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """∂/∂w_i of [`merge_sparse_torch`] for `ties` / `dare_ties` over the vectors with a non-zero weight (`deltas`, the
+    sparsified ones): the sign and the counts are elected on the unweighted deltas, so while that set of vectors is
+    fixed the merge is linear in their weights, Σ_i w_i · [sign_i agrees] τ_i / max(1, #agreeing), and its derivative
+    in w_i is [sign_i agrees] τ_i / max(1, #agreeing). (Where a weight reaches 0 the vector leaves the election and
+    the merge jumps: the derivative holds on each side, not across.)"""
+    import torch
+
+    majority, count = _election_torch(deltas)
+    count = torch.clamp(count, min=1.0)
+    zero = torch.zeros((), dtype=torch.float32, device=majority.device)
+    return [torch.where(torch.sign(delta) == majority, delta, zero) / count for delta in deltas]
+
+
+def _election_torch(deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES's elected sign per entry (+1 on ties) and the number of deltas agreeing with it."""
+    import torch
+
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        total += delta
+    majority = torch.where(total >= 0, 1.0, -1.0).to(torch.float32)
+    count = torch.zeros_like(total)
+    for delta in deltas:
+        count += torch.sign(delta) == majority
+    return majority, count
 
 
 def _scalar(weight: float, like: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ so one backward pass per set gives every coefficient's derivative.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -401,6 +401,11 @@ class CandidateModel:
                     adapter.set_weights(torch.tensor(self.weights, device=self.device))
         return results, gradients
 
+    def _dense_directions(self, unit: _Unit) -> Iterator[tuple[int, torch.Tensor]]:
+        """`(vector index, ∂W/∂w_i)` of every dense delta of `unit`: the delta itself, W being linear in the weights."""
+        for index, vector, cached in unit.dense:
+            yield index, unit.delta(vector, cached)
+
     def _collect(self, weights: torch.Tensor, grads_of: dict[str, torch.nn.Parameter]) -> list[list[float]]:
         """The (vectors × groups) gradient: the adapters' from autograd, plus Σ ⟨∇_W, Δ_i⟩ over each dense tensor W
         added to its group's column, one tensor at a time."""
@@ -413,8 +418,8 @@ class CandidateModel:
                 if grad is None:
                     continue
                 grad = grad.float()
-                for index, vector, cached in unit.dense:
-                    total[index, unit.group] += float(torch.dot(grad.reshape(-1), unit.delta(vector, cached).reshape(-1)))
+                for index, direction in self._dense_directions(unit):
+                    total[index, unit.group] += float(torch.dot(grad.reshape(-1), direction.reshape(-1)))
                 for index, factors in unit.low_rank:
                     total[index, unit.group] += float(factors.inner(grad))
                 grads_of[name].grad = None

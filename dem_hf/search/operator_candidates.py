@@ -6,9 +6,12 @@ sparsified deltas of every touched tensor in memory for the current density, reb
 
 - `dare_linear` and `breadcrumbs` are then linear in ω: the sparsified deltas replace the raw ones in
   [`CandidateModel`]'s exact in-place switching, resynchronisation and gradients (⟨∇θ L, sparsified Δ_i⟩);
-- `ties` and `dare_ties` elect a sign per entry among the vectors with a non-zero weight, so they are not linear
-  in ω: each touched tensor whose weights changed is recomputed from the base checkpoint, and the `gradient`
-  strategy is refused for them.
+- `ties` and `dare_ties` elect a sign per entry among the vectors with a non-zero weight (on the unweighted
+  deltas), so each touched tensor whose weights changed is recomputed from the base checkpoint. While the set of
+  vectors with a non-zero weight is fixed they are linear in ω too, Σ_i ω_i [sign_i agrees] Δ_i / #agreeing: the
+  gradient uses those directions (`elected_directions_torch`, formed per tensor when needed). A vector at weight 0
+  is absent, and entering the election makes the merge jump, so its gradient is reported as 0 and the
+  `gradient` strategy leaves it at 0.
 
 LoRA vectors are switched as dense deltas (B·A·scaling formed once per tensor): a sparsified delta has no
 low-rank form. Memory: one float32 copy of every vector's delta of every touched tensor, plus the sparsified copy.
@@ -17,15 +20,15 @@ low-rank form. Memory: one float32 copy of every vector's delta of every touched
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..evaluation.perplexity import EvaluationSet, PerplexityResult
 from ..io.tensors import TensorSource
 from ..merging.operators import (
     SIGN_ELECTION_METHODS,
     MergeOperator,
+    elected_directions_torch,
     merge_sparse_torch,
     sparsify_torch,
 )
@@ -108,12 +111,10 @@ class OperatorCandidateModel(CandidateModel):
             unit.master.copy_(exact)
         unit.tensor.copy_(exact)
 
-    def loss_gradients(
-        self, eval_sets: Mapping[str, EvaluationSet], batch_size: int, *, batch_tokens: int | None = None
-    ) -> tuple[dict[str, PerplexityResult], dict[str, list[float]]]:
-        if not self.linear:
-            raise ValueError(
-                f"merge_method={self.operator.method!r} elects a sign per entry, so the merge is not differentiable "
-                "in the coefficients; search it with grid, random or bayesian."
-            )
-        return super().loss_gradients(eval_sets, batch_size, batch_tokens=batch_tokens)
+    def _dense_directions(self, unit: _Unit) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.linear:
+            yield from super()._dense_directions(unit)
+            return
+        active = [(index, delta) for index, _, delta in unit.dense if self.weights[index][unit.group] != 0.0]
+        if active:
+            yield from zip([index for index, _ in active], elected_directions_torch([delta for _, delta in active]))

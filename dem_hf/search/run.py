@@ -30,7 +30,6 @@ from ..evaluation.loading import load_dataset_source
 from ..evaluation.perplexity import EvaluationSet, tokenize_for_evaluation
 from ..merging.config import check_any_coefficients
 from ..merging.groups import group_names, mean_coefficient
-from ..merging.operators import SIGN_ELECTION_METHODS
 from .config import DENSITY, MAX_SAMPLED_PARAMETERS, SearchConfig
 from .problem import Candidate, SearchProblem
 from .registry import SEARCH_STRATEGIES, get_strategy, register_strategy
@@ -147,11 +146,6 @@ def check_operator_search(merger: DEMMerger, config: SearchConfig, bounds: dict,
         low, high = config.density_bounds
         bounds[DENSITY] = (low, high)
         initial[DENSITY] = min(max(operator.density, low), high)
-    if operator.method in SIGN_ELECTION_METHODS and config.strategy == "gradient":
-        raise ValueError(
-            f"strategy='gradient' cannot search merge_method={operator.method!r}: its sign election is not "
-            "differentiable in the coefficients; use grid, random or bayesian."
-        )
     if not operator.is_task_arithmetic and config.lora_mode == "adapter":
         raise ValueError(
             f"lora_mode='adapter' cannot apply merge_method={operator.method!r} (a sparsified delta has no low-rank "

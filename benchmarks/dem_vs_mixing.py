@@ -52,6 +52,9 @@ from dem_hf.demo.pipeline import (  # noqa: E402
 from dem_hf.merging.groups import coefficient_summary  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
+# The study's DEM stage fits per layer on the full batch, as its cached settings did (the demo's default since
+# is 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
+STUDY_DEFAULTS = {"group_batch_sequences": None}
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
 
 
@@ -91,6 +94,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.name in ("output_dir", "cache_dir"):
             continue
+        default = STUDY_DEFAULTS.get(f.name, default)
         if isinstance(default, list):
             parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default, help=f.metadata["help"])
         else:

@@ -180,11 +180,11 @@ CONFIG_COMMAND_LINES = {
          "--max_length", "64", "--lora_r", "4", "--lora_alpha", "8", "--strategy", "gradient", "--n_trials", "2",
          "--metric", "perplexity", "--bounds", "0", "1", "--eval_batch_size", "2", "--seed", "1",
          "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--finetuning", "full",
-         "--group_batch_sequences", "3"],
+         "--group_batch_sequences", "4"],
         DemoConfig(output_dir="out", cache_dir="cache", distributions=["math", "chat"], n_train=10, n_val=4, n_test=5,
                    max_steps=3, batch_size=2, learning_rate=1e-3, max_length=64, lora_r=4, lora_alpha=8,
                    strategy="gradient", n_trials=2, metric="perplexity", bounds=[0.0, 1.0], eval_batch_size=2, seed=1,
-                   lr_scheduler_type="cosine", warmup_ratio=0.1, finetuning="full", group_batch_sequences=3),
+                   lr_scheduler_type="cosine", warmup_ratio=0.1, finetuning="full", group_batch_sequences=4),
     ),
 }
 

@@ -61,6 +61,22 @@ FAULTS = {
 }
 
 
+def open_files_under(folder: Path) -> list[str]:
+    """The files under `folder` this process holds open (Linux: /proc/self/fd; elsewhere nothing is checked)."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        return []
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
 @pytest.fixture
 def vectors(tmp_path, base_dir, finetuned_dirs):
     return [
@@ -79,6 +95,7 @@ def test_interrupted_merge_leaves_no_output_and_retry_succeeds(fault, tmp_path, 
         patch.setattr(ShardedWriter, "add", fail_after(5, make_error()))
         with pytest.raises(error_type):
             merger.save_pretrained(out, max_shard_size=10_000)
+    assert open_files_under(tmp_path) == []  # the shards' descriptors are closed, not leaked
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
     assert {p: tree_digest(p) for p in inputs} == inputs
@@ -119,6 +136,7 @@ def test_interrupted_extraction_leaves_nothing_and_keeps_the_previous_vector(fau
                 DistributionVector.from_models(
                     base_dir, finetuned_dirs["math"], name="math", save_directory=target, overwrite=overwrite, max_shard_size=20_000
                 )
+            assert open_files_under(tmp_path) == []
     assert not (tmp_path / "v").exists() and tree_digest(previous) == kept
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or p.name.endswith(".lock")] == []
     assert {p: tree_digest(p) for p in inputs} == inputs

@@ -100,11 +100,14 @@ class ShardedWriter:
     Example:
         ```python
         >>> layout = [(name, reader.shape(name), reader.dtype_name(name)) for name in reader.keys()]
-        >>> writer = ShardedWriter(staging, "model", "2GB", layout=layout)
-        >>> for name in reversed(reader.keys()):  # any order, or from several threads
-        ...     writer.add(name, reader.read_array(name, 0, reader.shape(name)[0]))
-        >>> writer.close()  # the shards (and the index when there are several)
+        >>> with ShardedWriter(staging, "model", "2GB", layout=layout) as writer:
+        ...     for name in reversed(reader.keys()):  # any order, or from several threads
+        ...         writer.add(name, reader.read_array(name, 0, reader.shape(name)[0]))
+        ...     files = writer.close()  # the shards (and the index when there are several)
         ```
+
+    Used as a context manager, the writer's open files are closed however the block ends (an error while writing
+    leaves no descriptor behind; the unfinished files are the caller's staging folder's to remove).
     """
 
     def __init__(
@@ -133,6 +136,12 @@ class ShardedWriter:
         self._lock = threading.Lock()
         if layout is not None:
             self._plan(list(layout), order)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._close_files()
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray | TensorBlocks) -> None:
         """Add one tensor. With a layout it is written now, at its planned place (thread-safe, any order);

@@ -318,9 +318,9 @@ class DEMMerger(MergerPushMixin):
         with atomic_directory(save_directory, overwrite=overwrite) as staging:
             copy_base_files(self.base_folder, staging, skip=NOT_COPIED_FROM_BASE)
             layout = [(name, self.base.shape(name), self.base.dtype_name(name)) for name in self.base.keys()]
-            writer = ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout)
-            write_merged(self.base, terms, writer, operator=operator)
-            writer.close()
+            with ShardedWriter(staging, "model", max_shard_size or self.config.max_shard_size, layout=layout) as writer:
+                write_merged(self.base, terms, writer, operator=operator)
+                writer.close()
             save_vector_folders(self.vectors, staging, save_vectors)
             self.config.save_pretrained(staging)
             if card:

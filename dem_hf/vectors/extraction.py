@@ -77,9 +77,9 @@ def write_delta_folder(
     names = changed_tensors(base, tuned, pool)
     layout = [(name, tuple(tuned.shape(name)), tuned.dtype_name(name)) for name in names]
     with staged_vector_folder(save_directory, config, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, VECTOR_STEM, max_shard_size, layout=layout, order="safetensors")
-        write_deltas(base, tuned, names, writer)
-        writer.close()
+        with ShardedWriter(staging, VECTOR_STEM, max_shard_size, layout=layout, order="safetensors") as writer:
+            write_deltas(base, tuned, names, writer)
+            writer.close()
     return Path(save_directory)
 
 

@@ -61,10 +61,10 @@ def write_vector_folder(
 
     `model_card_kwargs` go to [`render_vector_card`]."""
     with staged_vector_folder(save_directory, config, overwrite=overwrite, model_card_kwargs=model_card_kwargs) as staging:
-        writer = ShardedWriter(staging, stem=VECTOR_STEM, max_shard_size=max_shard_size)
-        for name, tensor in items:
-            writer.add(name, tensor)
-        writer.close()
+        with ShardedWriter(staging, stem=VECTOR_STEM, max_shard_size=max_shard_size) as writer:
+            for name, tensor in items:
+                writer.add(name, tensor)
+            writer.close()
     return Path(save_directory)
 
 

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-VARIANTS=(--dem-variants gradient:layer gradient:layer:dare_linear:0.5 gradient:layer:breadcrumbs:0.8 gradient:layer:ties:0.5
+VARIANTS=(--dem-variants gradient:layer gradient:layer:dare_linear:0.5 gradient:layer:breadcrumbs:0.8 gradient:layer:ties:0.5 gradient:module
           --dem-budget 12 --dem-batch-sequences 3)
 COMMON=(--max_length 128 --off-distribution fortunes "${VARIANTS[@]}")
 LONG=(--max_steps 120 --lr_scheduler_type cosine --warmup_ratio 0.1)

@@ -96,6 +96,40 @@ def test_a_changed_default_does_not_reuse_caches_computed_with_the_old_value(tmp
     assert pipeline._cached(path, {"config": minibatch}, lambda: "minibatch") == "minibatch"
 
 
+def test_the_demo_starts_every_run_from_a_given_base_model(tmp_path, tiny_demo, monkeypatch):
+    """`base_model` (e.g. a model warm-started on a short mixture): the runs start from it, DEM merges into it, and
+    the default model is not prepared at all."""
+    import torch
+
+    other = make_llama()
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.01)
+    base = save_model(other, tmp_path / "warm", make_tokenizer())
+
+    def not_the_default(cache_dir):
+        raise AssertionError("the default model was prepared although base_model was given")
+
+    monkeypatch.setattr(pipeline, "prepare_smollm2", not_the_default)
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), base_model=str(base), distributions=["a", "b"], n_train=8, n_val=4, n_test=2,
+        max_steps=2, batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random",
+        n_trials=2, eval_batch_size=2, granularity="vector",
+    )
+    results = run_demo(config)
+    merged = DEMMerger.from_pretrained(results["model_dir"])
+    assert Path(merged.config.base_model_name_or_path).resolve() == Path(base).resolve()
+    dem_model = AutoModelForCausalLM.from_pretrained(results["model_dir"])
+    expected = merged.merge(results["coefficients"])
+    for (name, got), want in zip(dem_model.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
+def test_a_base_model_that_is_not_a_model_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="base_model: expected a local model folder"):
+        DemoConfig(base_model=str(tmp_path / "missing"))
+
+
 @pytest.mark.parametrize("bad", [{"lr_scheduler_type": "step"}, {"finetuning": "qlora"}, {"warmup_ratio": 1.0},
                                  {"warmup_ratio": -0.1}])
 def test_bad_schedule_or_finetuning_is_refused(bad):

@@ -50,6 +50,13 @@ class DemoConfig:
             "choices": list(DISTRIBUTIONS),
         },
     )
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local model folder every run starts from and DEM merges into (default: SmolLM2-135M-Instruct, "
+            "converted into cache_dir), e.g. a model warm-started on a short mixture; its tokenizer needs a chat template."
+        },
+    )
     n_train: int = field(default=400, metadata={"help": "Training examples per distribution."})
     n_val: int = field(default=16, metadata={"help": "Validation examples per distribution (the search's data)."})
     n_test: int = field(default=32, metadata={"help": "Held-out test examples per distribution."})
@@ -99,6 +106,8 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"DemoConfig.warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio!r}")
+        if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
+            raise ValueError(f"DemoConfig.base_model: expected a local model folder with a config.json, got {self.base_model!r}")
 
 
 # DemoConfig fields added after caches were first written, with the value every stage cached before then was computed
@@ -106,6 +115,7 @@ class DemoConfig:
 # valid exactly when the new key holds it.
 _LATER_FIELDS: dict[str, Any] = {
     "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "finetuning": "lora", "group_batch_sequences": None,
+    "base_model": None,
 }
 
 
@@ -198,7 +208,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         logger.warning(f"[dem-hf demo] {stage}: {timings[stage]} s")
         return value
 
-    model_dir = timed("convert model", lambda: prepare_smollm2(config.cache_dir))
+    model_dir = Path(config.base_model) if config.base_model else timed("convert model", lambda: prepare_smollm2(config.cache_dir))
     data = timed("prepare data", lambda: prepare_distributions(
         config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed
     ))

@@ -486,3 +486,13 @@ def test_cli_parses_sft_config_options_and_keeps_debug(tmp_path, capsys):
     code = main(["train", "--base", "b", "--dataset", "a=x.csv", "--dataset", "a=y.csv", "--output_dir",
                  str(tmp_path), "--use_cpu", "--bf16", "false"])
     assert code == 2 and "Duplicate dataset name 'a'" in capsys.readouterr().err
+
+
+def test_a_dataset_left_empty_by_truncation_is_refused_with_the_reason(trained_base, tmp_path):
+    """Prompts longer than max_length: TRL drops every example (no completion token survives the cut); the run is
+    refused with a ValueError naming max_length, not the sampler's `num_samples=0` deep inside the trainer."""
+    long_prompts = Dataset.from_dict({"prompt": [cycle(20, i, 40) for i in range(8)], "completion": [" w1 w2"] * 8})
+    with pytest.raises(ValueError, match="max_length=16"):
+        train_distributions(trained_base, {"long": long_prompts}, sft_config(tmp_path / "runs", max_length=16),
+                            LoraConfig(**LORA), tmp_path / "runs")
+

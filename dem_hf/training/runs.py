@@ -303,7 +303,18 @@ def last_complete_checkpoint(run_dir: Path, remove_broken: bool = True) -> Path 
 
 
 def train_or_resume(trainer, work_dir: Path, name: str) -> None:
-    """Train, resuming from the last complete checkpoint in `work_dir` if an earlier attempt left one."""
+    """Train, resuming from the last complete checkpoint in `work_dir` if an earlier attempt left one.
+
+    Raises `ValueError` when TRL's preprocessing left no example to train on (it drops those whose every trained-on
+    token lies past `max_length`), instead of the sampler's error deep inside the trainer.
+    """
+    dataset = trainer.train_dataset
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(
+            f"Run {name!r}: no training example is left after TRL's preprocessing: in every one, the tokens the loss is "
+            f"taken on (the completion or assistant turns) start after max_length={trainer.args.max_length} tokens "
+            "and were cut off. Raise max_length or shorten the prompts."
+        )
     checkpoint = last_complete_checkpoint(work_dir, remove_broken=trainer.is_world_process_zero())
     trainer.accelerator.wait_for_everyone()  # every process resumes from the same checkpoint
     if checkpoint:

@@ -1,7 +1,7 @@
 """LoRA merge benchmark: `dem-hf merge` of LoRA vectors, wall time and start-up, this tree against another.
 
     python benchmarks/bench_lora_merge.py [--compare-src ../dem_hf-before] [--rounds 5] [--base DIR] [--vector DIR ...]
-    python benchmarks/bench_lora_merge.py --size 3b [--adapters 4] [--rank 16] [--rounds 3]
+    python benchmarks/bench_lora_merge.py --size 3b [--adapters 4] [--rank 16] [--rounds 3] [--generate-only]
 
 Every row is its own process, started by `measuring.py`'s launcher (wall time around the child, the child's own
 peak RSS); one warm-up round (inputs in the page cache), then `--rounds` timed rounds, the order rotated each round,
@@ -110,6 +110,7 @@ def main() -> int:
     parser.add_argument("--size", choices=SIZES, default=None, help="Generate the base and adapters (bench_merge's sizes).")
     parser.add_argument("--adapters", type=int, default=4, help="With --size: how many LoRA adapters.")
     parser.add_argument("--rank", type=int, default=16, help="With --size: their rank.")
+    parser.add_argument("--generate-only", action="store_true", help="With --size: check the disk, generate, stop.")
     args = parser.parse_args()
     if args.size and (args.vector or args.base != DEFAULT_BASE):
         parser.error("--size generates the base and the vectors: pass neither --base nor --vector with it")
@@ -120,6 +121,9 @@ def main() -> int:
     if args.size:
         args.base, adapters = ensure_lora_inputs(args.size, args.adapters, args.rank, outputs=1 + bool(args.compare_src))
         args.vector = list(adapters.values())
+        if args.generate_only:
+            log(f"inputs generated: {args.base} and {len(adapters)} adapters (--generate-only)")
+            return 0
     if not args.vector and not DEMO_RUNS.is_dir():
         parser.error(f"no --vector given and no demo runs in {DEMO_RUNS}: run `bash examples/run_demo.sh` once, or pass "
                      "--base and --vector")

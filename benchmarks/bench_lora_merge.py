@@ -55,16 +55,18 @@ def merge_command(source: Path, base: Path, vectors: list[Path], out: Path) -> l
 
 
 def compare_outputs(first: Path, second: Path) -> str:
-    """Max |difference| and the share of bitwise-equal values between two merged checkpoints (float32)."""
-    from safetensors.numpy import load_file
+    """Max |difference| and the share of bitwise-equal values between two merged checkpoints (float32), one tensor at
+    a time (single-file or sharded)."""
+    from dem_hf.io.reader import CheckpointReader
 
-    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
-    if sorted(a) != sorted(b):
+    a, b = CheckpointReader(first), CheckpointReader(second)
+    if sorted(a.keys()) != sorted(b.keys()):
         return "different tensors"
     equal = total = 0
     largest = 0.0
-    for name in a:
-        x, y = a[name].astype(np.float32), b[name].astype(np.float32)
+    for name in a.keys():
+        size = int(np.prod(a.shape(name)))
+        x, y = a.head_float32(name, size), b.head_float32(name, size)
         equal, total = equal + int((x == y).sum()), total + x.size
         largest = max(largest, float(np.abs(x - y).max(initial=0.0)))
     return f"max |difference| {largest:.3g}, {100 * equal / total:.2f}% of values bitwise equal"

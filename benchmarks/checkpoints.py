@@ -2,7 +2,7 @@
 
 A Llama base from the names and shapes of a `LlamaForCausalLM` built on the `meta` device (so even a 3B checkpoint
 never sits in memory whole), "fine-tuned" copies (base + small seeded noise) and distribution vectors written
-directly (the noise alone). Every tensor is a pure function of its index and a stream number, so a checkpoint can be
+directly (the noise alone), and PEFT-format LoRA adapters (random factors for every linear layer). Every tensor is a pure function of its index and a stream number, so a checkpoint can be
 regenerated identically. No download.
 """
 
@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 
 BASE_STD, NOISE_STD = 0.02, 1e-3
+LORA_STD = 0.02  # both factors: B·A·(alpha/r) entries of ~5e-3 at rank 16, alpha 32
+# PEFT's "all-linear" on a Llama: every linear layer of the blocks (not lm_head).
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def meta_specs(config_kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -79,5 +82,38 @@ def write_vector_directly(base: Path, target: Path, name: str, specs, stream: in
     write_vector_folder(target, items, config, overwrite=True)
 
 
+def write_lora_adapter(folder: Path, base: Path, specs, stream: int, rank: int = 16, alpha: int = 32) -> None:
+    """A PEFT LoRA adapter folder for `base` (`adapter_config.json` written by PEFT's `LoraConfig`, and
+    `adapter_model.safetensors`) with random float32 factors for every linear layer of the blocks, atomically.
+
+    Module `m` of shape (out, in) gets `lora_A` (rank x in) and `lora_B` (out x rank), seeded by the tensor's index
+    and `stream`, so the same call writes the same adapter.
+    """
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from dem_hf.io.outputs import atomic_directory
+
+    factors = {}
+    for index, (name, shape) in enumerate(specs):
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in LINEAR_MODULES:
+            continue
+        generator = _seeded(index, stream)
+        factors[f"base_model.model.{module}.lora_A.weight"] = LORA_STD * torch.randn((rank, shape[1]), generator=generator)
+        factors[f"base_model.model.{module}.lora_B.weight"] = LORA_STD * torch.randn((shape[0], rank), generator=generator)
+    with atomic_directory(folder, overwrite=True) as staging:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LINEAR_MODULES), base_model_name_or_path=str(base))
+        config.save_pretrained(staging)
+        save_file(factors, Path(staging) / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
 def numel(shape) -> int:
     return math.prod(shape)
+
+
+def checkpoint_bytes(specs, dtype_name: str) -> int:
+    """Bytes of the tensors of one checkpoint (or full vector) with these shapes in this dtype (headers aside)."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype_name]
+    return sum(numel(shape) for _, shape in specs) * itemsize

@@ -1,0 +1,61 @@
+"""The benchmarks' own guards and oracles (the benchmarks are not part of the package; these checks are small).
+
+- `bench_merge.py` refuses a run the disk cannot hold, saying what it needs and what is free, before generating.
+- The generated LoRA adapters are what PEFT merges: `exactness.lora_terms` (the benchmark's float64 oracle) against
+  PEFT's own `merge_and_unload` on a tiny base.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_merge  # noqa: E402
+import measuring  # noqa: E402
+from checkpoints import base_tensor, meta_specs, write_checkpoint, write_lora_adapter  # noqa: E402
+from exactness import lora_terms  # noqa: E402
+
+TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def test_bench_merge_refuses_a_run_the_disk_cannot_hold(tmp_path, monkeypatch, capsys):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(measuring.shutil, "disk_usage", lambda path: usage._replace(free=int(50e9)))
+    monkeypatch.setattr(bench_merge, "WORK", tmp_path / ".work")
+    monkeypatch.setattr(sys, "argv", ["bench_merge.py", "--size", "7b"])
+    with pytest.raises(SystemExit) as refused:
+        bench_merge.main()
+    message = str(refused.value)
+    # base + 4 vectors + the merged output, 6 checkpoints of 6.74B bf16 parameters; plus the margin for other jobs.
+    assert "peak at 80.9 GB (base + 4 vectors + 1 outputs" in message
+    assert "needs 84.9 GB free" in message and "50.0 GB are free" in message and "--vectors" in message
+    assert not (tmp_path / ".work").exists()  # nothing generated
+
+
+def test_generated_lora_adapter_merges_as_peft_merges_it(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    specs = meta_specs(TINY)
+    write_checkpoint(tmp_path / "base", TINY, "float32",
+                     ((n, base_tensor(i, n, s, torch.float32)) for i, (n, s) in enumerate(specs)))
+    write_lora_adapter(tmp_path / "adapter", tmp_path / "base", specs, stream=1, rank=4, alpha=8)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float64)
+    before = {n: t.clone() for n, t in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    term = lora_terms(tmp_path / "adapter", weight=1.0)
+    adapted = 0
+    for name, value in merged.items():
+        delta = term(name, slice(0, value.shape[0]))
+        adapted += delta is not None
+        expected = before[name] + (delta if delta is not None else 0)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-15)
+    assert adapted == 2 * 7  # every linear layer of both blocks, not lm_head

@@ -1,0 +1,100 @@
+"""DEM from a shared warm start (Branch-Train-Merge's seed phase), at the same training tokens as plain DEM.
+
+Plain DEM trains every distribution from the base, so nothing one run learns reaches another except through the
+merge; one mixture run shares everything. This splits DEM's step budget: a fraction `--warm-fraction` of all its
+optimizer steps trains one uniform mixture of the distributions first; every distribution's run then starts from
+that model for the rest (`(1 - f) · max_steps` steps each), and DEM merges their vectors into it. The total number
+of training steps (and so, closely, of tokens) equals plain DEM's, so the mixtures of `dem_vs_mixing.py` at the same
+settings stay the comparison. A new distribution still costs one run (from the same warm start).
+
+    python benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128   # + any dem_vs_mixing.py option
+
+Needs `dem_vs_mixing.py` run first at the same settings (its result file holds the mixtures and plain DEM). Stages
+are cached under benchmarks/.work/dem_vs_mixing/ (warm-<settings>-f<fraction>/ and dem-<settings>-warm<fraction>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dem_vs_mixing import WORK, _means, _settings_tag, dem_entries, mixture_model, parse_args  # noqa: E402
+
+from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, run_demo  # noqa: E402
+
+
+def warm_start_model(config: DemoConfig, fraction: float) -> tuple[Path, dict]:
+    """The uniform mixture trained for `fraction` of DEM's steps, merged and saved as a model folder (cached)."""
+    from transformers import AutoTokenizer
+
+    from dem_hf import train_mixture
+    from dem_hf.demo import prepare_distributions, prepare_smollm2
+    from dem_hf.demo.distributions import to_prompt_completion
+    from dem_hf.io.outputs import atomic_directory
+
+    model_dir = prepare_smollm2(config.cache_dir)
+    data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
+    train = {n: to_prompt_completion(s["train"]) for n, s in data.items()}
+    folder = WORK / f"warm-{_settings_tag(config)}-f{fraction:g}"
+    sft_config = _sft_config(config, folder)
+    sft_config.max_steps = round(fraction * config.max_steps * len(train))
+    run = train_mixture(model_dir, train, {n: 1.0 for n in train}, sft_config, _lora_config(config), folder)
+    warm = folder / "model"
+    if not (warm / "config.json").is_file():
+        with atomic_directory(warm) as staging:
+            mixture_model(model_dir, run.model_dir).save_pretrained(staging)
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
+    return warm, run.info["compute"]
+
+
+def main() -> None:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--warm-fraction", type=float, default=0.25, help="Share of DEM's steps spent on the warm start.")
+    args, sys.argv[1:] = own.parse_known_args()
+    fraction = args.warm_fraction
+    if not 0.0 < fraction < 1.0:
+        raise SystemExit(f"--warm-fraction: expected a fraction in (0, 1), got {fraction}")
+    config, _ = parse_args()  # every dem_vs_mixing.py option
+    plain_file = WORK / f"result-{_settings_tag(config)}.json"
+    if not plain_file.is_file():
+        raise SystemExit(f"Run benchmarks/dem_vs_mixing.py with the same options first (no {plain_file}).")
+    plain = json.loads(plain_file.read_text())
+    warm_dir, warm_compute = warm_start_model(config, fraction)
+    steps = max(1, round((1.0 - fraction) * config.max_steps))
+    dem = run_demo(replace(config, base_model=str(warm_dir), max_steps=steps,
+                           output_dir=str(WORK / f"dem-{_settings_tag(config)}-warm{fraction:g}")))
+    names = plain["distributions"]
+    run_flops = warm_compute["total_flos"] + sum(c["total_flos"] for c in dem["compute"].values())
+    run_tokens = warm_compute["tokens_seen"] + sum(c["tokens_seen"] for c in dem["compute"].values())
+    passes = sum(s["compute_forward_passes"] for s in dem["searches"].values())
+    grid_flops = sum(m["compute"]["total_flos"] for m in plain["mixtures"].values())
+    rows = {"base model": (plain["base"], None), "warm start (uniform mixture, ω = 0)": (dem["test_perplexity"]["base"], None)}
+    rows.update({f"mixture: {k}": (m["test_perplexity"], m["compute"]["total_flos"]) for k, m in plain["mixtures"].items()})
+    rows.update({f"plain {label}": (row, flops) for label, (row, flops, _) in dem_entries(plain).items()
+                 if label in plain["dem_models"]})
+    searched = 0.0  # the searches run in sequence: per layer starts from per vector
+    for label, found in dem["searches"].items():
+        searched += found["compute_forward_passes"]
+        row = dem["test_perplexity"].get(f"DEM {label}") or dem["test_perplexity"]["DEM"]  # "DEM" alone per vector only
+        rows[f"warm-started DEM {label}"] = (row, run_flops + searched * plain["forward_pass_flops"])
+    print(f"\n## DEM from a shared warm start ({fraction:g} of the steps)\n")
+    print(f"Warm start: {warm_compute['global_step']} mixture steps; then {steps} steps per distribution; "
+          f"{run_tokens:,} training tokens in all (plain DEM: {plain['dem_token_budget']:,}); searches {passes:.1f} "
+          "forward-pass equivalents.\n")
+    print("| model | " + " | ".join(names) + " | mean ppl | FLOPs | x grid |")
+    print("|---|" + "---|" * (len(names) + 3))
+    for label, (row, flops) in rows.items():
+        cost = f"{flops:.3g} | {flops / grid_flops:.2f}" if flops and grid_flops else "- | -"
+        print(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {_means(row, names)[0]:.3f} | {cost} |")
+    result = {"fraction": fraction, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,
+              "training_flops": run_flops, "search_passes": passes, "plain_result": str(plain_file)}
+    (WORK / f"result-warm{fraction:g}-{_settings_tag(config)}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

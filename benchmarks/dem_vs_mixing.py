@@ -373,7 +373,8 @@ def report_markdown(result: dict) -> str:
     for label, row, tokens, flops in rows:
         mean, geo = _means(row, names)
         key = label.strip("*").split(": ")[0] if label.startswith("**DEM, ") else label.strip("*")
-        off_cell = f" {off['perplexity'].get(key, float('nan')):.3f} |" if off else ""
+        off_value = off["perplexity"].get(key) if off else None
+        off_cell = (f" {off_value:.3f} |" if off_value is not None else " - |") if off else ""
         lines.append(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {mean:.3f} | {geo:.3f} |{off_cell} "
                      + (f"{tokens:,}" if tokens else "-") + " | " + (f"{flops:.3g}" if flops else "-") + " | "
                      + (f"{flops / grid_flops:.2f}" if flops and grid_flops else "-") + " |")

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from dem_vs_mixing import pareto_chart  # noqa: E402
+from study_report import pareto_chart  # noqa: E402
 
 files = sorted(Path("benchmarks/.work/dem_vs_mixing").glob("result-*.json"))
 pareto_chart([json.loads(f.read_text()) for f in files], Path("benchmarks/dem_vs_mixing_pareto.png"))

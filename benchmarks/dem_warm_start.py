@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dem_vs_mixing import WORK, _means, _settings_tag, dem_entries, mixture_model, parse_args  # noqa: E402
+from dem_vs_mixing import WORK, _settings_tag, mixture_model, parse_args  # noqa: E402
+from study_report import _means, dem_entries  # noqa: E402
 
 from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, run_demo  # noqa: E402
 

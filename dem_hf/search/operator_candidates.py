@@ -10,8 +10,8 @@ sparsified deltas of every touched tensor in memory for the current density, reb
   deltas), so each touched tensor whose weights changed is recomputed from the base checkpoint. While the set of
   vectors with a non-zero weight is fixed they are linear in ω too, Σ_i ω_i [sign_i agrees] Δ_i / #agreeing: the
   gradient uses those directions (`elected_directions_torch`, formed per tensor when needed). A vector at weight 0
-  is absent, and entering the election makes the merge jump, so its gradient is reported as 0 and the
-  `gradient` strategy leaves it at 0.
+  is absent, and entering the election makes the merge jump, so its gradient is reported as 0 (only the per-group
+  fit's pull toward its start can move it back in).
 
 LoRA vectors are switched as dense deltas (B·A·scaling formed once per tensor): a sparsified delta has no
 low-rank form. Memory: one float32 copy of every vector's delta of every touched tensor, plus the sparsified copy.

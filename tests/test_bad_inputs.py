@@ -427,10 +427,6 @@ CASES = {
     "merge method edited to an unknown one before a save": (
         lambda w: _edited_merger(w, merge_method="median").save_pretrained(w["out"]), ValueError, "Unknown merge_method 'median'",
     ),
-    "gradient search of a sign-electing merge method": (
-        lambda w: _edited_merger(w, merge_method="ties", density=0.5).search({"math": ["w1 w2 w3"]}, SearchConfig(strategy="gradient")),
-        ValueError, "cannot search merge_method='ties'",
-    ),
     "density search without a density to search": (
         lambda w: merger(w).search({"math": ["w1 w2 w3"]}, SearchConfig(search_density=True)), ValueError, "has none",
     ),

@@ -472,9 +472,22 @@ def test_per_layer_switching_with_an_operator_equals_the_merge(method, base_dir,
         assert torch.equal(tensor, base[name]), name
 
 
+def central_difference(switcher, model, sets, weights, i: int, g: int, step: float) -> float:
+    """(L(ω + step·e_{i,g}) − L(ω − step·e_{i,g})) / (2·step) on the "math" set, switching the model in place."""
+    from dem_hf.evaluation.perplexity import compute_perplexities
+
+    losses = []
+    for sign in (1, -1):
+        moved = [list(row) for row in weights]
+        moved[i][g] += sign * step
+        switcher.set_weights(moved)
+        losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
+    return (losses[0] - losses[1]) / (2 * step)
+
+
 def test_per_layer_gradient_of_a_linear_operator_matches_finite_differences(base_dir, finetuned_dirs):
     """dare_linear per layer: ∂L/∂ω_{i,g} = Σ_{θ∈g} ⟨∇θ L, sparsified Δ_i⟩, against central differences per group."""
-    from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+    from dem_hf.evaluation.perplexity import tokenize_for_evaluation
     from dem_hf.search.operator_candidates import OperatorCandidateModel
 
     vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
@@ -489,13 +502,8 @@ def test_per_layer_gradient_of_a_linear_operator_matches_finite_differences(base
         _, gradients = switcher.loss_gradients(sets, batch_size=4)
         for i in range(2):
             for g in range(len(switcher.groups)):
-                losses = []
-                for sign in (1, -1):
-                    moved = [list(row) for row in weights]
-                    moved[i][g] += sign * step
-                    switcher.set_weights(moved)
-                    losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
-                assert gradients["math"][i][g] == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=3e-2, abs=1e-4)
+                slope = central_difference(switcher, model, sets, weights, i, g, step)
+                assert gradients["math"][i][g] == pytest.approx(slope, rel=3e-2, abs=1e-4)
 
 
 @pytest.mark.parametrize(("method", "strategy"), [("dare_linear", "gradient"), ("breadcrumbs", "gradient"), ("ties", "random"),
@@ -523,7 +531,7 @@ def test_per_layer_gradient_of_a_sign_electing_operator_matches_finite_differenc
     """While every weight stays non-zero the election is fixed, so ties is linear in ω:
     ∂L/∂ω_{i,g} = Σ_{θ∈g} ⟨∇θ L, [sign_i agrees] Δ_i / #agreeing⟩, against central differences per group; a vector at
     weight 0 in a group (absent from that group's election) gets gradient 0 there."""
-    from dem_hf.evaluation.perplexity import compute_perplexities, tokenize_for_evaluation
+    from dem_hf.evaluation.perplexity import tokenize_for_evaluation
     from dem_hf.search.operator_candidates import OperatorCandidateModel
 
     vectors = [DistributionVector.from_models(base_dir, finetuned_dirs[n], name=n) for n in ("math", "chat")]
@@ -543,13 +551,8 @@ def test_per_layer_gradient_of_a_sign_electing_operator_matches_finite_differenc
             for g in range(groups):
                 if weights[i][g] == 0.0:
                     continue
-                losses = []
-                for sign in (1, -1):
-                    moved = [list(row) for row in weights]
-                    moved[i][g] += sign * step
-                    switcher.set_weights(moved)
-                    losses.append(compute_perplexities(model, sets, show_progress=False)["math"].loss)
-                assert gradients["math"][i][g] == pytest.approx((losses[0] - losses[1]) / (2 * step), rel=3e-2, abs=1e-4)
+                slope = central_difference(switcher, model, sets, weights, i, g, step)
+                assert gradients["math"][i][g] == pytest.approx(slope, rel=3e-2, abs=1e-4)
                 checked += 1
         assert checked == 2 * groups - 1
 

@@ -3,6 +3,8 @@
 - `bench_merge.py` refuses a run the disk cannot hold, saying what it needs and what is free, before generating.
 - The generated LoRA adapters are what PEFT merges: `exactness.lora_terms` (the benchmark's float64 oracle) against
   PEFT's own `merge_and_unload` on a tiny base.
+- The study's mixture runs decay their learning rate over the steps that reach DEM's token budget: the budget stops
+  the run at the end of its schedule, not part-way (a run stopped at high learning rate would handicap mixing).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_merge  # noqa: E402
+import dem_vs_mixing  # noqa: E402
 import measuring  # noqa: E402
 from checkpoints import base_tensor, meta_specs, write_checkpoint, write_lora_adapter  # noqa: E402
 from exactness import lora_terms  # noqa: E402
@@ -59,3 +62,37 @@ def test_generated_lora_adapter_merges_as_peft_merges_it(tmp_path):
         expected = before[name] + (delta if delta is not None else 0)
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-15)
     assert adapted == 2 * 7  # every linear layer of both blocks, not lm_head
+
+
+def test_mixture_schedule_ends_where_the_token_budget_stops_the_run(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from dem_hf import train_mixture
+
+    from .conftest import make_llama, make_tokenizer, save_model
+
+    tokenizer = make_tokenizer()
+    base = save_model(make_llama(seed=0), tmp_path / "base", tokenizer)
+
+    def words(start: int, length: int) -> str:
+        return " ".join(f"w{start + j % 10}" for j in range(length))
+
+    # Long prompts and short completions: counting only the scored tokens would estimate ~4x the steps.
+    data = {
+        "long_prompts": Dataset.from_dict({"prompt": [words(i, 20) for i in range(40)],
+                                           "completion": [" " + words(i, 6) for i in range(40)]}),
+        "short": Dataset.from_dict({"prompt": [words(i, 3) for i in range(40)],
+                                    "completion": [" " + words(i, 8) for i in range(40)]}),
+    }
+    weights, max_length, batch_size, budget = {"long_prompts": 1.0, "short": 1.0}, 32, 4, 1200
+    seen = {n: dem_vs_mixing.input_tokens(d, tokenizer, max_length) for n, d in data.items()}
+    steps = dem_vs_mixing.steps_for_budget(weights, seen, {n: len(d) for n, d in data.items()}, budget, batch_size)
+    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=steps,
+                       per_device_train_batch_size=batch_size, max_length=max_length, save_strategy="no",
+                       disable_tqdm=True, seed=0, lr_scheduler_type="cosine", dataloader_num_workers=0)
+    run = train_mixture(base, data, weights, config, None, tmp_path / "runs",
+                        callbacks=[dem_vs_mixing.StopAtTokenBudget(budget)])
+    compute = run.info["compute"]
+    assert compute["tokens_seen"] >= budget, "the schedule ended before the budget was seen"
+    assert compute["global_step"] >= 0.9 * steps, f"stopped at step {compute['global_step']} of a {steps}-step schedule"

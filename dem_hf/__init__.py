@@ -24,7 +24,7 @@ _EXPORTS = {
     "evaluate_mixtures": "ablation.pool",
     "split_partitions": "ablation.partitions",
     "train_distributions": "training.trainers",
-    "train_mixture": "training.trainers",
+    "train_mixture": "training.mixture",
     "validate_proxy": "ablation.validation",
 }
 
@@ -58,7 +58,8 @@ if TYPE_CHECKING:
     from .search.config import SearchConfig
     from .search.result import SearchResult
     from .training.callbacks import DistributionVectorCallback
-    from .training.trainers import train_distributions, train_mixture
+    from .training.mixture import train_mixture
+    from .training.trainers import train_distributions
     from .vectors.vector import DistributionVector
 
 

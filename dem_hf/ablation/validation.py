@@ -1,6 +1,6 @@
 """Checking the data-ablation proxy against reality: [`validate_proxy`].
 
-For a few candidate mixtures, train a model on each for real ([`~dem_hf.training.trainers.train_mixture`]), evaluate it on
+For a few candidate mixtures, train a model on each for real ([`~dem_hf.training.mixture.train_mixture`]), evaluate it on
 the same validation sets as the proxy, and report how well the proxy's ranking tracks the trained models' (Pearson
 and Spearman correlations) and what each route costs: the pool's partition runs against one run per candidate.
 """
@@ -89,7 +89,7 @@ def validate_proxy(
     """
     from ..search.run import load_search_model, prepare_eval_sets
     from ..search.strategies import Objective
-    from ..training.trainers import train_mixture
+    from ..training.mixture import train_mixture
 
     mixtures = check_mixtures(candidates, pool.names)
     if len(mixtures) < MIN_VALIDATION_CANDIDATES:

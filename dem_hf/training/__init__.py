@@ -8,7 +8,7 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "bf16_available": "trainers",
     "train_distributions": "trainers",
-    "train_mixture": "trainers",
+    "train_mixture": "mixture",
     "load_training_dataset": "data",
     "mix_datasets": "data",
     "DistributionVectorCallback": "callbacks",

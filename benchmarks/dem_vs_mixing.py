@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from study_report import _regime, bar_chart, pareto_chart, report_markdown  # noqa: E402
+from study_report import _regime, bar_chart, pareto_chart, report_markdown, warm_start_label  # noqa: E402
 
 from dem_hf.demo.pipeline import (  # noqa: E402
     DemoConfig,
@@ -125,6 +125,26 @@ def _settings_tag(config: DemoConfig) -> str:
     if config.learning_rate != defaults.learning_rate:
         tag += f"-lr{config.learning_rate:g}"
     return tag
+
+
+def warm_start_dirs(config: DemoConfig, fraction: float) -> tuple[Path, Path]:
+    """`benchmarks/dem_warm_start.py`'s folders at these settings: the warm start's mixture run (its merged model in
+    `model/`), and the DEM pipeline's output from it (runs, searches, results)."""
+    tag = _settings_tag(config)
+    return WORK / f"warm-{tag}-f{fraction:g}", WORK / f"dem-{tag}-warm{fraction:g}"
+
+
+def warm_start_results(config: DemoConfig) -> list[dict]:
+    """The results of `dem_warm_start.py` at these settings (one per warm fraction), with what the report needs."""
+    tag, found = _settings_tag(config), []
+    for path in sorted(WORK.glob(f"result-warm*-{tag}.json")):
+        warm = json.loads(path.read_text())
+        if path.name != f"result-warm{warm['fraction']:g}-{tag}.json":  # the glob's * may reach into a longer tag
+            continue
+        found.append({"fraction": warm["fraction"], "training_tokens": warm["training_tokens"],
+                      "training_flops": warm["training_flops"],
+                      "dem": {k: warm["dem"][k] for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector")}})
+    return found
 
 
 def mixture_grid(names: list[str], train_tokens: dict[str, int], coefficients: dict[str, float],
@@ -306,8 +326,8 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
     vectors = [DistributionVector.from_pretrained(Path(config.output_dir) / "runs" / n / "vector") for n in result["distributions"]]
     demo = json.loads((Path(config.output_dir) / "results.json").read_text())
 
-    def dem(coefficients, method="task_arithmetic", density=None):
-        merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
+    def dem(coefficients, method="task_arithmetic", density=None, base=model_dir, run_vectors=vectors):
+        merger = DEMMerger.from_pretrained(base, vectors=run_vectors)
         merger.config.merge_method, merger.config.density = method, density
         merger.config.__post_init__()
         return lambda: merger.merge(coefficients)
@@ -320,6 +340,14 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
         models[f"DEM per {config.granularity}"] = dem(demo["coefficients"])
     for label, variant in result.get("dem_variants", {}).items():
         models[f"DEM, {label}"] = dem(variant["coefficients"], variant["variant"]["merge_method"], variant["variant"]["density"])
+    for warm in result.get("warm_starts", []):
+        warm_dir, dem_dir = warm_start_dirs(config, warm["fraction"])
+        warm_vectors = [DistributionVector.from_pretrained(dem_dir / "runs" / n / "vector") for n in result["distributions"]]
+        for search, coefficients in (("per vector", warm["dem"]["coefficients_per_vector"]),
+                                     (f"per {config.granularity}", warm["dem"]["coefficients"])):
+            if search in warm["dem"]["searches"]:
+                models[warm_start_label(warm["fraction"], search)] = dem(coefficients, base=warm_dir / "model",
+                                                                        run_vectors=warm_vectors)
     rows = {}
     for label, build in models.items():
         if label not in cache:
@@ -345,6 +373,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     result = run_benchmark(config)
     result["dem_variants"] = dem_variants(config, options["dem_variants"], options["dem_budget"], options["dem_batch_sequences"])
+    result["warm_starts"] = warm_start_results(config)
     if options["off_distribution"]:
         result["off_distribution"] = {"name": options["off_distribution"], "n_test": options["n_off"],
                                       "perplexity": off_distribution(config, result, options["off_distribution"], options["n_off"])}

@@ -11,6 +11,8 @@ settings stay the comparison. A new distribution still costs one run (from the s
 
 Needs `dem_vs_mixing.py` run first at the same settings (its result file holds the mixtures and plain DEM). Stages
 are cached under benchmarks/.work/dem_vs_mixing/ (warm-<settings>-f<fraction>/ and dem-<settings>-warm<fraction>/).
+Its result joins the study's: `dem_vs_mixing.py` at the same settings lists these models in its table, its charts and
+its off-distribution column.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dem_vs_mixing import WORK, _settings_tag, mixture_model, parse_args  # noqa: E402
-from study_report import _means, dem_entries  # noqa: E402
+from dem_vs_mixing import WORK, _settings_tag, mixture_model, parse_args, warm_start_dirs  # noqa: E402
+from study_report import _means, dem_entries, warm_start_entries  # noqa: E402
 
 from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, run_demo  # noqa: E402
 
@@ -41,7 +43,7 @@ def warm_start_model(config: DemoConfig, fraction: float) -> tuple[Path, dict]:
     model_dir = prepare_smollm2(config.cache_dir)
     data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
     train = {n: to_prompt_completion(s["train"]) for n, s in data.items()}
-    folder = WORK / f"warm-{_settings_tag(config)}-f{fraction:g}"
+    folder = warm_start_dirs(config, fraction)[0]
     sft_config = _sft_config(config, folder)
     sft_config.max_steps = round(fraction * config.max_steps * len(train))
     run = train_mixture(model_dir, train, {n: 1.0 for n in train}, sft_config, _lora_config(config), folder)
@@ -68,7 +70,7 @@ def main() -> None:
     warm_dir, warm_compute = warm_start_model(config, fraction)
     steps = max(1, round((1.0 - fraction) * config.max_steps))
     dem = run_demo(replace(config, base_model=str(warm_dir), max_steps=steps,
-                           output_dir=str(WORK / f"dem-{_settings_tag(config)}-warm{fraction:g}")))
+                           output_dir=str(warm_start_dirs(config, fraction)[1])))
     names = plain["distributions"]
     run_flops = warm_compute["total_flos"] + sum(c["total_flos"] for c in dem["compute"].values())
     run_tokens = warm_compute["tokens_seen"] + sum(c["tokens_seen"] for c in dem["compute"].values())
@@ -76,13 +78,12 @@ def main() -> None:
     grid_flops = sum(m["compute"]["total_flos"] for m in plain["mixtures"].values())
     rows = {"base model": (plain["base"], None), "warm start (uniform mixture, ω = 0)": (dem["test_perplexity"]["base"], None)}
     rows.update({f"mixture: {k}": (m["test_perplexity"], m["compute"]["total_flos"]) for k, m in plain["mixtures"].items()})
-    rows.update({f"plain {label}": (row, flops) for label, (row, flops, _) in dem_entries(plain).items()
+    rows.update({f"plain {label}": (entry.row, entry.flops) for label, entry in dem_entries(plain).items()
                  if label in plain["dem_models"]})
-    searched = 0.0  # the searches run in sequence: per layer starts from per vector
-    for label, found in dem["searches"].items():
-        searched += found["compute_forward_passes"]
-        row = dem["test_perplexity"].get(f"DEM {label}") or dem["test_perplexity"]["DEM"]  # "DEM" alone per vector only
-        rows[f"warm-started DEM {label}"] = (row, run_flops + searched * plain["forward_pass_flops"])
+    result = {"fraction": fraction, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,
+              "training_flops": run_flops, "search_passes": passes, "plain_result": str(plain_file)}
+    rows.update({label: (entry.row, entry.flops)
+                 for label, entry in warm_start_entries(result, plain["forward_pass_flops"]).items()})
     print(f"\n## DEM from a shared warm start ({fraction:g} of the steps)\n")
     print(f"Warm start: {warm_compute['global_step']} mixture steps; then {steps} steps per distribution; "
           f"{run_tokens:,} training tokens in all (plain DEM: {plain['dem_token_budget']:,}); searches {passes:.1f} "
@@ -92,8 +93,6 @@ def main() -> None:
     for label, (row, flops) in rows.items():
         cost = f"{flops:.3g} | {flops / grid_flops:.2f}" if flops and grid_flops else "- | -"
         print(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {_means(row, names)[0]:.3f} | {cost} |")
-    result = {"fraction": fraction, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,
-              "training_flops": run_flops, "search_passes": passes, "plain_result": str(plain_file)}
     (WORK / f"result-warm{fraction:g}-{_settings_tag(config)}.json").write_text(json.dumps(result, indent=2))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from dem_hf.merging.groups import coefficient_summary
 
@@ -16,17 +17,48 @@ def _means(row: dict[str, float], names: list[str]) -> tuple[float, float]:
     return sum(values) / len(values), math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def dem_entries(result: dict) -> dict[str, tuple[dict[str, float], float, float]]:
-    """`{label: (test perplexities, FLOPs of runs + searches, search forward passes)}` of every DEM model."""
+class Entry(NamedTuple):
+    """One DEM model of a result: its test perplexities and what it cost."""
+
+    row: dict[str, float]  # test perplexity per distribution
+    flops: float  # training runs + searches
+    passes: float  # search forward-pass equivalents
+    tokens: int  # training tokens of its runs
+    training_flops: float  # of its runs alone
+
+
+def dem_entries(result: dict) -> dict[str, Entry]:
+    """Every DEM model of a result: the demo's (per vector, per layer), the variants, and DEM from a shared warm start
+    (`benchmarks/dem_warm_start.py`, when `result["warm_starts"]` holds its results at the same settings)."""
     dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
+    dem_tokens = sum(c["tokens_seen"] for c in result["dem_runs"].values())
     pass_flops = result["forward_pass_flops"]
     entries, searched = {}, 0.0
     for label, row in result["dem_models"].items():  # the demo's searches run in sequence: per layer starts at per vector
         searched += result["dem_search_passes"].get(label.removeprefix("DEM ").strip() or "per vector", 0.0)
-        entries[label] = (row, dem_flops + searched * pass_flops, searched)
+        entries[label] = Entry(row, dem_flops + searched * pass_flops, searched, dem_tokens, dem_flops)
     for label, variant in result.get("dem_variants", {}).items():
         passes = variant["compute_forward_passes"]
-        entries[f"DEM, {label}"] = (variant["test_perplexity"], dem_flops + passes * pass_flops, passes)
+        entries[f"DEM, {label}"] = Entry(variant["test_perplexity"], dem_flops + passes * pass_flops, passes, dem_tokens,
+                                         dem_flops)
+    for warm in result.get("warm_starts", []):
+        entries.update(warm_start_entries(warm, pass_flops))
+    return entries
+
+
+def warm_start_label(fraction: float, search: str) -> str:
+    return f"DEM warm-started ({fraction:g} of the steps) {search}"
+
+
+def warm_start_entries(warm: dict, pass_flops: float) -> dict[str, Entry]:
+    """The DEM models of one `dem_warm_start.py` result: its training (warm start + runs) plus its searches, which
+    run in sequence (per layer starts from per vector)."""
+    dem, searched, entries = warm["dem"], 0.0, {}
+    for search, found in dem["searches"].items():
+        searched += found["compute_forward_passes"]
+        row = dem["test_perplexity"].get(f"DEM {search}") or dem["test_perplexity"]["DEM"]  # "DEM" alone: per vector only
+        entries[warm_start_label(warm["fraction"], search)] = Entry(
+            row, warm["training_flops"] + searched * pass_flops, searched, warm["training_tokens"], warm["training_flops"])
     return entries
 
 
@@ -34,7 +66,6 @@ def report_markdown(result: dict) -> str:
     names = result["distributions"]
     off = result.get("off_distribution")
     dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
-    dem_tokens = sum(c["tokens_seen"] for c in result["dem_runs"].values())
     grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
     entries = dem_entries(result)
     rows = [("base model", result["base"], None, None)]
@@ -44,10 +75,10 @@ def report_markdown(result: dict) -> str:
     if all(f"{n} only" in singles for n in names):  # each specialist on its own data: what routing would reach
         routed = {n: singles[f"{n} only"][n] for n in names}
         rows.append(("each specialist on its own distribution (oracle routing)", routed, None, None))
-    for label, (row, flops, _) in entries.items():
+    for label, entry in entries.items():
         coefficients = result.get("dem_variants", {}).get(label.removeprefix("DEM, "), {}).get("coefficients")
         shown = label + (": " + coefficient_summary(coefficients) if coefficients else "")
-        rows.append((f"**{shown}**", row, dem_tokens, flops))
+        rows.append((f"**{shown}**", entry.row, entry.tokens, entry.flops))
     off_header = f" off-distribution ({off['name']}) |" if off else ""
     lines = ["| model | " + " | ".join(names) + f" | mean ppl | geo-mean ppl |{off_header} train tokens | FLOPs | x grid |",
              "|---|" + "---|" * (len(names) + 5 + bool(off))]
@@ -68,15 +99,16 @@ def report_markdown(result: dict) -> str:
     lines.append(f"Mixing grid: {len(result['mixtures'])} runs, {grid_flops:.3g} FLOPs; best mixture: {best_label} "
                  f"(mean {best_mean:.3f}). DEM's {len(result['dem_runs'])} runs: {dem_flops:.3g} FLOPs; one validation "
                  f"pass: {result['forward_pass_flops']:.3g} FLOPs.")
-    for label, (row, flops, passes) in entries.items():
-        mean = _means(row, names)[0]
+    for label, entry in entries.items():
+        mean = _means(entry.row, names)[0]
         line = (f"- {label}: mean {mean:.3f}, {100 * (mean / best_mean - 1):+.2f}% vs the best mixture, at "
-                f"{flops / grid_flops:.2f}x the grid's compute; searches {passes:.1f} forward-pass equivalents = "
-                f"{100 * passes * result['forward_pass_flops'] / dem_flops:.1f}% of DEM's training compute")
-        if off:
-            key = label if label in off["perplexity"] else label.split(": ")[0]
+                f"{entry.flops / grid_flops:.2f}x the grid's compute; searches {entry.passes:.1f} forward-pass "
+                f"equivalents = {100 * entry.passes * result['forward_pass_flops'] / entry.training_flops:.1f}% of its "
+                "training compute")
+        off_value = off["perplexity"].get(label) if off else None
+        if off_value is not None:
             best_off = min(off["perplexity"][f"mixture: {m}"] for m in result["mixtures"])
-            line += f"; off-distribution {off['perplexity'][key]:.3f} vs the mixtures' best {best_off:.3f}"
+            line += f"; off-distribution {off_value:.3f} vs the mixtures' best {best_off:.3f}"
         lines.append(line + ".")
     return "\n".join(lines)
 
@@ -85,7 +117,7 @@ def bar_chart(result: dict, path: Path) -> None:
     plt = _pyplot()
     names = result["distributions"]
     series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in result["mixtures"].items()},
-              **{label: row for label, (row, _, _) in dem_entries(result).items()}}
+              **{label: entry.row for label, entry in dem_entries(result).items()}}
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))
     for i, (label, row) in enumerate(series.items()):
@@ -114,9 +146,10 @@ def pareto_chart(results: list[dict], path: Path) -> None:
         if mixtures:
                 ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
                        label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
-        for label, (row, flops, _) in dem_entries(result).items():
-            ax.scatter([flops], [_means(row, names)[0]], marker=marker, color="tab:red")
-            ax.annotate(label.removeprefix("DEM, ").removeprefix("DEM "), (flops, _means(row, names)[0]), fontsize=6,
+        for label, entry in dem_entries(result).items():
+            mean = _means(entry.row, names)[0]
+            ax.scatter([entry.flops], [mean], marker=marker, color="tab:red")
+            ax.annotate(label.removeprefix("DEM, ").removeprefix("DEM "), (entry.flops, mean), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         ax.scatter([], [], marker=marker, color="tab:red", label=f"DEM: runs + searches ({regime})")
     ax.set_xscale("log")

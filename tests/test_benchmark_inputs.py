@@ -5,6 +5,7 @@
   PEFT's own `merge_and_unload` on a tiny base.
 - The study's mixture runs decay their learning rate over the steps that reach DEM's token budget: the budget stops
   the run at the end of its schedule, not part-way (a run stopped at high learning rate would handicap mixing).
+- DEM from a shared warm start is charged its warm start, its runs and its searches in sequence.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_merge  # noqa: E402
 import dem_vs_mixing  # noqa: E402
+import study_report  # noqa: E402
 import measuring  # noqa: E402
 from checkpoints import base_tensor, meta_specs, write_checkpoint, write_lora_adapter  # noqa: E402
 from exactness import lora_terms  # noqa: E402
@@ -96,3 +98,16 @@ def test_mixture_schedule_ends_where_the_token_budget_stops_the_run(tmp_path):
     compute = run.info["compute"]
     assert compute["tokens_seen"] >= budget, "the schedule ended before the budget was seen"
     assert compute["global_step"] >= 0.9 * steps, f"stopped at step {compute['global_step']} of a {steps}-step schedule"
+
+
+def test_warm_started_dem_is_charged_its_warm_start_runs_and_searches_in_sequence():
+    warm = {"fraction": 0.25, "training_tokens": 900, "training_flops": 1000.0,
+            "dem": {"test_perplexity": {"DEM per vector": {"a": 2.0}, "DEM per layer": {"a": 1.5}},
+                    "searches": {"per vector": {"compute_forward_passes": 12.0},
+                                 "per layer": {"compute_forward_passes": 10.0}}}}
+    entries = study_report.warm_start_entries(warm, pass_flops=5.0)
+    label = study_report.warm_start_label
+    assert entries == {
+        label(0.25, "per vector"): study_report.Entry({"a": 2.0}, 1000.0 + 12 * 5.0, 12.0, 900, 1000.0),
+        label(0.25, "per layer"): study_report.Entry({"a": 1.5}, 1000.0 + 22 * 5.0, 22.0, 900, 1000.0),
+    }

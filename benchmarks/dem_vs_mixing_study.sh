@@ -21,7 +21,8 @@ settings=(
   "${TEXT[*]} ${LONG[*]}"                                          # 3: plain-text group, LoRA, 4x budget
   "${TEXT[*]}"                                                     # 4: plain-text group, LoRA, 30 steps
   "--finetuning full --learning_rate 5e-5 --lr_scheduler_type cosine --warmup_ratio 0.1"  # 5: demo group, full, 30 steps
-)
+  "--n_train 100 ${LONG[*]}"                                       # 6: demo group, 100 examples each, 4x budget:
+)                                                                  #    4.8 epochs, training to convergence
 mkdir -p benchmarks/.work/dem_vs_mixing
 for index in "${!settings[@]}"; do
   number=$((index + 1))
@@ -29,6 +30,17 @@ for index in "${!settings[@]}"; do
   # shellcheck disable=SC2086  # each setting is a list of options
   $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$number.md"
 done
+# DEM from a shared warm start (a quarter of DEM's steps on one uniform mixture first) at settings 1 and 2, then
+# those settings' tables again (every stage cached), now with the warm-started models in them.
+if [[ -z "${STUDY_ONLY:-}" ]]; then
+  # shellcheck disable=SC2086
+  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128 --group_batch_sequences 3 ${settings[0]}
+  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128
+  for index in 0 1; do
+    # shellcheck disable=SC2086
+    $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$((index + 1)).md"
+  done
+fi
 $PYTHON - <<'PY'
 import json
 import sys

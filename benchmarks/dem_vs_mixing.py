@@ -40,9 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from study_report import (  # noqa: E402
+    _regime,
+    bar_chart,
+    pareto_chart,
+    report_markdown,
+    warm_start_label,
+)
 from transformers import TrainerCallback  # noqa: E402
-
-from study_report import _regime, bar_chart, pareto_chart, report_markdown, warm_start_label  # noqa: E402
 
 from dem_hf.demo.pipeline import (  # noqa: E402
     DemoConfig,
@@ -134,12 +139,17 @@ def warm_start_dirs(config: DemoConfig, fraction: float) -> tuple[Path, Path]:
     return WORK / f"warm-{tag}-f{fraction:g}", WORK / f"dem-{tag}-warm{fraction:g}"
 
 
+def warm_start_result_file(config: DemoConfig, fraction: float) -> Path:
+    """Where `dem_warm_start.py` writes its result at these settings and warm fraction."""
+    return WORK / f"result-warm{fraction:g}-{_settings_tag(config)}.json"
+
+
 def warm_start_results(config: DemoConfig) -> list[dict]:
     """The results of `dem_warm_start.py` at these settings (one per warm fraction), with what the report needs."""
-    tag, found = _settings_tag(config), []
-    for path in sorted(WORK.glob(f"result-warm*-{tag}.json")):
+    found = []
+    for path in sorted(WORK.glob(f"result-warm*-{_settings_tag(config)}.json")):
         warm = json.loads(path.read_text())
-        if path.name != f"result-warm{warm['fraction']:g}-{tag}.json":  # the glob's * may reach into a longer tag
+        if path != warm_start_result_file(config, warm["fraction"]):  # the glob's * may reach into a longer tag
             continue
         found.append({"fraction": warm["fraction"], "training_tokens": warm["training_tokens"],
                       "training_flops": warm["training_flops"],

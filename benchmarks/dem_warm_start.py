@@ -25,7 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dem_vs_mixing import WORK, _settings_tag, mixture_model, parse_args, warm_start_dirs  # noqa: E402
+from dem_vs_mixing import (  # noqa: E402
+    WORK,
+    _settings_tag,
+    mixture_model,
+    parse_args,
+    warm_start_dirs,
+    warm_start_result_file,
+)
 from study_report import _means, dem_entries, warm_start_entries  # noqa: E402
 
 from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, run_demo  # noqa: E402
@@ -93,7 +100,7 @@ def main() -> None:
     for label, (row, flops) in rows.items():
         cost = f"{flops:.3g} | {flops / grid_flops:.2f}" if flops and grid_flops else "- | -"
         print(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {_means(row, names)[0]:.3f} | {cost} |")
-    (WORK / f"result-warm{fraction:g}-{_settings_tag(config)}.json").write_text(json.dumps(result, indent=2))
+    warm_start_result_file(config, fraction).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import SIZES, ensure_base  # noqa: E402
 from checkpoints import LINEAR_MODULES, checkpoint_bytes, meta_specs, write_lora_adapter  # noqa: E402
 from exactness import CHECKED_TENSORS, check_lora_merge  # noqa: E402
+from dem_hf.demo.pipeline import DemoConfig, runs_dir  # noqa: E402
+
 from measuring import GB, REPO, WORK, dem_cli, dem_env, folder_bytes, log, machine, require_free_disk, run_measured, time_rounds  # noqa: E402
 
-# The demo's converted model and its LoRA runs (`bash examples/run_demo.sh` makes them once).
-DEMO_RUNS = REPO / "examples" / ".cache" / "demo" / "runs"
-DEFAULT_BASE = REPO / "examples" / ".cache" / "SmolLM2-135M-Instruct"
+# The demo's LoRA runs (`bash examples/run_demo.sh` makes them once) and, by default, the model they were trained from
+# (their `vector_config.json` names it: the demo's warm start, or the converted SmolLM2).
+DEMO_RUNS = REPO / runs_dir(DemoConfig())
 ALT = " [alt]"
 
 
@@ -107,14 +109,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare-src", type=Path, default=None, help="Another source tree with a dem_hf package.")
     parser.add_argument("--rounds", type=int, default=5, help="Timed rounds after one warm-up round.")
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    parser.add_argument("--base", type=Path, default=None, help="Default: the base the vectors were trained from.")
     parser.add_argument("--vector", type=Path, action="append", default=None, help="A saved LoRA vector (repeat).")
     parser.add_argument("--size", choices=SIZES, default=None, help="Generate the base and adapters (bench_merge's sizes).")
     parser.add_argument("--adapters", type=int, default=4, help="With --size: how many LoRA adapters.")
     parser.add_argument("--rank", type=int, default=16, help="With --size: their rank.")
     parser.add_argument("--generate-only", action="store_true", help="With --size: check the disk, generate, stop.")
     args = parser.parse_args()
-    if args.size and (args.vector or args.base != DEFAULT_BASE):
+    if args.size and (args.vector or args.base is not None):
         parser.error("--size generates the base and the vectors: pass neither --base nor --vector with it")
     if args.adapters < 1 or args.rank < 1:
         parser.error(f"--adapters and --rank must be at least 1, got {args.adapters} and {args.rank}")
@@ -130,6 +132,8 @@ def main() -> int:
         parser.error(f"no --vector given and no demo runs in {DEMO_RUNS}: run `bash examples/run_demo.sh` once, or pass "
                      "--base and --vector")
     vectors = args.vector or sorted(path / "vector" for path in DEMO_RUNS.iterdir() if (path / "vector").is_dir())
+    if args.base is None:
+        args.base = REPO / json.loads((vectors[0] / "vector_config.json").read_text())["base_model_name_or_path"]
     out = WORK / "lora"
     merged, before = out / "lora merge", out / ("lora merge" + ALT)
     rows = {"lora merge": (merge_command(REPO, args.base, vectors, merged), dem_env(REPO), REPO)}

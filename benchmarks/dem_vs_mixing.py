@@ -55,6 +55,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
     _sft_config,
     _test_perplexities,
     run_demo,
+    runs_dir,
 )
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
@@ -98,7 +99,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
                              "beside this run's.")
     for f in fields(DemoConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        if f.name in ("output_dir", "cache_dir"):
+        if f.name in ("output_dir", "cache_dir", "warm_start"):  # DEM from a warm start: benchmarks/dem_warm_start.py
             continue
         default = STUDY_DEFAULTS.get(f.name, default)
         if isinstance(default, list):
@@ -111,7 +112,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
                                               "n_off", "pareto")}
     global MIXTURES
     MIXTURES = args.pop("mixtures")
-    config = DemoConfig(**args)
+    config = DemoConfig(**args, warm_start=0.0)  # plain DEM: every run from the base
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
     return config, options
@@ -132,11 +133,10 @@ def _settings_tag(config: DemoConfig) -> str:
     return tag
 
 
-def warm_start_dirs(config: DemoConfig, fraction: float) -> tuple[Path, Path]:
-    """`benchmarks/dem_warm_start.py`'s folders at these settings: the warm start's mixture run (its merged model in
-    `model/`), and the DEM pipeline's output from it (runs, searches, results)."""
-    tag = _settings_tag(config)
-    return WORK / f"warm-{tag}-f{fraction:g}", WORK / f"dem-{tag}-warm{fraction:g}"
+def warm_start_config(config: DemoConfig, fraction: float) -> DemoConfig:
+    """`benchmarks/dem_warm_start.py`'s demo at these settings: warm-started, in its own output folder (the warm
+    start's run and the runs from it in `warm<fraction>/`, then the searches, the merged model and the results)."""
+    return replace(config, warm_start=fraction, output_dir=str(WORK / f"dem-{_settings_tag(config)}-warm{fraction:g}"))
 
 
 def warm_start_result_file(config: DemoConfig, fraction: float) -> Path:
@@ -153,7 +153,8 @@ def warm_start_results(config: DemoConfig) -> list[dict]:
             continue
         found.append({"fraction": warm["fraction"], "training_tokens": warm["training_tokens"],
                       "training_flops": warm["training_flops"],
-                      "dem": {k: warm["dem"][k] for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector")}})
+                      "dem": {k: warm["dem"][k] for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector",
+                                                          "warm_start")}})
     return found
 
 
@@ -287,7 +288,7 @@ def dem_variants(config: DemoConfig, variants: list[str], budget: int, batch_seq
     model_dir = prepare_smollm2(config.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
-    vectors = [DistributionVector.from_pretrained(Path(config.output_dir) / "runs" / name / "vector") for name in data]
+    vectors = [DistributionVector.from_pretrained(runs_dir(config) / name / "vector") for name in data]
     demo = json.loads((Path(config.output_dir) / "results.json").read_text())
     results = {}
     for text in variants:
@@ -333,7 +334,7 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
     test = {name: prepare_distributions(config.cache_dir, [name], 16, 16, n_off, config.seed)[name]["test"]}
     cache_file = WORK / f"off-{name}{n_off}-{_settings_tag(config)}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    vectors = [DistributionVector.from_pretrained(Path(config.output_dir) / "runs" / n / "vector") for n in result["distributions"]]
+    vectors = [DistributionVector.from_pretrained(runs_dir(config) / n / "vector") for n in result["distributions"]]
     demo = json.loads((Path(config.output_dir) / "results.json").read_text())
 
     def dem(coefficients, method="task_arithmetic", density=None, base=model_dir, run_vectors=vectors):
@@ -351,13 +352,13 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
     for label, variant in result.get("dem_variants", {}).items():
         models[f"DEM, {label}"] = dem(variant["coefficients"], variant["variant"]["merge_method"], variant["variant"]["density"])
     for warm in result.get("warm_starts", []):
-        warm_dir, dem_dir = warm_start_dirs(config, warm["fraction"])
-        warm_vectors = [DistributionVector.from_pretrained(dem_dir / "runs" / n / "vector") for n in result["distributions"]]
+        warm_runs = runs_dir(warm_start_config(config, warm["fraction"]))
+        warm_vectors = [DistributionVector.from_pretrained(warm_runs / n / "vector") for n in result["distributions"]]
         for search, coefficients in (("per vector", warm["dem"]["coefficients_per_vector"]),
                                      (f"per {config.granularity}", warm["dem"]["coefficients"])):
             if search in warm["dem"]["searches"]:
-                models[warm_start_label(warm["fraction"], search)] = dem(coefficients, base=warm_dir / "model",
-                                                                        run_vectors=warm_vectors)
+                models[warm_start_label(warm["fraction"], search)] = dem(
+                    coefficients, base=Path(warm["dem"]["warm_start"]["model_dir"]), run_vectors=warm_vectors)
     rows = {}
     for label, build in models.items():
         if label not in cache:

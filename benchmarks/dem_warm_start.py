@@ -9,8 +9,9 @@ settings stay the comparison. A new distribution still costs one run (from the s
 
     python benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128   # + any dem_vs_mixing.py option
 
-Needs `dem_vs_mixing.py` run first at the same settings (its result file holds the mixtures and plain DEM). Stages
-are cached under benchmarks/.work/dem_vs_mixing/ (warm-<settings>-f<fraction>/ and dem-<settings>-warm<fraction>/).
+This is the demo with `DemoConfig.warm_start` set (`dem-hf demo --warm_start 0.25`), in its own folder. Needs
+`dem_vs_mixing.py` run first at the same settings (its result file holds the mixtures and plain DEM). Stages are
+cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>/.
 Its result joins the study's: `dem_vs_mixing.py` at the same settings lists these models in its table, its charts and
 its off-distribution column.
 """
@@ -20,46 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dem_vs_mixing import (  # noqa: E402
-    WORK,
-    _settings_tag,
-    mixture_model,
-    parse_args,
-    warm_start_dirs,
-    warm_start_result_file,
-)
+from dem_vs_mixing import WORK, _settings_tag, parse_args, warm_start_config, warm_start_result_file  # noqa: E402
 from study_report import _means, dem_entries, warm_start_entries  # noqa: E402
 
-from dem_hf.demo.pipeline import DemoConfig, _lora_config, _sft_config, run_demo  # noqa: E402
-
-
-def warm_start_model(config: DemoConfig, fraction: float) -> tuple[Path, dict]:
-    """The uniform mixture trained for `fraction` of DEM's steps, merged and saved as a model folder (cached)."""
-    from transformers import AutoTokenizer
-
-    from dem_hf import train_mixture
-    from dem_hf.demo import prepare_distributions, prepare_smollm2
-    from dem_hf.demo.distributions import to_prompt_completion
-    from dem_hf.io.outputs import atomic_directory
-
-    model_dir = prepare_smollm2(config.cache_dir)
-    data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
-    train = {n: to_prompt_completion(s["train"]) for n, s in data.items()}
-    folder = warm_start_dirs(config, fraction)[0]
-    sft_config = _sft_config(config, folder)
-    sft_config.max_steps = round(fraction * config.max_steps * len(train))
-    run = train_mixture(model_dir, train, {n: 1.0 for n in train}, sft_config, _lora_config(config), folder)
-    warm = folder / "model"
-    if not (warm / "config.json").is_file():
-        with atomic_directory(warm) as staging:
-            mixture_model(model_dir, run.model_dir).save_pretrained(staging)
-            AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
-    return warm, run.info["compute"]
+from dem_hf.demo.pipeline import WARM_START_ROW, run_demo  # noqa: E402
 
 
 def main() -> None:
@@ -74,16 +43,14 @@ def main() -> None:
     if not plain_file.is_file():
         raise SystemExit(f"Run benchmarks/dem_vs_mixing.py with the same options first (no {plain_file}).")
     plain = json.loads(plain_file.read_text())
-    warm_dir, warm_compute = warm_start_model(config, fraction)
-    steps = max(1, round((1.0 - fraction) * config.max_steps))
-    dem = run_demo(replace(config, base_model=str(warm_dir), max_steps=steps,
-                           output_dir=str(warm_start_dirs(config, fraction)[1])))
+    dem = run_demo(warm_start_config(config, fraction))  # the demo, warm-started: `DemoConfig.warm_start`
+    warm_compute, steps = dem["warm_start"]["compute"], dem["warm_start"]["run_steps"]
     names = plain["distributions"]
     run_flops = warm_compute["total_flos"] + sum(c["total_flos"] for c in dem["compute"].values())
     run_tokens = warm_compute["tokens_seen"] + sum(c["tokens_seen"] for c in dem["compute"].values())
     passes = sum(s["compute_forward_passes"] for s in dem["searches"].values())
     grid_flops = sum(m["compute"]["total_flos"] for m in plain["mixtures"].values())
-    rows = {"base model": (plain["base"], None), "warm start (uniform mixture, ω = 0)": (dem["test_perplexity"]["base"], None)}
+    rows = {"base model": (plain["base"], None), "warm start (uniform mixture, ω = 0)": (dem["test_perplexity"][WARM_START_ROW], None)}
     rows.update({f"mixture: {k}": (m["test_perplexity"], m["compute"]["total_flos"]) for k, m in plain["mixtures"].items()})
     rows.update({f"plain {label}": (entry.row, entry.flops) for label, entry in dem_entries(plain).items()
                  if label in plain["dem_models"]})

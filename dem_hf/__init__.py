@@ -25,6 +25,7 @@ _EXPORTS = {
     "split_partitions": "ablation.partitions",
     "train_distributions": "training.trainers",
     "train_mixture": "training.mixture",
+    "train_warm_start": "training.warm_start",
     "validate_proxy": "ablation.validation",
 }
 
@@ -44,6 +45,7 @@ __all__ = [
     "split_partitions",
     "train_distributions",
     "train_mixture",
+    "train_warm_start",
     "validate_proxy",
 ]
 
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from .training.callbacks import DistributionVectorCallback
     from .training.mixture import train_mixture
     from .training.trainers import train_distributions
+    from .training.warm_start import train_warm_start
     from .vectors.vector import DistributionVector
 
 

@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
         eval_batch_size=2, group_steps=2,
     )
     results = run_demo(config)
-    assert set(results["test_perplexity"]) == {"base", "a only", "b only", "DEM per vector", "DEM per layer"}
+    assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM per vector", "DEM per layer"}
     assert set(results["coefficients"]) == {"a", "b"}
     assert all(isinstance(value, dict) for value in results["coefficients"].values())  # the saved model: per layer
     assert set(results["coefficients_per_vector"]) == {"a", "b"}
@@ -60,7 +60,7 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
     assert again["test_perplexity"] == results["test_perplexity"]
     assert again["coefficients"] == results["coefficients"]
     assert again["timings_s"]["search"] < 1.0 and again["timings_s"]["evaluate"] < 1.0
-    assert again["timings_s"]["search per layer"] < 1.0
+    assert again["timings_s"]["search per layer"] < 1.0 and again["timings_s"]["warm start"] < 5.0
     assert "merge and save" not in again["timings_s"]
     assert (Path(results["model_dir"]) / "README.md").read_text() == card  # the section is replaced, not repeated
 
@@ -70,7 +70,7 @@ def test_caches_written_before_later_config_fields_existed_stay_valid(tmp_path):
     computed with, and recomputed once one of them differs (a cosine schedule; a minibatch per-layer fit)."""
     from dataclasses import asdict
 
-    config = DemoConfig(group_batch_sequences=None)
+    config = DemoConfig(group_batch_sequences=None, warm_start=0.0)
     old_config = {k: v for k, v in asdict(config).items() if k not in pipeline._LATER_FIELDS}
     path = tmp_path / "search.json"
     pipeline._write_json(path, {"key": {"config": old_config, "vectors": ["a"]}, "value": 1})
@@ -91,8 +91,11 @@ def test_a_changed_default_does_not_reuse_caches_computed_with_the_old_value(tmp
     old_config = {k: v for k, v in asdict(DemoConfig()).items() if k not in pipeline._LATER_FIELDS}
     pipeline._write_json(path, {"key": {"config": old_config}, "value": "full batch"})
     minibatch = asdict(DemoConfig(group_batch_sequences=4))
-    full = asdict(DemoConfig(group_batch_sequences=None))
+    full = asdict(DemoConfig(group_batch_sequences=None, warm_start=0.0))
+    warm_started = asdict(DemoConfig(group_batch_sequences=None))  # today's default: a warm start, not the base
     assert pipeline._cached(path, {"config": full}, lambda: "recomputed") == "full batch"
+    assert pipeline._cached(path, {"config": warm_started}, lambda: "warm") == "warm"
+    pipeline._write_json(path, {"key": {"config": old_config}, "value": "full batch"})
     assert pipeline._cached(path, {"config": minibatch}, lambda: "minibatch") == "minibatch"
 
 
@@ -114,7 +117,7 @@ def test_the_demo_starts_every_run_from_a_given_base_model(tmp_path, tiny_demo, 
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), base_model=str(base), distributions=["a", "b"], n_train=8, n_val=4, n_test=2,
         max_steps=2, batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random",
-        n_trials=2, eval_batch_size=2, granularity="vector",
+        n_trials=2, eval_batch_size=2, granularity="vector", warm_start=0.0,
     )
     results = run_demo(config)
     merged = DEMMerger.from_pretrained(results["model_dir"])
@@ -123,6 +126,43 @@ def test_the_demo_starts_every_run_from_a_given_base_model(tmp_path, tiny_demo, 
     expected = merged.merge(results["coefficients"])
     for (name, got), want in zip(dem_model.state_dict().items(), expected.state_dict().values()):
         assert torch.equal(got, want), name
+
+
+def test_the_warm_started_demo_trains_as_many_steps_and_merges_into_its_warm_start(tmp_path, tiny_demo):
+    """`warm_start=0.5`: half of all the steps train one uniform mixture first; each run starts from it for half its
+    steps; DEM's vectors are deltas from it and the saved model is it plus the weighted vectors."""
+    import json
+
+    import torch
+
+    from dem_hf.io.reader import CheckpointReader
+    from dem_hf.io.tensors import fingerprint
+
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b", "c"], n_train=8, n_val=4, n_test=2, max_steps=4,
+        batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
+        eval_batch_size=2, granularity="vector", warm_start=0.5,
+    )
+    results = run_demo(config)
+    warm = results["warm_start"]
+    assert (warm["mixture_steps"], warm["run_steps"]) == (6, 2) and warm["compute"]["global_step"] == 6
+    mixture = json.loads((Path(warm["model_dir"]).parent / "run_info.json").read_text())
+    assert mixture["probabilities"] == {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    assert all(c["global_step"] == 2 for c in results["compute"].values())
+    merged = DEMMerger.from_pretrained(results["model_dir"])
+    assert Path(merged.config.base_model_name_or_path).resolve() == Path(warm["model_dir"]).resolve()
+    assert all(v.base_fingerprint == fingerprint(CheckpointReader(warm["model_dir"])) for v in merged.vectors.values())
+    dem_model = AutoModelForCausalLM.from_pretrained(results["model_dir"])
+    for (name, got), want in zip(dem_model.state_dict().items(), merged.merge(results["coefficients"]).state_dict().values()):
+        assert torch.equal(got, want), name
+    assert results["test_perplexity"]["warm start"] != results["test_perplexity"]["base"]
+    assert "| warm start |" in format_results(results)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_a_warm_start_share_outside_zero_to_one_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"warm_start: expected a fraction in \[0, 1\)"):
+        DemoConfig(warm_start=fraction)
 
 
 def test_a_base_model_that_is_not_a_model_folder_is_refused(tmp_path):
@@ -148,9 +188,10 @@ def test_the_demo_trains_full_fine_tunes_with_a_decaying_schedule(tmp_path, tiny
         granularity="vector", finetuning="full", lr_scheduler_type="cosine", warmup_ratio=0.25,
     )
     results = run_demo(config)
-    assert set(results["test_perplexity"]) == {"base", "a only", "b only", "DEM"}
-    vector = DistributionVector.from_pretrained(tmp_path / "demo" / "runs" / "a" / "vector")
+    assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM"}
+    runs = pipeline.runs_dir(config)
+    vector = DistributionVector.from_pretrained(runs / "a" / "vector")
     assert vector.dense_names and not vector.lora_modules  # a full fine-tune's delta
-    info = json.loads((tmp_path / "demo" / "runs" / "a" / "run_info.json").read_text())
+    info = json.loads((runs / "a" / "run_info.json").read_text())
     text = json.dumps(info)
     assert '"lr_scheduler_type": "cosine"' in text and '"warmup_steps": 0.25' in text, text[:2000]

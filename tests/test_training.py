@@ -22,6 +22,7 @@ from dem_hf import (
     DistributionVectorCallback,
     train_distributions,
     train_mixture,
+    train_warm_start,
 )
 from dem_hf.commands.cli import build_parser, main
 from dem_hf.training.trainers import RUN_INFO_NAME, mix_datasets
@@ -440,6 +441,51 @@ def test_train_mixture_records_weights_counts_and_compute(trained_base, tmp_path
     assert again.reused and again.info == info
     with pytest.raises(ValueError, match="one format"):
         train_mixture(trained_base, {"plain": plain_data(), "qa": qa_data()}, {"plain": 1, "qa": 1}, sft_config(tmp_path), None, tmp_path)
+
+
+def test_warm_start_is_the_uniform_mixture_merged_as_peft_merges_it_and_the_runs_start_from_it(trained_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dem_hf.io.reader import CheckpointReader
+    from dem_hf.io.tensors import fingerprint
+
+    data = {"plain": plain_data(), "other": plain_data(start=50)}
+    run = train_warm_start(trained_base, data, sft_config(tmp_path, max_steps=3, learning_rate=5e-2), LoraConfig(**LORA), tmp_path / "warm")
+    warm = run.model_dir
+    assert run.info["compute"]["global_step"] == 3
+    run_dir = tmp_path / "warm" / "mixture_plain-1_other-1"
+    assert warm == run_dir / "merged"
+    assert json.loads((run_dir / RUN_INFO_NAME).read_text())["probabilities"] == {"plain": 0.5, "other": 0.5}
+    merged = AutoModelForCausalLM.from_pretrained(warm)
+    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained_base), run_dir / "adapter").merge_and_unload()
+    expected = peft_merged.state_dict()
+    assert any(not torch.equal(w, make_llama().from_pretrained(trained_base).state_dict()[n]) for n, w in expected.items())
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=1e-5, atol=1e-6)
+    assert (warm / "tokenizer.json").is_file()
+
+    stamp = (warm / "model.safetensors").stat().st_mtime_ns
+    assert train_warm_start(trained_base, data, sft_config(tmp_path, max_steps=3, learning_rate=5e-2), LoraConfig(**LORA), tmp_path / "warm").model_dir == warm
+    assert (warm / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not merged again
+
+    vectors = train_distributions(warm, data, sft_config(tmp_path, max_steps=2, learning_rate=5e-2), LoraConfig(**LORA), tmp_path / "runs")
+    assert all(v.base_fingerprint == fingerprint(CheckpointReader(warm)) for v in vectors)
+    DEMMerger.from_pretrained(warm, vectors=vectors).merge({"plain": 0.5, "other": 0.5})  # the vectors apply to it
+
+    with pytest.raises(ValueError, match="learning_rate"):  # other settings: refused before training, as a mixture is
+        train_warm_start(trained_base, data, sft_config(tmp_path, max_steps=3), LoraConfig(**LORA), tmp_path / "warm")
+    again = train_warm_start(trained_base, data, sft_config(tmp_path, max_steps=3), LoraConfig(**LORA), tmp_path / "warm", retrain=True).model_dir
+    retrained = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert again == warm and any(not torch.equal(w, merged.state_dict()[n]) for n, w in retrained.items())
+
+
+def test_warm_start_of_a_full_fine_tune_is_its_model_and_the_base_must_be_a_folder(trained_base, tmp_path):
+    data = {"plain": plain_data(), "other": plain_data(start=50)}
+    warm = train_warm_start(trained_base, data, sft_config(tmp_path, max_steps=1), None, tmp_path, weights={"plain": 3, "other": 1}).model_dir
+    assert warm == tmp_path / "mixture_plain-3_other-1" / "model" and (warm / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="folder or Hub id.*got LlamaForCausalLM"):
+        train_warm_start(make_llama(), data, sft_config(tmp_path), LoraConfig(**LORA), tmp_path)
 
 
 # ============================================================================================ CLI

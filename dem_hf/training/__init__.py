@@ -1,5 +1,5 @@
 """Training: one TRL `SFTTrainer` run per dataset (`train_distributions`) and the data-mixing baseline
-(`train_mixture`); dataset loading and checks, run folders (reuse, resume), callbacks.
+(`train_mixture`), the distribution runs' shared warm start (`train_warm_start`); dataset loading and checks, run folders (reuse, resume), callbacks.
 """
 
 
@@ -9,6 +9,7 @@ _EXPORTS = {
     "bf16_available": "trainers",
     "train_distributions": "trainers",
     "train_mixture": "mixture",
+    "train_warm_start": "warm_start",
     "load_training_dataset": "data",
     "mix_datasets": "data",
     "DistributionVectorCallback": "callbacks",

@@ -114,6 +114,11 @@ def test_readme_api_tour_runs_and_gives_what_it_shows(tour_folder, hub_server):
     merged_with = {"math": 0.7, "chat": 0.5, "code": 0.3}
     # 1b: one vector per dataset, trained (2 steps) with TRL
     assert sorted(v.name for v in namespace["vectors"]) == ["chat", "math"]
+    # 1c: the warm start is the uniform mixture's run with its adapter merged in: a model folder to start runs from
+    warm = namespace["warm"]
+    assert warm.info["probabilities"] == {"math": 0.5, "chat": 0.5} and warm.info["compute"]["global_step"] == 2
+    assert warm.model_dir.resolve().parent.parent == tour_folder / "warm"
+    AutoModelForCausalLM.from_pretrained(warm.model_dir)
     # 2b: the search's best became the merger's coefficients (the per-layer fit's start), until the explicit merge
     # of step 3 replaced them
     assert result.strategy == "bayesian" and len(result.candidates) > 10  # past Optuna's random start: GP (SciPy)

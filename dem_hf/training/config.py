@@ -219,8 +219,8 @@ def sft_config_summary(sft_config) -> dict[str, Any]:
 
 
 def peft_config_summary(peft_config) -> dict[str, Any] | None:
+    """Every `LoraConfig` field except PEFT's bookkeeping ([`PEFT_IGNORED_KEYS`]), or None for full fine-tunes."""
     if peft_config is None:
         return None
-    """Every `LoraConfig` field except PEFT's bookkeeping ([`PEFT_IGNORED_KEYS`]), or None for full fine-tunes."""
     values = peft_config.to_dict()
     return jsonable({key: value for key, value in values.items() if key not in PEFT_IGNORED_KEYS})

@@ -28,12 +28,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dem_vs_mixing import WORK, _settings_tag, parse_args, warm_start_config, warm_start_result_file  # noqa: E402
 from study_report import _means, dem_entries, warm_start_entries  # noqa: E402
 
-from dem_hf.demo.pipeline import WARM_START_ROW, run_demo  # noqa: E402
+from dem_hf.demo.pipeline import WARM_START_ROW, _test_perplexities, run_demo, runs_dir  # noqa: E402
+
+
+def warm_vector_search(config, fraction: float, dem: dict) -> dict:
+    """DEM over the base model with the warm start's own delta as one more vector, so the per-layer fit weighs the
+    shared mixture per layer too (ω = 1 for it is the warm-started DEM above; LoRA deltas add to any base). Starts at
+    (1, the warm-started per-vector best); cached in the warm-started demo's folder."""
+    from transformers import AutoTokenizer
+
+    from dem_hf import DEMMerger, DistributionVector, SearchConfig
+    from dem_hf.demo import prepare_distributions, prepare_smollm2
+
+    warm_config = warm_start_config(config, fraction)
+    cache = Path(warm_config.output_dir) / "search_with_warm_vector.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model_dir = prepare_smollm2(config.cache_dir)
+    data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
+    mixture_adapter = Path(dem["warm_start"]["model_dir"]).parent / "adapter"
+    vectors = [DistributionVector.from_peft(mixture_adapter, name="warm_start", base=model_dir)]
+    vectors += [DistributionVector.from_peft(runs_dir(warm_config) / n / "adapter", name=n, base=model_dir) for n in data]
+    merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)
+    merger.config.coefficients = {"warm_start": 1.0, **dem["coefficients_per_vector"]}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    found = merger.search({n: s["validation"] for n, s in data.items()}, SearchConfig(
+        strategy="gradient", granularity=config.granularity, metric=config.metric, bounds=tuple(config.bounds),
+        gradient_steps=config.group_steps, gradient_batch_sequences=config.group_batch_sequences, seed=config.seed,
+        batch_size=config.eval_batch_size, max_length=config.max_length), tokenizer=tokenizer)
+    test = _test_perplexities(merger.merge(found.best_coefficients), tokenizer, {n: s["test"] for n, s in data.items()}, config)
+    result = {"test_perplexity": test, "coefficients": found.best_coefficients, "compute_forward_passes": found.compute,
+              "objective": found.best_objective}
+    cache.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--warm-fraction", type=float, default=0.25, help="Share of DEM's steps spent on the warm start.")
+    own.add_argument("--search-warm-vector", action="store_true",
+                     help="Also fit per layer with the warm start's own delta as one more vector (its ω per layer too).")
     args, sys.argv[1:] = own.parse_known_args()
     fraction = args.warm_fraction
     if not 0.0 < fraction < 1.0:
@@ -58,6 +92,12 @@ def main() -> None:
               "training_flops": run_flops, "search_passes": passes, "plain_result": str(plain_file)}
     rows.update({label: (entry.row, entry.flops)
                  for label, entry in warm_start_entries(result, plain["forward_pass_flops"]).items()})
+    if args.search_warm_vector:
+        found = result["warm_vector_search"] = warm_vector_search(config, fraction, dem)
+        passes_before = dem["searches"]["per vector"]["compute_forward_passes"]
+        rows[f"DEM warm-started ({fraction:g}) per {config.granularity}, the warm start's ω fitted too"] = (
+            found["test_perplexity"],
+            run_flops + (passes_before + found["compute_forward_passes"]) * plain["forward_pass_flops"])
     print(f"\n## DEM from a shared warm start ({fraction:g} of the steps)\n")
     print(f"Warm start: {warm_compute['global_step']} mixture steps; then {steps} steps per distribution; "
           f"{run_tokens:,} training tokens in all (plain DEM: {plain['dem_token_budget']:,}); searches {passes:.1f} "

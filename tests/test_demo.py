@@ -157,6 +157,9 @@ def test_the_warm_started_demo_trains_as_many_steps_and_merges_into_its_warm_sta
         assert torch.equal(got, want), name
     assert results["test_perplexity"]["warm start"] != results["test_perplexity"]["base"]
     assert "| warm start |" in format_results(results)
+    card = (Path(results["model_dir"]) / "README.md").read_text().split(pipeline.CARD_SECTION)[1]
+    assert "the warm start (a uniform mixture of the datasets trained for 6 steps, 0.5 of all the steps" in card
+    assert "| warm start |" in card
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0])

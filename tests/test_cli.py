@@ -274,6 +274,7 @@ def test_every_subcommand_help_says_what_it_does_and_lists_choices(command, caps
     text = " ".join(capsys.readouterr().out.split())
     assert f"`dem-hf {command}`:" in text  # the description: the subcommand's docs, with an example
     assert f"dem-hf {command} --" in text or command == "card"
+    assert "option_strings" not in text  # a help text's stray `%` makes argparse format its own dict into the help
     for choices in CHOICES.get(command, []):
         assert choices in text.replace(" ", ""), choices
     with pytest.raises(SystemExit):

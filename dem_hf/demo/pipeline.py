@@ -63,7 +63,7 @@ class DemoConfig:
             "help": "Share of the training steps spent first on one uniform mixture of the distributions, the warm "
             "start every run then starts from and DEM merges into (Branch-Train-Merge's seed phase; the runs share the "
             "rest, so the training tokens stay the same). 0: every run starts from the base model. 0.25 lowered DEM's "
-            "test perplexity by 3-4% at 30 and at 120 steps (benchmarks/RESULTS.md)."
+            "test perplexity by 3 to 4 percent at 30 and at 120 steps (benchmarks/RESULTS.md)."
         },
     )
     n_train: int = field(default=400, metadata={"help": "Training examples per distribution."})

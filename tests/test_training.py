@@ -517,6 +517,28 @@ def test_cli_trains_lora_runs_from_local_files(trained_base, tmp_path, capsys):
         assert json.loads((tmp_path / "runs" / name / RUN_INFO_NAME).read_text())["sft_config"]["learning_rate"] == 1e-3
 
 
+def test_cli_trains_the_runs_from_a_shared_warm_start(trained_base, tmp_path, capsys):
+    from dem_hf.io.reader import CheckpointReader
+    from dem_hf.io.tensors import fingerprint
+
+    plain_data().to_json(tmp_path / "plain.jsonl")
+    plain_data(start=50).to_json(tmp_path / "other.jsonl")
+    argv = [
+        "train", "--base", str(trained_base), "--dataset", f"plain={tmp_path / 'plain.jsonl'}", "--dataset",
+        f"other={tmp_path / 'other.jsonl'}", "--output_dir", str(tmp_path / "runs"), "--max_steps", "1", "--use_cpu",
+        "--report_to", "none", "--per-device-train-batch-size", "8", "--disable_tqdm", "true", "--lora-r", "2",
+        "--target-modules", "q_proj", "v_proj", "--warm_start_steps", "2",
+    ]
+    assert main(argv) == 0
+    warm = tmp_path / "runs" / "mixture_plain-1_other-1" / "merged"
+    assert f"warm start (2 mixture steps): {warm}" in capsys.readouterr().out
+    for name in ("plain", "other"):
+        vector = DistributionVector.from_pretrained(tmp_path / "runs" / name / "vector")
+        assert vector.base_fingerprint == fingerprint(CheckpointReader(warm)) and vector.metadata["compute"]["global_step"] == 1
+    assert main([*argv[:-1], "-1"]) == 2
+    assert "--warm_start_steps: expected a number of steps >= 0, got -1" in capsys.readouterr().err
+
+
 def test_cli_parses_sft_config_options_and_keeps_debug(tmp_path, capsys):
     from dem_hf.commands.train import lora_config_from_args, sft_config_from_args
 

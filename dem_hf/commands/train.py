@@ -3,7 +3,8 @@
     dem-hf train --base HuggingFaceTB/SmolLM2-135M --dataset math=data/math.jsonl --dataset chat=data/chat.jsonl \\
         --output_dir runs --max_steps 200 --learning_rate 2e-4 --use_peft --lora_r 16 --lora_target_modules all-linear
 
-dem-hf's own options come first: `--base`, `--dataset NAME=PATH` (repeat), `--retrain`, `--checkpoint_vectors`.
+dem-hf's own options come first: `--base`, `--dataset NAME=PATH` (repeat), `--retrain`, `--checkpoint_vectors`,
+`--warm_start_steps` (a shared warm start: one uniform mixture run that every run then starts from).
 Then TRL's `ModelConfig` LoRA options, as TRL's own scripts take them (`--use_peft --lora_r --lora_alpha
 --lora_dropout --lora_target_modules --use_rslora ...`, with TRL's defaults); giving any of them turns LoRA on, so
 `--lora-r 16 --target-modules all-linear` (dem_hf 0.1's spelling) still works; a single target module is a module
@@ -71,6 +72,12 @@ def register(subparsers) -> None:
         "stopping); each old run is replaced only once its new one has finished.",
     )
     add_switch(parser, "checkpoint_vectors", help="Also save a vector in every checkpoint.")
+    add_option(
+        parser, "warm_start_steps", type=int, default=0, metavar="STEPS",
+        help="First train one uniform mixture of the datasets for STEPS steps (the same settings otherwise), saved "
+        "merged as the shared warm start (`dem_hf.train_warm_start`); every run then starts from it, and the vectors "
+        "merge into it (`dem-hf merge --base <its folder>`, printed at the end). 0: every run starts from --base.",
+    )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks on errors.")
     parser.set_defaults(run=run)
 
@@ -147,17 +154,30 @@ def _progress_messages_shown(shown: bool) -> Iterator[None]:
 
 def run(args) -> int:
     from ..training.trainers import train_distributions
+    from ..training.warm_start import train_warm_start
 
+    if args.warm_start_steps < 0:
+        raise ValueError(f"--warm_start_steps: expected a number of steps >= 0, got {args.warm_start_steps}")
     sft_config = sft_config_from_args(args)
     peft_config = lora_config_from_args(args)
     main_process = sft_config.process_index == 0  # under `accelerate launch`, report once
+    base, warm = args.base, None
     with _progress_messages_shown(main_process):
+        if args.warm_start_steps:
+            warm = train_warm_start(
+                args.base, args.dataset, dataclasses.replace(sft_config, max_steps=args.warm_start_steps), peft_config,
+                sft_config.output_dir, retrain=args.retrain,
+            )
+            base = warm.model_dir
         vectors = train_distributions(
-            args.base, args.dataset, sft_config=sft_config, peft_config=peft_config,
+            base, args.dataset, sft_config=sft_config, peft_config=peft_config,
             output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
         )
     if main_process:
         print_summary(vectors)
+        if warm:
+            print(f"warm start ({warm.info['compute'].get('global_step')} mixture steps): {warm.model_dir}; the "
+                  f"vectors are deltas from it: dem-hf merge --base {warm.model_dir} ...")
     return 0
 
 

@@ -38,6 +38,7 @@ from dem_hf import (
 from dem_hf.commands.cli import main
 from dem_hf.commands.push import push_saved_folder
 from dem_hf.demo import prepare_distributions
+from dem_hf.demo.pipeline import DemoConfig
 from dem_hf.io.shards import ShardedWriter
 from dem_hf.io.tensors import TensorDict, untied_state_dict
 from dem_hf.merging.card.render import build_model_card
@@ -213,6 +214,13 @@ def chat(*rows) -> Dataset:
 
 GOOD_TURNS = [("user", "w1 w2"), ("assistant", "w3 w4")]
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} </s> {% endfor %}"
+
+
+def warm_start(w, datasets, base=None, **kwargs):
+    """A one-step shared warm start (a uniform mixture, LoRA) into `out` (never reached: every case is refused first)."""
+    config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", save_strategy="no", max_steps=1)
+    lora = LoraConfig(r=2, target_modules=["q_proj"])
+    return dem_hf.train_warm_start(w["base"] if base is None else base, datasets, config, lora, w["out"], **kwargs)
 
 
 def train_chat(w, dataset: Dataset):
@@ -698,6 +706,22 @@ CASES = {
         lambda w: prepare_distributions(w["out"], "jargon", max_chars={"jargon": 50}), ValueError,
         "`max_chars` for 'jargon' must be an integer of at least 200, got 50",
     ),
+    # the shared warm start (issue 16)
+    "warm start: an in-memory base model": (
+        lambda w: warm_start(w, {"ok": texts(), "more": texts(4)}, base=w["base_model"]), ValueError,
+        "train_warm_start: expected the base model as a folder or Hub id",
+    ),
+    "warm start: datasets in two formats": (
+        lambda w: warm_start(w, {"ok": texts(), "qa": Dataset.from_dict({"prompt": ["w1"], "completion": ["w2"]})}),
+        ValueError, "A mixture needs datasets in one format",
+    ),
+    "warm start: weights naming no dataset given": (
+        lambda w: warm_start(w, {"ok": texts(), "more": texts(4)}, weights={"ok": 1.0, "more": 1.0, "poetry": 1.0}),
+        ValueError, "Mixture weights must name exactly the datasets ['more', 'ok']; unknown ['poetry']",
+    ),
+    "demo: warm start share of 1": (
+        lambda w: DemoConfig(warm_start=1.0), ValueError, "DemoConfig.warm_start: expected a fraction in [0, 1), got 1.0",
+    ),
     # accelerators (issue 17)
     "search: unknown dtype": (lambda w: SearchConfig(dtype="fp8"), ValueError, "Unknown dtype 'fp8'; expected one of"),
     "search: token budget of zero": (lambda w: SearchConfig(batch_tokens=0), ValueError, "batch_tokens must be an integer >= 1, got 0"),
@@ -766,6 +790,11 @@ CLI_CASES = {
         lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=" + str(jsonl(w, ['{"text": "w1"}', "{oops"])),
                    "--output_dir", str(w["out"]), "--max_steps", "1"],
         "data.jsonl, line 2: invalid JSON",
+    ),
+    "cli train: a negative number of warm-start steps": (
+        lambda w: ["train", "--base", str(w["base"]), "--dataset", "ok=" + str(jsonl(w, ['{"text": "w1 w2"}'])),
+                   "--output_dir", str(w["out"]), "--warm_start_steps", "-1"],
+        "--warm_start_steps: expected a number of steps >= 0, got -1",
     ),
     "cli push: invalid repo id": (
         lambda w: ["push", "--model", str(w["base"]), "--repo-id", "not a repo id!"], "repo id",

@@ -39,6 +39,7 @@ def warm_vector_search(config, fraction: float, dem: dict) -> dict:
 
     from dem_hf import DEMMerger, DistributionVector, SearchConfig
     from dem_hf.demo import prepare_distributions, prepare_smollm2
+    from dem_hf.training.runs import final_model_dir
 
     warm_config = warm_start_config(config, fraction)
     cache = Path(warm_config.output_dir) / "search_with_warm_vector.json"
@@ -46,7 +47,7 @@ def warm_vector_search(config, fraction: float, dem: dict) -> dict:
         return json.loads(cache.read_text())
     model_dir = prepare_smollm2(config.cache_dir)
     data = prepare_distributions(config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed)
-    mixture_adapter = Path(dem["warm_start"]["model_dir"]).parent / "adapter"
+    mixture_adapter = final_model_dir(Path(dem["warm_start"]["model_dir"]).parent, lora=True)  # the merged model's run
     vectors = [DistributionVector.from_peft(mixture_adapter, name="warm_start", base=model_dir)]
     vectors += [DistributionVector.from_peft(runs_dir(warm_config) / n / "adapter", name=n, base=model_dir) for n in data]
     merger = DEMMerger.from_pretrained(model_dir, vectors=vectors)

@@ -162,20 +162,22 @@ def _sft_config(config: DemoConfig, output_dir: Path, max_steps: int | None = No
     import torch
     from trl import SFTConfig
 
+    max_steps = max_steps or config.max_steps
+
     from ..training.trainers import bf16_available
 
     return SFTConfig(
         bf16=bf16_available(),
         use_cpu=not torch.cuda.is_available(),
         output_dir=str(output_dir),
-        max_steps=max_steps or config.max_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio,
         max_length=config.max_length,
-        logging_steps=max(1, (max_steps or config.max_steps) // 5),
-        save_steps=max(1, (max_steps or config.max_steps) // 2),
+        logging_steps=max(1, max_steps // 5),
+        save_steps=max(1, max_steps // 2),
         save_total_limit=1,
         report_to=[],
         seed=config.seed,
@@ -229,10 +231,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         config.cache_dir, config.distributions, config.n_train, config.n_val, config.n_test, config.seed
     ))
     train = {name: splits["train"] for name, splits in data.items()}
-    warm = timed("warm start", lambda: _train_warm_start(config, model_dir, train)) if config.warm_start else None
+    warm_steps, run_steps = split_steps(config, len(train))
+    warm = timed("warm start", lambda: _train_warm_start(config, model_dir, train, warm_steps)) if warm_steps else None
     runs_base = warm.model_dir if warm else model_dir  # the runs start from it and DEM merges into it
     runs = runs_dir(config)
-    run_steps = split_steps(config, len(train))[1]
     vectors = timed("train", lambda: train_distributions(
         runs_base, train, _sft_config(config, runs, run_steps), _lora_config(config), runs,
     ))
@@ -308,7 +310,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         },
         "compute": {v.name: v.metadata.get("compute", {}) for v in vectors},
         "warm_start": warm and {
-            "fraction": config.warm_start, "mixture_steps": split_steps(config, len(train))[0], "run_steps": run_steps,
+            "fraction": config.warm_start, "mixture_steps": warm_steps, "run_steps": run_steps,
             "model_dir": str(warm.model_dir), "compute": warm.info["compute"],
         },
         "timings_s": timings,
@@ -332,20 +334,23 @@ def split_steps(config: DemoConfig, n_distributions: int) -> tuple[int, int]:
     return max(1, round(config.warm_start * total)), max(1, round((1.0 - config.warm_start) * config.max_steps))
 
 
+def _warm_start_dir(config: DemoConfig) -> Path:
+    """The warm start's mixture run and the runs from it: `warm<fraction>/`."""
+    return Path(config.output_dir) / f"warm{config.warm_start:g}"
+
+
 def runs_dir(config: DemoConfig) -> Path:
     """Where the distribution runs train: `runs/`, or beside their warm start in `warm<fraction>/runs/`."""
-    out = Path(config.output_dir)
-    return out / f"warm{config.warm_start:g}" / "runs" if config.warm_start else out / "runs"
+    return _warm_start_dir(config) / "runs" if config.warm_start else Path(config.output_dir) / "runs"
 
 
-def _train_warm_start(config: DemoConfig, model_dir: Path, train: dict[str, Any]):
-    """The uniform mixture of the training splits, trained for the warm start's steps (cached like every run)."""
+def _train_warm_start(config: DemoConfig, model_dir: Path, train: dict[str, Any], steps: int):
+    """The uniform mixture of the training splits, trained for the warm start's `steps` (cached like every run)."""
     from ..training.warm_start import train_warm_start
     from .distributions import to_prompt_completion
 
-    folder = Path(config.output_dir) / f"warm{config.warm_start:g}"
+    folder = _warm_start_dir(config)
     mixed = {name: to_prompt_completion(split) for name, split in train.items()}  # one format; the same tokens scored
-    steps = split_steps(config, len(train))[0]
     return train_warm_start(model_dir, mixed, _sft_config(config, folder, steps), _lora_config(config), folder)
 
 

@@ -19,8 +19,10 @@ Run from the repository root (it installs nothing; `bash examples/run_demo.sh` o
     python benchmarks/dem_vs_mixing.py                    # the demo's defaults (its cached runs are reused)
     python benchmarks/dem_vs_mixing.py --max_steps 100    # any `dem-hf demo` option scales it
 
-Runs and results are cached in benchmarks/.work/dem_vs_mixing/ (git-ignored); the chart is written to
-benchmarks/dem_vs_mixing.png.
+Runs are cached in benchmarks/.work/dem_vs_mixing/ (git-ignored). Each setting's result is a record kept with the
+code, benchmarks/results/dem_vs_mixing-<settings>.json (tables redrawn from it, figures traceable to it); the bar chart
+of this run goes to benchmarks/dem_vs_mixing.png and the Pareto chart of every record to
+benchmarks/dem_vs_mixing_pareto.png.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
 )
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
+RECORDS = ROOT / "benchmarks" / "results"  # one result per setting, committed: what RESULTS.md's tables were read from
 # The study's DEM stage fits per layer on the full batch, as its cached settings did (the demo's default since
 # is 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
 STUDY_DEFAULTS = {"group_batch_sequences": None}
@@ -94,9 +97,6 @@ def parse_args() -> tuple[DemoConfig, dict]:
                         help="Also score every model on the test split of this demo distribution, which no run trained "
                              "on (what each model forgot), e.g. fortunes.")
     parser.add_argument("--n-off", type=int, default=64, help="Test examples of --off-distribution.")
-    parser.add_argument("--pareto", nargs="*", default=[], metavar="RESULT_JSON",
-                        help="Earlier results (benchmarks/.work/dem_vs_mixing/result-*.json) to draw in the Pareto chart "
-                             "beside this run's.")
     for f in fields(DemoConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.name in ("output_dir", "cache_dir", "warm_start"):  # DEM from a warm start: benchmarks/dem_warm_start.py
@@ -109,7 +109,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
                                 help=f.metadata["help"])
     args = vars(parser.parse_args())
     options = {key: args.pop(key) for key in ("dem_variants", "dem_budget", "dem_batch_sequences", "off_distribution",
-                                              "n_off", "pareto")}
+                                              "n_off")}
     global MIXTURES
     MIXTURES = args.pop("mixtures")
     config = DemoConfig(**args, warm_start=0.0)  # plain DEM: every run from the base
@@ -131,6 +131,11 @@ def _settings_tag(config: DemoConfig) -> str:
     if config.learning_rate != defaults.learning_rate:
         tag += f"-lr{config.learning_rate:g}"
     return tag
+
+
+def record_file(config: DemoConfig) -> Path:
+    """The result record of these settings (written by `main`, read by `dem_warm_start.py`)."""
+    return RECORDS / f"dem_vs_mixing-{_settings_tag(config)}.json"
 
 
 def warm_start_config(config: DemoConfig, fraction: float) -> DemoConfig:
@@ -248,7 +253,7 @@ def run_benchmark(config: DemoConfig) -> dict:
             ppl = _test_perplexities(mixture_model(model_dir, run.model_dir), tokenizer, tests, config)
             results_file.write_text(json.dumps(ppl))
         mixtures[label] = {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
-                           "compute": run.info["compute"], "model_dir": str(run.model_dir)}
+                           "compute": run.info["compute"], "model_dir": str(run.model_dir.relative_to(ROOT))}
 
     n_params = next(iter(demo["compute"].values()))["num_parameters"]
     val_tokens = sum(input_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
@@ -392,12 +397,15 @@ def main() -> None:
                          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     result["command"] = "python " + " ".join(sys.argv)
     result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result_file = WORK / f"result-{_settings_tag(config)}.json"
-    result_file.write_text(json.dumps(result, indent=2))
+    record = record_file(config)
+    record.parent.mkdir(exist_ok=True)
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, record)
     chart = ROOT / "benchmarks" / "dem_vs_mixing.png"
     bar_chart(result, chart)
     pareto = ROOT / "benchmarks" / "dem_vs_mixing_pareto.png"
-    pareto_chart([result] + [json.loads(Path(f).read_text()) for f in options["pareto"] if Path(f) != result_file], pareto)
+    pareto_chart([json.loads(f.read_text()) for f in sorted(RECORDS.glob("dem_vs_mixing-*.json"))], pareto)
     print(f"\n## DEM vs data mixing ({_regime(result)})\n\n{result['machine']}; `{result['command']}` ({result['date']})\n")
     print(report_markdown(result))
     print(f"\nCharts: {chart.relative_to(ROOT)}, {pareto.relative_to(ROOT)}")

@@ -2,8 +2,8 @@
 # Issue 16's study: DEM against data mixing over two groups of distributions, two budgets, LoRA and full
 # fine-tuning, with DEM's variants, four mixtures per setting and an off-distribution column. Every stage is cached
 # (benchmarks/.work/dem_vs_mixing/, the demo's cache in examples/.cache/), so the script resumes where it stopped;
-# each line prints its Markdown table for benchmarks/RESULTS.md, and the last one draws every result in one Pareto
-# chart (benchmarks/dem_vs_mixing_pareto.png).
+# each line prints its Markdown table for benchmarks/RESULTS.md and writes its setting's record to benchmarks/results/
+# (committed), from which every run redraws the Pareto chart of all settings (benchmarks/dem_vs_mixing_pareto.png).
 #
 #   bash benchmarks/dem_vs_mixing_study.sh            # all settings, most important first (CPU: many hours)
 #   STUDY_ONLY=2 bash benchmarks/dem_vs_mixing_study.sh   # one setting (its number below)
@@ -43,15 +43,4 @@ if [[ -z "${STUDY_ONLY:-}" ]]; then
     $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$((index + 1)).md"
   done
 fi
-$PYTHON - <<'PY'
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, "benchmarks")
-from study_report import pareto_chart  # noqa: E402
-
-files = sorted(Path("benchmarks/.work/dem_vs_mixing").glob("result-*.json"))
-pareto_chart([json.loads(f.read_text()) for f in files], Path("benchmarks/dem_vs_mixing_pareto.png"))
-print("Pareto chart of", len(files), "settings: benchmarks/dem_vs_mixing_pareto.png")
-PY
+# Every run of dem_vs_mixing.py redraws benchmarks/dem_vs_mixing_pareto.png from all the records in benchmarks/results/.

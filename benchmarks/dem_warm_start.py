@@ -10,8 +10,8 @@ settings stay the comparison. A new distribution still costs one run (from the s
     python benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128   # + any dem_vs_mixing.py option
 
 This is the demo with `DemoConfig.warm_start` set (`dem-hf demo --warm_start 0.25`), in its own folder. Needs
-`dem_vs_mixing.py` run first at the same settings (its result file holds the mixtures and plain DEM). Stages are
-cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>/.
+`dem_vs_mixing.py` run first at the same settings (its record in benchmarks/results/ holds the mixtures and plain
+DEM). Stages are cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>/.
 Its result joins the study's: `dem_vs_mixing.py` at the same settings lists these models in its table, its charts and
 its off-distribution column.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dem_vs_mixing import WORK, _settings_tag, parse_args, warm_start_config, warm_start_result_file  # noqa: E402
+from dem_vs_mixing import parse_args, record_file, warm_start_config, warm_start_result_file  # noqa: E402
 from study_report import _means, dem_entries, warm_start_entries  # noqa: E402
 
 from dem_hf.demo.pipeline import WARM_START_ROW, _test_perplexities, run_demo, runs_dir  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
     if not 0.0 < fraction < 1.0:
         raise SystemExit(f"--warm-fraction: expected a fraction in (0, 1), got {fraction}")
     config, _ = parse_args()  # every dem_vs_mixing.py option
-    plain_file = WORK / f"result-{_settings_tag(config)}.json"
+    plain_file = record_file(config)
     if not plain_file.is_file():
         raise SystemExit(f"Run benchmarks/dem_vs_mixing.py with the same options first (no {plain_file}).")
     plain = json.loads(plain_file.read_text())

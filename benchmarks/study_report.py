@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from dem_hf.demo.pipeline import DemoConfig
 from dem_hf.merging.groups import coefficient_summary
 
 
@@ -144,7 +145,7 @@ def pareto_chart(results: list[dict], path: Path) -> None:
                    label=f"one mixture run ({regime})")
         grid = sum(f for _, f in mixtures.values())
         if mixtures:
-                ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
+            ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
                        label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
         for label, entry in dem_entries(result).items():
             mean = _means(entry.row, names)[0]
@@ -161,9 +162,16 @@ def pareto_chart(results: list[dict], path: Path) -> None:
 
 
 def _regime(result: dict) -> str:
-    config = result["config"]
+    """The settings that tell one result from another: the distributions (when not the demo's), full or LoRA, the
+    examples per distribution (when not the demo's), steps and schedule."""
+    config, defaults = result["config"], DemoConfig()
     tuning = "full" if config.get("finetuning") == "full" else f"LoRA r{config['lora_r']}"
-    return f"{tuning}, {config['max_steps']} steps/dataset, {config.get('lr_scheduler_type', 'constant')} lr"
+    parts = ["+".join(config["distributions"])] if config["distributions"] != defaults.distributions else []
+    parts.append(tuning)
+    if config["n_train"] != defaults.n_train:
+        parts.append(f"{config['n_train']} examples each")
+    parts.append(f"{config['max_steps']} steps/dataset, {config.get('lr_scheduler_type', 'constant')} lr")
+    return ", ".join(parts)
 
 
 def _pyplot():

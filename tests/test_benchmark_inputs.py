@@ -6,6 +6,7 @@
 - The study's mixture runs decay their learning rate over the steps that reach DEM's token budget: the budget stops
   the run at the end of its schedule, not part-way (a run stopped at high learning rate would handicap mixing).
 - DEM from a shared warm start is charged its warm start, its runs and its searches in sequence.
+- The study names each setting (in its tables and the Pareto chart of all records) by what sets it apart.
 """
 
 from __future__ import annotations
@@ -111,3 +112,19 @@ def test_warm_started_dem_is_charged_its_warm_start_runs_and_searches_in_sequenc
         label(0.25, "per vector"): study_report.Entry({"a": 2.0}, 1000.0 + 12 * 5.0, 12.0, 900, 1000.0),
         label(0.25, "per layer"): study_report.Entry({"a": 1.5}, 1000.0 + 22 * 5.0, 22.0, 900, 1000.0),
     }
+
+
+def test_the_study_labels_each_setting_by_what_sets_it_apart():
+    from dataclasses import asdict
+
+    from dem_hf.demo.pipeline import DemoConfig
+
+    def label(**changes):
+        return study_report._regime({"config": asdict(DemoConfig(**changes))})
+
+    demo_group = label(max_steps=120, lr_scheduler_type="cosine")
+    assert demo_group == "LoRA r16, 120 steps/dataset, cosine lr"
+    assert label(max_steps=120, lr_scheduler_type="cosine", n_train=100) == (
+        "LoRA r16, 100 examples each, 120 steps/dataset, cosine lr")
+    assert label(distributions=["bible", "pydocs", "jargon"]).startswith("bible+pydocs+jargon, LoRA r16, ")
+    assert label(finetuning="full").startswith("full, ")

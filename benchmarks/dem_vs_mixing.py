@@ -47,6 +47,7 @@ from study_report import (  # noqa: E402
     bar_chart,
     pareto_chart,
     report_markdown,
+    shorter_mixture_label,
     warm_start_label,
 )
 from transformers import TrainerCallback  # noqa: E402
@@ -66,6 +67,7 @@ RECORDS = ROOT / "benchmarks" / "results"  # one result per setting, committed: 
 # is 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
 STUDY_DEFAULTS = {"group_batch_sequences": None}
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
+MIXTURE_FRACTIONS: list[float] = []  # --mixture-fractions: the uniform mixture also on these shares of DEM's tokens
 
 
 class StopAtTokenBudget(TrainerCallback):
@@ -89,6 +91,9 @@ def parse_args() -> tuple[DemoConfig, dict]:
                              "gradient:layer:dare_linear:0.5.")
     parser.add_argument("--mixtures", nargs="*", default=None, metavar="NAME",
                         help="Train only these mixtures of the grid (default: all), e.g. uniform.")
+    parser.add_argument("--mixture-fractions", nargs="*", type=float, default=[], metavar="F",
+                        help="Also train the uniform mixture on these fractions (0 < F < 1) of DEM's tokens: mixing "
+                             "stopped early, outside the grid, e.g. 0.25 0.5.")
     parser.add_argument("--dem-budget", type=int, default=8,
                         help="Gradient evaluations (gradient) or candidates (others) for --dem-variants.")
     parser.add_argument("--dem-batch-sequences", type=int, default=None,
@@ -110,8 +115,11 @@ def parse_args() -> tuple[DemoConfig, dict]:
     args = vars(parser.parse_args())
     options = {key: args.pop(key) for key in ("dem_variants", "dem_budget", "dem_batch_sequences", "off_distribution",
                                               "n_off")}
-    global MIXTURES
+    global MIXTURES, MIXTURE_FRACTIONS
     MIXTURES = args.pop("mixtures")
+    MIXTURE_FRACTIONS = args.pop("mixture_fractions")
+    if not all(0.0 < f < 1.0 for f in MIXTURE_FRACTIONS):
+        parser.error(f"--mixture-fractions: expected fractions in (0, 1), got {MIXTURE_FRACTIONS}")
     config = DemoConfig(**args, warm_start=0.0)  # plain DEM: every run from the base
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
@@ -237,23 +245,30 @@ def run_benchmark(config: DemoConfig) -> dict:
     tokens = {n: training_tokens(train[n], tokenizer, config.max_length) for n in names}
     seen = {n: input_tokens(train[n], tokenizer, config.max_length) for n in names}
     grid = mixture_grid(names, tokens, demo["coefficients_per_vector"], base_val_loss)
-    mixtures = {}
-    output_dir = WORK / f"mixtures-{_settings_tag(config)}"
-    for label, weights in grid.items():
-        if MIXTURES is not None and label not in MIXTURES:
-            continue
+
+    def mixture(weights: dict[str, float], budget: int, output_dir: Path) -> dict:
+        """One mixture run stopped at `budget` tokens, and its test perplexity (both cached)."""
         sft_config = _sft_config(config, output_dir)
         # The schedule decays over the steps expected to reach the token budget; the budget stops the run.
-        sft_config.max_steps = steps_for_budget(weights, seen, {n: len(train[n]) for n in names}, dem_tokens,
+        sft_config.max_steps = steps_for_budget(weights, seen, {n: len(train[n]) for n in names}, budget,
                                                 config.batch_size)
         run = train_mixture(model_dir, train, weights, sft_config, _lora_config(config), output_dir,
-                            callbacks=[StopAtTokenBudget(dem_tokens)])
+                            callbacks=[StopAtTokenBudget(budget)])
         results_file = run.run_dir / "test_perplexity.json"
         if not results_file.is_file():
             ppl = _test_perplexities(mixture_model(model_dir, run.model_dir), tokenizer, tests, config)
             results_file.write_text(json.dumps(ppl))
-        mixtures[label] = {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
-                           "compute": run.info["compute"], "model_dir": str(run.model_dir.relative_to(ROOT))}
+        return {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
+                "compute": run.info["compute"], "model_dir": str(run.model_dir.relative_to(ROOT))}
+
+    tag = _settings_tag(config)
+    mixtures = {label: mixture(weights, dem_tokens, WORK / f"mixtures-{tag}") for label, weights in grid.items()
+                if MIXTURES is None or label in MIXTURES}
+    # Mixing stopped early: the uniform mixture on a fraction of the tokens (where more tokens overfit, what a mixing
+    # run with early stopping would keep); not part of the grid, which trains every mixture on DEM's tokens.
+    shorter = {shorter_mixture_label(fraction): mixture({n: 1.0 for n in names}, round(fraction * dem_tokens),
+                                                        WORK / f"mixtures-{tag}-tokens{fraction:g}")
+               for fraction in MIXTURE_FRACTIONS}
 
     n_params = next(iter(demo["compute"].values()))["num_parameters"]
     val_tokens = sum(input_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
@@ -265,7 +280,7 @@ def run_benchmark(config: DemoConfig) -> dict:
         "dem_search_passes": search_passes,
         "singles": {k: v for k, v in demo["test_perplexity"].items() if k.endswith(" only")},
         "dem_coefficients": demo["coefficients"], "dem_searches": demo["searches"], "dem_runs": demo["compute"],
-        "validation_tokens": val_tokens, "mixtures": mixtures,
+        "validation_tokens": val_tokens, "mixtures": mixtures, "shorter_mixtures": shorter,
         "forward_pass_flops": 2 * n_params * val_tokens,
         "base_validation_loss": base_val_loss, "dem_token_budget": dem_tokens,
     }
@@ -349,7 +364,7 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
         return lambda: merger.merge(coefficients)
 
     models = {"base model": lambda: AutoModelForCausalLM.from_pretrained(model_dir)}
-    for label, mixture in result["mixtures"].items():
+    for label, mixture in {**result["mixtures"], **result.get("shorter_mixtures", {})}.items():
         models[f"mixture: {label}"] = lambda path=Path(mixture["model_dir"]): mixture_model(model_dir, path)
     models["DEM per vector"] = dem(demo["coefficients_per_vector"])
     if config.granularity != "vector":

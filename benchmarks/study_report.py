@@ -47,6 +47,11 @@ def dem_entries(result: dict) -> dict[str, Entry]:
     return entries
 
 
+def shorter_mixture_label(fraction: float) -> str:
+    """A uniform mixture trained on `fraction` of DEM's tokens (mixing stopped early, outside the grid)."""
+    return f"uniform, {fraction:g} of the tokens"
+
+
 def warm_start_label(fraction: float, search: str) -> str:
     return f"DEM warm-started ({fraction:g} of the steps) {search}"
 
@@ -70,7 +75,8 @@ def report_markdown(result: dict) -> str:
     grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
     entries = dem_entries(result)
     rows = [("base model", result["base"], None, None)]
-    for label, m in result["mixtures"].items():
+    shorter = result.get("shorter_mixtures", {})
+    for label, m in {**result["mixtures"], **shorter}.items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
     singles = result.get("singles", {})
     if all(f"{n} only" in singles for n in names):  # each specialist on its own data: what routing would reach
@@ -100,12 +106,20 @@ def report_markdown(result: dict) -> str:
     lines.append(f"Mixing grid: {len(result['mixtures'])} runs, {grid_flops:.3g} FLOPs; best mixture: {best_label} "
                  f"(mean {best_mean:.3f}). DEM's {len(result['dem_runs'])} runs: {dem_flops:.3g} FLOPs; one validation "
                  f"pass: {result['forward_pass_flops']:.3g} FLOPs.")
+    best_any_label, best_any = best_label, best_mean
+    if shorter:
+        means = {label: _means(m["test_perplexity"], names)[0] for label, m in shorter.items()}
+        lines.append("Mixing stopped early (outside the grid): " + "; ".join(f"{label}: mean {mean:.3f}"
+                                                                          for label, mean in means.items()) + ".")
+        best_any_label, best_any = min([(best_label, best_mean), *means.items()], key=lambda kv: kv[1])
     for label, entry in entries.items():
         mean = _means(entry.row, names)[0]
         line = (f"- {label}: mean {mean:.3f}, {100 * (mean / best_mean - 1):+.2f}% vs the best mixture, at "
                 f"{entry.flops / grid_flops:.2f}x the grid's compute; searches {entry.passes:.1f} forward-pass "
                 f"equivalents = {100 * entry.passes * result['forward_pass_flops'] / entry.training_flops:.1f}% of its "
                 "training compute")
+        if best_any_label != best_label:
+            line += f"; {100 * (mean / best_any - 1):+.2f}% vs the best mixture at any budget ({best_any_label})"
         off_value = off["perplexity"].get(label) if off else None
         if off_value is not None:
             best_off = min(off["perplexity"][f"mixture: {m}"] for m in result["mixtures"])
@@ -117,7 +131,8 @@ def report_markdown(result: dict) -> str:
 def bar_chart(result: dict, path: Path) -> None:
     plt = _pyplot()
     names = result["distributions"]
-    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in result["mixtures"].items()},
+    mixtures = {**result["mixtures"], **result.get("shorter_mixtures", {})}
+    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in mixtures.items()},
               **{label: entry.row for label, entry in dem_entries(result).items()}}
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))
@@ -147,6 +162,11 @@ def pareto_chart(results: list[dict], path: Path) -> None:
         if mixtures:
             ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
                        label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
+        shorter = [(_means(m["test_perplexity"], names)[0], m["compute"]["total_flos"])
+                   for m in result.get("shorter_mixtures", {}).values()]
+        if shorter:
+            ax.scatter([f for _, f in shorter], [m for m, _ in shorter], marker=marker, color="tab:cyan",
+                       label=f"uniform mixture on fewer tokens ({regime})")
         for label, entry in dem_entries(result).items():
             mean = _means(entry.row, names)[0]
             ax.scatter([entry.flops], [mean], marker=marker, color="tab:red")

@@ -6,7 +6,8 @@
 - The study's mixture runs decay their learning rate over the steps that reach DEM's token budget: the budget stops
   the run at the end of its schedule, not part-way (a run stopped at high learning rate would handicap mixing).
 - DEM from a shared warm start is charged its warm start, its runs and its searches in sequence.
-- The study names each setting (in its tables and the Pareto chart of all records) by what sets it apart.
+- The study names each setting (in its tables and the Pareto chart of all records) by what sets it apart, and reports
+  mixing stopped early (the uniform mixture on fewer tokens) beside the grid, not in it.
 """
 
 from __future__ import annotations
@@ -128,3 +129,19 @@ def test_the_study_labels_each_setting_by_what_sets_it_apart():
         "LoRA r16, 100 examples each, 120 steps/dataset, cosine lr")
     assert label(distributions=["bible", "pydocs", "jargon"]).startswith("bible+pydocs+jargon, LoRA r16, ")
     assert label(finetuning="full").startswith("full, ")
+
+
+def test_mixing_stopped_early_is_reported_beside_the_grid_not_in_it():
+    def mixture(ppl, tokens):
+        return {"test_perplexity": {"a": ppl, "b": ppl}, "compute": {"tokens_seen": tokens, "total_flos": 10.0 * tokens}}
+
+    result = {"distributions": ["a", "b"], "base": {"a": 9.0, "b": 9.0}, "forward_pass_flops": 1.0,
+              "mixtures": {"uniform": mixture(8.0, 100)}, "shorter_mixtures": {"uniform, 0.25 of the tokens": mixture(5.0, 25)},
+              "dem_runs": {"a": {"total_flos": 500.0, "tokens_seen": 50}, "b": {"total_flos": 500.0, "tokens_seen": 50}},
+              "dem_models": {"DEM per vector": {"a": 6.0, "b": 6.0}}, "dem_search_passes": {"per vector": 10.0}}
+    report = study_report.report_markdown(result)
+    assert "| mixture: uniform, 0.25 of the tokens | 5.000 | 5.000 | 5.000 |" in report
+    assert "Mixing grid: 1 runs, 1e+03 FLOPs; best mixture: uniform (mean 8.000)" in report  # the grid alone
+    assert ("- DEM per vector: mean 6.000, -25.00% vs the best mixture, at 1.01x the grid's compute; searches 10.0 "
+            "forward-pass equivalents = 1.0% of its training compute; +20.00% vs the best mixture at any budget "
+            "(uniform, 0.25 of the tokens).") in report

@@ -142,12 +142,16 @@ def test_a_launch_trains_each_run_once_as_one_group_and_a_second_launch_reuses_i
             torch.testing.assert_close(vector.tensors.get(key), expected.tensors.get(key), rtol=0, atol=0)
 
     # the oracle for one process group: with 4 rows per process and step, two processes take the same full-batch
-    # gradient steps as one process with all 8 rows (every row has 13 tokens, so the mean losses agree)
-    single = train_distributions(world / "base", {"plain": str(world / "data" / "plain.jsonl")},
-                                 launched_settings(tmp_path / "single", per_device_train_batch_size=8))[0]
+    # gradient steps as one process with all 8 rows (every row has 13 tokens, so the mean losses agree). The gradients
+    # agree up to summation order, which Adam turns into up to ~1e-4 of a step on coordinates whose gradient is near
+    # zero (seen: 4.7e-6 at lr 2e-2), so the tolerance is 1e-3 of the learning rate, far below one Adam step (about the
+    # learning rate per coordinate).
+    settings = launched_settings(tmp_path / "single", per_device_train_batch_size=8)
+    single = train_distributions(world / "base", {"plain": str(world / "data" / "plain.jsonl")}, settings)[0]
     launched_vector = DistributionVector.from_pretrained(output / "plain" / "vector")
     for key in single.tensors.keys():
-        torch.testing.assert_close(launched_vector.tensors.get(key), single.tensors.get(key), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(launched_vector.tensors.get(key), single.tensors.get(key), rtol=1e-4,
+                                   atol=1e-3 * settings.learning_rate)
 
     before = snapshot(output)
     relaunched = accelerate_launch(world, output, second)

@@ -21,8 +21,8 @@ settings=(
   "${TEXT[*]} ${LONG[*]}"                                          # 3: plain-text group, LoRA, 4x budget
   "${TEXT[*]}"                                                     # 4: plain-text group, LoRA, 30 steps
   "--finetuning full --learning_rate 5e-5 --lr_scheduler_type cosine --warmup_ratio 0.1"  # 5: demo group, full, 30 steps
-  "--n_train 100 ${LONG[*]}"                                       # 6: demo group, 100 examples each, 4x budget:
-)                                                                  #    4.8 epochs, training to convergence
+  "--n_train 100 --mixture-fractions 0.25 ${LONG[*]}"               # 6: demo group, 100 examples each, 4x budget:
+)                                                                  #    4.8 epochs; also mixing stopped at 1/4 of the tokens
 mkdir -p benchmarks/.work/dem_vs_mixing
 for index in "${!settings[@]}"; do
   number=$((index + 1))

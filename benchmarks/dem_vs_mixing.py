@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from study_report import (  # noqa: E402
     _regime,
+    all_mixtures,
     bar_chart,
     pareto_chart,
     report_markdown,
@@ -60,6 +61,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
     run_demo,
     runs_dir,
 )
+from dem_hf.training.runs import write_json_atomic  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
 RECORDS = ROOT / "benchmarks" / "results"  # one result per setting, committed: what RESULTS.md's tables were read from
@@ -364,7 +366,7 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
         return lambda: merger.merge(coefficients)
 
     models = {"base model": lambda: AutoModelForCausalLM.from_pretrained(model_dir)}
-    for label, mixture in {**result["mixtures"], **result.get("shorter_mixtures", {})}.items():
+    for label, mixture in all_mixtures(result).items():
         models[f"mixture: {label}"] = lambda path=Path(mixture["model_dir"]): mixture_model(model_dir, path)
     models["DEM per vector"] = dem(demo["coefficients_per_vector"])
     if config.granularity != "vector":
@@ -412,11 +414,8 @@ def main() -> None:
                          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     result["command"] = "python " + " ".join(sys.argv)
     result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    record = record_file(config)
-    record.parent.mkdir(exist_ok=True)
-    tmp = record.with_name(f".{record.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, record)
+    RECORDS.mkdir(exist_ok=True)
+    write_json_atomic(record_file(config), result)
     chart = ROOT / "benchmarks" / "dem_vs_mixing.png"
     bar_chart(result, chart)
     pareto = ROOT / "benchmarks" / "dem_vs_mixing_pareto.png"

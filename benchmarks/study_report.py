@@ -47,6 +47,11 @@ def dem_entries(result: dict) -> dict[str, Entry]:
     return entries
 
 
+def all_mixtures(result: dict) -> dict[str, dict]:
+    """The grid's mixtures, then those stopped early (`--mixture-fractions`), by label."""
+    return {**result["mixtures"], **result.get("shorter_mixtures", {})}
+
+
 def shorter_mixture_label(fraction: float) -> str:
     """A uniform mixture trained on `fraction` of DEM's tokens (mixing stopped early, outside the grid)."""
     return f"uniform, {fraction:g} of the tokens"
@@ -76,7 +81,7 @@ def report_markdown(result: dict) -> str:
     entries = dem_entries(result)
     rows = [("base model", result["base"], None, None)]
     shorter = result.get("shorter_mixtures", {})
-    for label, m in {**result["mixtures"], **shorter}.items():
+    for label, m in all_mixtures(result).items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
     singles = result.get("singles", {})
     if all(f"{n} only" in singles for n in names):  # each specialist on its own data: what routing would reach
@@ -131,8 +136,7 @@ def report_markdown(result: dict) -> str:
 def bar_chart(result: dict, path: Path) -> None:
     plt = _pyplot()
     names = result["distributions"]
-    mixtures = {**result["mixtures"], **result.get("shorter_mixtures", {})}
-    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in mixtures.items()},
+    series = {"base": result["base"], **{f"mix: {k}": m["test_perplexity"] for k, m in all_mixtures(result).items()},
               **{label: entry.row for label, entry in dem_entries(result).items()}}
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4.5))

@@ -48,7 +48,7 @@ from study_report import (  # noqa: E402
     bar_chart,
     pareto_chart,
     report_markdown,
-    shorter_mixture_label,
+    budget_mixture_label,
     warm_start_label,
 )
 from transformers import TrainerCallback  # noqa: E402
@@ -69,7 +69,7 @@ RECORDS = ROOT / "benchmarks" / "results"  # one result per setting, committed: 
 # is 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
 STUDY_DEFAULTS = {"group_batch_sequences": None}
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
-MIXTURE_FRACTIONS: list[float] = []  # --mixture-fractions: the uniform mixture also on these shares of DEM's tokens
+MIXTURE_FRACTIONS: list[float] = []  # --mixture-fractions: the uniform mixture also on these multiples of DEM's tokens
 
 
 class StopAtTokenBudget(TrainerCallback):
@@ -94,8 +94,8 @@ def parse_args() -> tuple[DemoConfig, dict]:
     parser.add_argument("--mixtures", nargs="*", default=None, metavar="NAME",
                         help="Train only these mixtures of the grid (default: all), e.g. uniform.")
     parser.add_argument("--mixture-fractions", nargs="*", type=float, default=[], metavar="F",
-                        help="Also train the uniform mixture on these fractions (0 < F < 1) of DEM's tokens: mixing "
-                             "stopped early, outside the grid, e.g. 0.25 0.5.")
+                        help="Also train the uniform mixture on these multiples (F > 0, F != 1) of DEM's tokens, "
+                             "outside the grid: mixing stopped early (0.25 0.5) or trained longer (2).")
     parser.add_argument("--dem-budget", type=int, default=8,
                         help="Gradient evaluations (gradient) or candidates (others) for --dem-variants.")
     parser.add_argument("--dem-batch-sequences", type=int, default=None,
@@ -120,8 +120,8 @@ def parse_args() -> tuple[DemoConfig, dict]:
     global MIXTURES, MIXTURE_FRACTIONS
     MIXTURES = args.pop("mixtures")
     MIXTURE_FRACTIONS = args.pop("mixture_fractions")
-    if not all(0.0 < f < 1.0 for f in MIXTURE_FRACTIONS):
-        parser.error(f"--mixture-fractions: expected fractions in (0, 1), got {MIXTURE_FRACTIONS}")
+    if not all(f > 0.0 and f != 1.0 for f in MIXTURE_FRACTIONS):
+        parser.error(f"--mixture-fractions: expected positive multiples other than 1, got {MIXTURE_FRACTIONS}")
     config = DemoConfig(**args, warm_start=0.0)  # plain DEM: every run from the base
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
@@ -266,11 +266,11 @@ def run_benchmark(config: DemoConfig) -> dict:
     tag = _settings_tag(config)
     mixtures = {label: mixture(weights, dem_tokens, WORK / f"mixtures-{tag}") for label, weights in grid.items()
                 if MIXTURES is None or label in MIXTURES}
-    # Mixing stopped early: the uniform mixture on a fraction of the tokens (where more tokens overfit, what a mixing
-    # run with early stopping would keep); not part of the grid, which trains every mixture on DEM's tokens.
-    shorter = {shorter_mixture_label(fraction): mixture({n: 1.0 for n in names}, round(fraction * dem_tokens),
-                                                        WORK / f"mixtures-{tag}-tokens{fraction:g}")
-               for fraction in MIXTURE_FRACTIONS}
+    # The uniform mixture at other budgets: stopped early (where more tokens overfit, what a mixing run with early
+    # stopping would keep) or trained longer; not part of the grid, which trains every mixture on DEM's tokens.
+    other_budgets = {budget_mixture_label(fraction): mixture({n: 1.0 for n in names}, round(fraction * dem_tokens),
+                                                             WORK / f"mixtures-{tag}-tokens{fraction:g}")
+                     for fraction in MIXTURE_FRACTIONS}
 
     n_params = next(iter(demo["compute"].values()))["num_parameters"]
     val_tokens = sum(input_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
@@ -282,7 +282,7 @@ def run_benchmark(config: DemoConfig) -> dict:
         "dem_search_passes": search_passes,
         "singles": {k: v for k, v in demo["test_perplexity"].items() if k.endswith(" only")},
         "dem_coefficients": demo["coefficients"], "dem_searches": demo["searches"], "dem_runs": demo["compute"],
-        "validation_tokens": val_tokens, "mixtures": mixtures, "shorter_mixtures": shorter,
+        "validation_tokens": val_tokens, "mixtures": mixtures, "budget_mixtures": other_budgets,
         "forward_pass_flops": 2 * n_params * val_tokens,
         "base_validation_loss": base_val_loss, "dem_token_budget": dem_tokens,
     }

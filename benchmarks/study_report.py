@@ -48,13 +48,13 @@ def dem_entries(result: dict) -> dict[str, Entry]:
 
 
 def all_mixtures(result: dict) -> dict[str, dict]:
-    """The grid's mixtures, then those stopped early (`--mixture-fractions`), by label."""
-    return {**result["mixtures"], **result.get("shorter_mixtures", {})}
+    """The grid's mixtures, then the uniform mixture at other budgets (`--mixture-fractions`), by label."""
+    return {**result["mixtures"], **result.get("budget_mixtures", {})}
 
 
-def shorter_mixture_label(fraction: float) -> str:
-    """A uniform mixture trained on `fraction` of DEM's tokens (mixing stopped early, outside the grid)."""
-    return f"uniform, {fraction:g} of the tokens"
+def budget_mixture_label(fraction: float) -> str:
+    """A uniform mixture trained on `fraction` of DEM's tokens (outside the grid, which trains on DEM's tokens)."""
+    return f"uniform, {fraction:g} of the tokens" if fraction < 1 else f"uniform, {fraction:g}x the tokens"
 
 
 def warm_start_label(fraction: float, search: str) -> str:
@@ -80,7 +80,7 @@ def report_markdown(result: dict) -> str:
     grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
     entries = dem_entries(result)
     rows = [("base model", result["base"], None, None)]
-    shorter = result.get("shorter_mixtures", {})
+    other_budgets = result.get("budget_mixtures", {})
     for label, m in all_mixtures(result).items():
         rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
     singles = result.get("singles", {})
@@ -112,9 +112,9 @@ def report_markdown(result: dict) -> str:
                  f"(mean {best_mean:.3f}). DEM's {len(result['dem_runs'])} runs: {dem_flops:.3g} FLOPs; one validation "
                  f"pass: {result['forward_pass_flops']:.3g} FLOPs.")
     best_any_label, best_any = best_label, best_mean
-    if shorter:
-        means = {label: _means(m["test_perplexity"], names)[0] for label, m in shorter.items()}
-        lines.append("Mixing stopped early (outside the grid): " + "; ".join(f"{label}: mean {mean:.3f}"
+    if other_budgets:
+        means = {label: _means(m["test_perplexity"], names)[0] for label, m in other_budgets.items()}
+        lines.append("The uniform mixture at other budgets (outside the grid): " + "; ".join(f"{label}: mean {mean:.3f}"
                                                                           for label, mean in means.items()) + ".")
         best_any_label, best_any = min([(best_label, best_mean), *means.items()], key=lambda kv: kv[1])
     for label, entry in entries.items():
@@ -166,11 +166,11 @@ def pareto_chart(results: list[dict], path: Path) -> None:
         if mixtures:
             ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
                        label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
-        shorter = [(_means(m["test_perplexity"], names)[0], m["compute"]["total_flos"])
-                   for m in result.get("shorter_mixtures", {}).values()]
-        if shorter:
-            ax.scatter([f for _, f in shorter], [m for m, _ in shorter], marker=marker, color="tab:cyan",
-                       label=f"uniform mixture on fewer tokens ({regime})")
+        other_budgets = [(_means(m["test_perplexity"], names)[0], m["compute"]["total_flos"])
+                         for m in result.get("budget_mixtures", {}).values()]
+        if other_budgets:
+            ax.scatter([f for _, f in other_budgets], [m for m, _ in other_budgets], marker=marker, color="tab:cyan",
+                       label=f"uniform mixture at other budgets ({regime})")
         for label, entry in dem_entries(result).items():
             mean = _means(entry.row, names)[0]
             ax.scatter([entry.flops], [mean], marker=marker, color="tab:red")

@@ -136,10 +136,13 @@ def test_mixing_stopped_early_is_reported_beside_the_grid_not_in_it():
         return {"test_perplexity": {"a": ppl, "b": ppl}, "compute": {"tokens_seen": tokens, "total_flos": 10.0 * tokens}}
 
     result = {"distributions": ["a", "b"], "base": {"a": 9.0, "b": 9.0}, "forward_pass_flops": 1.0,
-              "mixtures": {"uniform": mixture(8.0, 100)}, "shorter_mixtures": {"uniform, 0.25 of the tokens": mixture(5.0, 25)},
+              "mixtures": {"uniform": mixture(8.0, 100)}, "budget_mixtures": {"uniform, 0.25 of the tokens": mixture(5.0, 25)},
               "dem_runs": {"a": {"total_flos": 500.0, "tokens_seen": 50}, "b": {"total_flos": 500.0, "tokens_seen": 50}},
               "dem_models": {"DEM per vector": {"a": 6.0, "b": 6.0}}, "dem_search_passes": {"per vector": 10.0}}
     report = study_report.report_markdown(result)
+    assert study_report.budget_mixture_label(0.25) == "uniform, 0.25 of the tokens"
+    assert study_report.budget_mixture_label(2) == "uniform, 2x the tokens"
+    assert "The uniform mixture at other budgets (outside the grid): uniform, 0.25 of the tokens: mean 5.000." in report
     assert "| mixture: uniform, 0.25 of the tokens | 5.000 | 5.000 | 5.000 |" in report
     assert "Mixing grid: 1 runs, 1e+03 FLOPs; best mixture: uniform (mean 8.000)" in report  # the grid alone
     assert ("- DEM per vector: mean 6.000, -25.00% vs the best mixture, at 1.01x the grid's compute; searches 10.0 "

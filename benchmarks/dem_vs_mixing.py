@@ -57,6 +57,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
     DemoConfig,
     _lora_config,
     _sft_config,
+    evaluation_options,
     _test_perplexities,
     run_demo,
     runs_dir,
@@ -140,6 +141,8 @@ def _settings_tag(config: DemoConfig) -> str:
         tag += f"-{config.lr_scheduler_type}-w{config.warmup_ratio:g}"
     if config.learning_rate != defaults.learning_rate:
         tag += f"-lr{config.learning_rate:g}"
+    if config.eval_steps:  # every run kept at its best checkpoint on its validation split (and stopped early)
+        tag += f"-eval{config.eval_steps}" + (f"-p{config.early_stopping_patience}" if config.early_stopping_patience else "")
     return tag
 
 
@@ -247,21 +250,33 @@ def run_benchmark(config: DemoConfig) -> dict:
     tokens = {n: training_tokens(train[n], tokenizer, config.max_length) for n in names}
     seen = {n: input_tokens(train[n], tokenizer, config.max_length) for n in names}
     grid = mixture_grid(names, tokens, demo["coefficients_per_vector"], base_val_loss)
+    # With --eval_steps a mixture is kept at its best checkpoint on all the validation splits, evaluated as often per
+    # token as DEM's runs together (every eval_steps x n steps), so both sides spend the same evaluation compute.
+    validation = {n: to_prompt_completion(s["validation"]) for n, s in data.items()}
+    evaluation = evaluation_options(config, validation)
 
     def mixture(weights: dict[str, float], budget: int, output_dir: Path) -> dict:
         """One mixture run stopped at `budget` tokens, and its test perplexity (both cached)."""
-        sft_config = _sft_config(config, output_dir)
+        sft_config = _sft_config(config, output_dir, eval_steps=config.eval_steps * len(names))
         # The schedule decays over the steps expected to reach the token budget; the budget stops the run.
         sft_config.max_steps = steps_for_budget(weights, seen, {n: len(train[n]) for n in names}, budget,
                                                 config.batch_size)
         run = train_mixture(model_dir, train, weights, sft_config, _lora_config(config), output_dir,
-                            callbacks=[StopAtTokenBudget(budget)])
+                            **{**evaluation, "callbacks": [StopAtTokenBudget(budget), *evaluation.get("callbacks", [])]})
         results_file = run.run_dir / "test_perplexity.json"
         if not results_file.is_file():
             ppl = _test_perplexities(mixture_model(model_dir, run.model_dir), tokenizer, tests, config)
             results_file.write_text(json.dumps(ppl))
+        compute = {**run.info["compute"], "eval_flops": eval_flops(run.info["compute"], sum(val_tokens.values()))}
         return {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
-                "compute": run.info["compute"], "model_dir": str(run.model_dir.relative_to(ROOT))}
+                "compute": compute, "model_dir": str(run.model_dir.relative_to(ROOT))}
+
+    n_params = next(iter(demo["compute"].values()))["num_parameters"]
+    val_tokens = {n: input_tokens(s["validation"], tokenizer, config.max_length) for n, s in data.items()}
+
+    def eval_flops(compute: dict, tokens: int) -> float:
+        """The forward passes of a run's evaluations on `tokens` validation tokens (not in the trainer's total_flos)."""
+        return compute.get("evaluations", 0) * 2.0 * n_params * tokens
 
     tag = _settings_tag(config)
     mixtures = {label: mixture(weights, dem_tokens, WORK / f"mixtures-{tag}") for label, weights in grid.items()
@@ -272,8 +287,6 @@ def run_benchmark(config: DemoConfig) -> dict:
                                                              WORK / f"mixtures-{tag}-tokens{fraction:g}")
                      for fraction in MIXTURE_FRACTIONS}
 
-    n_params = next(iter(demo["compute"].values()))["num_parameters"]
-    val_tokens = sum(input_tokens(s["validation"], tokenizer, config.max_length) for s in data.values())
     search_passes = {label: found["compute_forward_passes"] for label, found in demo["searches"].items()}
     return {
         "config": {f.name: getattr(config, f.name) for f in fields(DemoConfig)},
@@ -281,9 +294,10 @@ def run_benchmark(config: DemoConfig) -> dict:
         "dem_models": {label: row for label, row in demo["test_perplexity"].items() if label.startswith("DEM")},
         "dem_search_passes": search_passes,
         "singles": {k: v for k, v in demo["test_perplexity"].items() if k.endswith(" only")},
-        "dem_coefficients": demo["coefficients"], "dem_searches": demo["searches"], "dem_runs": demo["compute"],
-        "validation_tokens": val_tokens, "mixtures": mixtures, "budget_mixtures": other_budgets,
-        "forward_pass_flops": 2 * n_params * val_tokens,
+        "dem_coefficients": demo["coefficients"], "dem_searches": demo["searches"],
+        "dem_runs": {n: {**c, "eval_flops": eval_flops(c, val_tokens[n])} for n, c in demo["compute"].items()},
+        "validation_tokens": sum(val_tokens.values()), "mixtures": mixtures, "budget_mixtures": other_budgets,
+        "forward_pass_flops": 2 * n_params * sum(val_tokens.values()),
         "base_validation_loss": base_val_loss, "dem_token_budget": dem_tokens,
     }
 

@@ -31,7 +31,7 @@ class Entry(NamedTuple):
 def dem_entries(result: dict) -> dict[str, Entry]:
     """Every DEM model of a result: the demo's (per vector, per layer), the variants, and DEM from a shared warm start
     (`benchmarks/dem_warm_start.py`, when `result["warm_starts"]` holds its results at the same settings)."""
-    dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
+    dem_flops = sum(run_cost(c) for c in result["dem_runs"].values())
     dem_tokens = sum(c["tokens_seen"] for c in result["dem_runs"].values())
     pass_flops = result["forward_pass_flops"]
     entries, searched = {}, 0.0
@@ -45,6 +45,12 @@ def dem_entries(result: dict) -> dict[str, Entry]:
     for warm in result.get("warm_starts", []):
         entries.update(warm_start_entries(warm, pass_flops))
     return entries
+
+
+def run_cost(compute: dict) -> float:
+    """A training run's FLOPs: the trainer's count, plus its evaluations' forward passes where it was evaluated
+    (`--eval_steps`: runs kept at their best checkpoint)."""
+    return compute["total_flos"] + compute.get("eval_flops", 0.0)
 
 
 def all_mixtures(result: dict) -> dict[str, dict]:
@@ -76,13 +82,13 @@ def warm_start_entries(warm: dict, pass_flops: float) -> dict[str, Entry]:
 def report_markdown(result: dict) -> str:
     names = result["distributions"]
     off = result.get("off_distribution")
-    dem_flops = sum(c["total_flos"] for c in result["dem_runs"].values())
-    grid_flops = sum(m["compute"]["total_flos"] for m in result["mixtures"].values())
+    dem_flops = sum(run_cost(c) for c in result["dem_runs"].values())
+    grid_flops = sum(run_cost(m["compute"]) for m in result["mixtures"].values())
     entries = dem_entries(result)
     rows = [("base model", result["base"], None, None)]
     other_budgets = result.get("budget_mixtures", {})
     for label, m in all_mixtures(result).items():
-        rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], m["compute"]["total_flos"]))
+        rows.append((f"mixture: {label}", m["test_perplexity"], m["compute"]["tokens_seen"], run_cost(m["compute"])))
     singles = result.get("singles", {})
     if all(f"{n} only" in singles for n in names):  # each specialist on its own data: what routing would reach
         routed = {n: singles[f"{n} only"][n] for n in names}
@@ -159,14 +165,14 @@ def pareto_chart(results: list[dict], path: Path) -> None:
     for index, result in enumerate(results):
         names, regime = result["distributions"], _regime(result)
         marker = markers[index % len(markers)]
-        mixtures = {label: (_means(m["test_perplexity"], names)[0], m["compute"]["total_flos"]) for label, m in result["mixtures"].items()}
+        mixtures = {label: (_means(m["test_perplexity"], names)[0], run_cost(m["compute"])) for label, m in result["mixtures"].items()}
         ax.scatter([f for _, f in mixtures.values()], [m for m, _ in mixtures.values()], marker=marker, color="tab:blue",
                    label=f"one mixture run ({regime})")
         grid = sum(f for _, f in mixtures.values())
         if mixtures:
             ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
                        label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
-        other_budgets = [(_means(m["test_perplexity"], names)[0], m["compute"]["total_flos"])
+        other_budgets = [(_means(m["test_perplexity"], names)[0], run_cost(m["compute"]))
                          for m in result.get("budget_mixtures", {}).values()]
         if other_budgets:
             ax.scatter([f for _, f in other_budgets], [m for m, _ in other_budgets], marker=marker, color="tab:cyan",

@@ -184,11 +184,21 @@ def texts(n: int = 8) -> Dataset:
     return Dataset.from_dict({"text": [f"w{i} w{i + 1} w{i + 2}" for i in range(n)]})
 
 
-def train(w, datasets, peft_config=None, **settings):
+def train(w, datasets, peft_config=None, eval_datasets=None, **settings):
     """A one-step full or LoRA run per dataset into `out` (never reached: every case is refused first)."""
     settings = {"max_steps": 1, **settings}
     config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", save_strategy="no", **settings)
-    return train_distributions(w["base"], datasets, config, peft_config, w["out"])
+    return train_distributions(w["base"], datasets, config, peft_config, w["out"], eval_datasets=eval_datasets)
+
+
+def train_evaluated(w, datasets, eval_datasets, mixture=False):
+    """Runs that evaluate every step on `eval_datasets` and keep their best checkpoint (never reached)."""
+    config = SFTConfig(output_dir=str(w["out"]), use_cpu=True, report_to="none", max_steps=2, eval_strategy="steps",
+                       eval_steps=1, save_steps=1, load_best_model_at_end=True)
+    if mixture:
+        return dem_hf.train_mixture(w["base"], datasets, {n: 1.0 for n in datasets}, config, None, w["out"],
+                                    eval_datasets=eval_datasets)
+    return train_distributions(w["base"], datasets, config, None, w["out"], eval_datasets=eval_datasets)
 
 
 def train_launched_without_group(w):
@@ -573,6 +583,34 @@ CASES = {
     "train: retrain that is not True or False": (
         lambda w: train_distributions(w["base"], {"ok": texts()}, None, None, w["out"], retrain="yes"), ValueError,
         "retrain must be True or False, got 'yes'",
+    ),
+    "train: evaluation without eval_datasets": (
+        lambda w: train(w, {"ok": texts()}, eval_strategy="steps", eval_steps=1), ValueError,
+        "SFTConfig(eval_strategy='steps') evaluates every run, but no eval_datasets were given",
+    ),
+    "train: eval_datasets that are never evaluated": (
+        lambda w: train(w, {"ok": texts()}, eval_datasets={"ok": texts()}), ValueError,
+        "eval_datasets were given, but SFTConfig(eval_strategy='no') never evaluates",
+    ),
+    "train: eval_datasets missing a dataset": (
+        lambda w: train_evaluated(w, {"ok": texts(), "more": texts()}, {"ok": texts()}), ValueError,
+        "eval_datasets must name exactly the datasets ['ok', 'more']; got ['ok'], missing ['more']",
+    ),
+    "mixture: eval_datasets naming an unknown dataset": (
+        lambda w: train_evaluated(w, {"ok": texts()}, {"ok": texts(), "typo": texts()}, mixture=True), ValueError,
+        "got ['ok', 'typo'], unknown ['typo']",
+    ),
+    "train: eval dataset in another format than its training set": (
+        lambda w: train_evaluated(w, {"ok": texts()}, {"ok": Dataset.from_dict({"prompt": ["w1"], "completion": [" w2"]})}),
+        ValueError, "Eval dataset 'ok' is in the 'prompt_completion' format; expected its training set's format",
+    ),
+    "train: eval dataset that is a stream": (
+        lambda w: train_evaluated(w, {"ok": texts()}, {"ok": texts().to_iterable_dataset()}), ValueError,
+        "Eval dataset 'ok': expected a map-style dataset (a finite validation set), got a stream.",
+    ),
+    "train: eval dataset with nothing to score": (
+        lambda w: train_evaluated(w, {"ok": texts()}, {"ok": Dataset.from_dict({"text": ["", " "]})}), ValueError,
+        "Dataset 'ok (eval)' has nothing to train on: all 2 texts are empty",
     ),
     "train: texts all empty": (
         lambda w: train(w, {"ok": texts(), "blank": Dataset.from_dict({"text": ["", "  ", "\n"]})}), ValueError,

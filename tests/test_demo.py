@@ -174,7 +174,8 @@ def test_a_base_model_that_is_not_a_model_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"lr_scheduler_type": "step"}, {"finetuning": "qlora"}, {"warmup_ratio": 1.0},
-                                 {"warmup_ratio": -0.1}])
+                                 {"warmup_ratio": -0.1}, {"eval_steps": -1}, {"eval_steps": 2.5},
+                                 {"early_stopping_patience": 2}, {"eval_steps": 2, "early_stopping_patience": -1}])
 def test_bad_schedule_or_finetuning_is_refused(bad):
     with pytest.raises(ValueError, match="expected"):
         DemoConfig(**bad)
@@ -198,3 +199,24 @@ def test_the_demo_trains_full_fine_tunes_with_a_decaying_schedule(tmp_path, tiny
     info = json.loads((runs / "a" / "run_info.json").read_text())
     text = json.dumps(info)
     assert '"lr_scheduler_type": "cosine"' in text and '"warmup_steps": 0.25' in text, text[:2000]
+
+
+def test_the_demo_keeps_each_run_at_its_best_checkpoint_on_its_validation_split(tmp_path, tiny_demo):
+    """`eval_steps`: every run is evaluated on its own validation split and its vector is its best checkpoint there;
+    `early_stopping_patience` stops it once it stops improving (recorded in each run's compute)."""
+    import json
+
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=4, n_test=2, max_steps=6,
+        batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
+        eval_batch_size=2, granularity="vector", warm_start=0.0, eval_steps=2, early_stopping_patience=1,
+    )
+    results = run_demo(config)
+    for name, compute in results["compute"].items():
+        info = json.loads((pipeline.runs_dir(config) / name / "run_info.json").read_text())
+        assert info["sft_config"]["eval_steps"] == 2 and info["sft_config"]["load_best_model_at_end"] is True
+        assert info["data"]["eval"]["num_examples"] == 4  # its own validation split
+        assert compute["evaluations"] == compute["global_step"] // 2 >= 1
+        assert compute["best_step"] is not None and compute["best_step"] <= compute["global_step"] <= 6
+    again = run_demo(config)  # the runs are reused, not retrained
+    assert again["compute"] == results["compute"]

@@ -110,6 +110,17 @@ class DemoConfig:
             "more: all). 3 per set matched the full batch's test perplexity at a third of its cost."
         },
     )
+    eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate each run on its validation split every eval_steps steps and keep its best checkpoint "
+            "(0: keep the last weights)."
+        },
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop a run after this many evaluations without progress (0: never; needs eval_steps)."},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
 
@@ -121,6 +132,14 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.warm_start: expected a fraction in [0, 1), got {self.warm_start!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"DemoConfig.warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("eval_steps", "early_stopping_patience"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"DemoConfig.{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError(
+                f"DemoConfig.early_stopping_patience={self.early_stopping_patience} needs evaluations: expected "
+                "eval_steps > 0, got 0."
+            )
         if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
             raise ValueError(f"DemoConfig.base_model: expected a local model folder with a config.json, got {self.base_model!r}")
 
@@ -130,7 +149,7 @@ class DemoConfig:
 # valid exactly when the new key holds it.
 _LATER_FIELDS: dict[str, Any] = {
     "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "finetuning": "lora", "group_batch_sequences": None,
-    "base_model": None, "warm_start": 0.0,
+    "base_model": None, "warm_start": 0.0, "eval_steps": 0, "early_stopping_patience": 0,
 }
 
 
@@ -157,8 +176,9 @@ def _write_json(path: Path, value: Any) -> None:
     write_file_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2) + "\n"))
 
 
-def _sft_config(config: DemoConfig, output_dir: Path, max_steps: int | None = None):
-    """The runs' TRL settings (`max_steps`: a run's own number of steps, by default `config.max_steps`)."""
+def _sft_config(config: DemoConfig, output_dir: Path, max_steps: int | None = None, eval_steps: int = 0):
+    """The runs' TRL settings (`max_steps`: a run's own number of steps, by default `config.max_steps`; `eval_steps`:
+    evaluate that often and keep the best checkpoint, see [`evaluation_options`])."""
     import torch
     from trl import SFTConfig
 
@@ -166,6 +186,12 @@ def _sft_config(config: DemoConfig, output_dir: Path, max_steps: int | None = No
 
     from ..training.trainers import bf16_available
 
+    # Checkpoints at every evaluation when the best one is kept (at each half of the run otherwise, to resume).
+    evaluation = {"save_steps": max(1, max_steps // 2)}
+    if eval_steps:
+        evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps, "save_steps": eval_steps,
+                      "load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
+                      "per_device_eval_batch_size": config.eval_batch_size}
     return SFTConfig(
         bf16=bf16_available(),
         use_cpu=not torch.cuda.is_available(),
@@ -177,12 +203,23 @@ def _sft_config(config: DemoConfig, output_dir: Path, max_steps: int | None = No
         warmup_steps=config.warmup_ratio,
         max_length=config.max_length,
         logging_steps=max(1, max_steps // 5),
-        save_steps=max(1, max_steps // 2),
         save_total_limit=1,
         report_to=[],
         seed=config.seed,
         dataloader_num_workers=0,
+        **evaluation,
     )
+
+
+def evaluation_options(config: DemoConfig, validation: dict[str, Any]) -> dict[str, Any]:
+    """`train_distributions` / `train_mixture` arguments that keep each run's best checkpoint on its validation split
+    and stop it once it stops improving (`eval_steps`, `early_stopping_patience`); none without `eval_steps`."""
+    from transformers import EarlyStoppingCallback
+
+    if not config.eval_steps:
+        return {}
+    patience = config.early_stopping_patience
+    return {"eval_datasets": validation, "callbacks": [EarlyStoppingCallback(patience)] if patience else []}
 
 
 def _lora_config(config: DemoConfig):
@@ -235,8 +272,9 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     warm = timed("warm start", lambda: _train_warm_start(config, model_dir, train, warm_steps)) if warm_steps else None
     runs_base = warm.model_dir if warm else model_dir  # the runs start from it and DEM merges into it
     runs = runs_dir(config)
+    evaluation = evaluation_options(config, {name: splits["validation"] for name, splits in data.items()})
     vectors = timed("train", lambda: train_distributions(
-        runs_base, train, _sft_config(config, runs, run_steps), _lora_config(config), runs,
+        runs_base, train, _sft_config(config, runs, run_steps, config.eval_steps), _lora_config(config), runs, **evaluation,
     ))
     merger = DEMMerger.from_pretrained(runs_base, vectors=vectors)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

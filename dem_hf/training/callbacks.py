@@ -86,7 +86,9 @@ def training_compute(state: TrainerState, args: TrainingArguments, model: torch.
     - `flops_6nd`: 6 · N · `tokens_seen` with N = [`base_parameter_count`] (the usual training-compute estimate;
       it ignores attention and the recomputation gradient checkpointing adds);
     - `num_parameters`, `trainable_parameters`, `global_step`, `epoch`, `train_loss` (mean loss of the run, or the
-      last logged loss while training), `train_runtime` (seconds), `world_size`.
+      last logged loss while training), `train_runtime` (seconds), `world_size`;
+    - `evaluations` (validation passes run so far; each costs a forward pass over the eval set, not in
+      `total_flos`), and with `load_best_model_at_end` the `best_step` and `best_metric` (`None` otherwise).
     """
     tokens = int(state.num_input_tokens_seen) if args.include_num_input_tokens_seen not in ("no", False) else None
     num_parameters = base_parameter_count(model) if model is not None else None
@@ -102,7 +104,17 @@ def training_compute(state: TrainerState, args: TrainingArguments, model: torch.
         "train_loss": train_loss if train_loss is not None else last_logged(state, "loss"),
         "train_runtime": last_logged(state, "train_runtime"),
         "world_size": int(args.world_size),
+        "evaluations": sum("eval_runtime" in entry for entry in state.log_history),
+        "best_step": best_step(state, args),
+        "best_metric": state.best_metric if best_step(state, args) is not None else None,
     }
+
+
+def best_step(state: TrainerState, args: TrainingArguments) -> int | None:
+    """The step of the checkpoint `load_best_model_at_end` keeps (`None` when the trainer keeps the last weights)."""
+    if not args.load_best_model_at_end or state.best_model_checkpoint is None or state.best_global_step is None:
+        return None
+    return int(state.best_global_step)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -208,7 +220,9 @@ class DistributionVectorCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if state.is_world_process_zero:
-            self._save(self.save_directory or Path(args.output_dir) / VECTOR_FOLDER, args, state, model)
+            # With load_best_model_at_end the trainer has just loaded the best checkpoint's weights into the model.
+            self._save(self.save_directory or Path(args.output_dir) / VECTOR_FOLDER, args, state, model,
+                       step=best_step(state, args))
 
     # ----------------------------------------------------------------------------------------- internals
 
@@ -243,7 +257,7 @@ class DistributionVectorCallback(TrainerCallback):
             base, model, name=self.name, save_directory=save_directory, overwrite=True, metadata=metadata
         )
 
-    def _save(self, save_directory: Path, args: TrainingArguments, state: TrainerState, model) -> None:
+    def _save(self, save_directory: Path, args: TrainingArguments, state: TrainerState, model, step: int | None = None) -> None:
         if model is None:
             raise ValueError("DistributionVectorCallback needs the trainer's model; the trainer passed none.")
         if is_sharded(model):
@@ -260,10 +274,11 @@ class DistributionVectorCallback(TrainerCallback):
                 f"DistributionVectorCallback({self.name!r}) has no base weights to subtract: it was added after the "
                 "trainer was created and the run did not start at step 0. Pass base=..."
             )
-        metadata = {**self.metadata, "step": int(state.global_step), "compute": training_compute(state, args, model)}
+        metadata = {**self.metadata, "step": int(state.global_step if step is None else step),
+                    "compute": training_compute(state, args, model)}
         self.vector = self._extract(model, metadata, save_directory)
         self.saved.append(save_directory)
-        logger.info(f"Saved {self.vector.vector_type} vector {self.name!r} (step {state.global_step}) to {save_directory}")
+        logger.info(f"Saved {self.vector.vector_type} vector {self.name!r} (step {metadata['step']}) to {save_directory}")
 
 
 class _SnapshotModel(torch.nn.Module):

@@ -42,6 +42,8 @@ SFT_IGNORED_KEYS = frozenset({
     "activation_checkpointing_kwargs", "activation_offloading", "torch_empty_cache_steps", "use_cache",
     "torch_compile", "torch_compile_backend", "torch_compile_mode",
 })
+# With load_best_model_at_end, when the trainer evaluates and saves decides which checkpoint a run keeps.
+SFT_BEST_CHECKPOINT_KEYS = frozenset({"eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "save_strategy", "save_steps"})
 SFT_SECRET_SUFFIX = "_token"  # to_dict() hides these as "<EOS_TOKEN>" etc.; the real eos/pad tokens are recorded
 # LoraConfig fields that do not change the adapter: bookkeeping PEFT fills in.
 PEFT_IGNORED_KEYS = frozenset({"peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"})
@@ -202,10 +204,12 @@ def sft_config_summary(sft_config) -> dict[str, Any]:
     """Every training setting that can change what a run learns (for `run_info.json`, metadata and re-run checks).
 
     All `SFTConfig` fields except [`SFT_IGNORED_KEYS`] (logging, saving, reporting, workers, secrets), with the
-    real `eos_token`/`pad_token`, plus the world size and the total batch size.
+    real `eos_token`/`pad_token`, plus the world size and the total batch size. With `load_best_model_at_end` the
+    evaluation and saving schedule ([`SFT_BEST_CHECKPOINT_KEYS`]) is kept too: it decides the checkpoint kept.
     """
     values = sft_config.to_dict()
-    summary = {key: value for key, value in values.items() if key not in SFT_IGNORED_KEYS}
+    ignored = SFT_IGNORED_KEYS - SFT_BEST_CHECKPOINT_KEYS if sft_config.load_best_model_at_end else SFT_IGNORED_KEYS
+    summary = {key: value for key, value in values.items() if key not in ignored}
     for key in [key for key in summary if key.endswith(SFT_SECRET_SUFFIX)]:
         if key in ("eos_token", "pad_token"):
             summary[key] = getattr(sft_config, key, None)

@@ -149,9 +149,11 @@ def detect_format(example: dict[str, Any], columns: Sequence[str], name: str, te
     )
 
 
-def prepare_dataset(name: str, source: DatasetSource, sft_config, formatting_func: Callable | None = None) -> PreparedDataset:
-    """Load one dataset, detect its format, check every row and fingerprint its content ([`check_rows`])."""
-    dataset = load_training_dataset(source, name)
+def prepare_dataset(name: str, source: DatasetSource, sft_config, formatting_func: Callable | None = None,
+                    split: str = "train") -> PreparedDataset:
+    """Load one dataset (a `DatasetDict` gives its `split`), detect its format, check every row and fingerprint its
+    content ([`check_rows`])."""
+    dataset = load_training_dataset(source, name, split)
     example = _first_example(dataset, name)
     columns = list(dataset.column_names or example.keys())
     if formatting_func is not None:
@@ -169,6 +171,53 @@ def prepare_datasets(datasets, sft_config, formatting_func: Callable | None = No
     pairs = named_sources(datasets)
     with sft_config.main_process_first(desc="loading datasets"):
         return {name: prepare_dataset(name, source, sft_config, formatting_func) for name, source in pairs}
+
+
+def prepare_eval_datasets(eval_datasets, train: Mapping[str, PreparedDataset], sft_config,
+                          formatting_func: Callable | None = None) -> dict[str, PreparedDataset] | None:
+    """The validation set of each run, checked against the settings and the training sets before any training.
+
+    `eval_datasets` and `SFTConfig(eval_strategy=...)` go together: sets without evaluation would never be used, and
+    evaluation without sets has nothing to score. There is one set per training dataset, under the same name and in
+    the same format (a `DatasetDict` gives its `"validation"` split); every row is checked as for training.
+    """
+    strategy = str(getattr(sft_config.eval_strategy, "value", sft_config.eval_strategy))
+    if eval_datasets is None:
+        if strategy != "no":
+            raise ValueError(
+                f"SFTConfig(eval_strategy={strategy!r}) evaluates every run, but no eval_datasets were given: expected "
+                f"eval_datasets={{name: validation set}} for the datasets {list(train)}."
+            )
+        return None
+    if strategy == "no":
+        raise ValueError(
+            "eval_datasets were given, but SFTConfig(eval_strategy='no') never evaluates: expected e.g. "
+            "SFTConfig(eval_strategy='steps', eval_steps=..., load_best_model_at_end=True) to keep each run's best "
+            "checkpoint, or no eval_datasets."
+        )
+    pairs = named_sources(eval_datasets)
+    names = [name for name, _ in pairs]
+    if sorted(names) != sorted(train):
+        missing, extra = sorted(set(train) - set(names)), sorted(set(names) - set(train))
+        raise ValueError(f"eval_datasets must name exactly the datasets {list(train)}; got {names}"
+                         f"{f', missing {missing}' if missing else ''}{f', unknown {extra}' if extra else ''}.")
+    with sft_config.main_process_first(desc="loading eval datasets"):
+        prepared = {name: prepare_dataset(f"{name} (eval)", source, sft_config, formatting_func, split="validation")
+                    for name, source in pairs}
+    for name, data in prepared.items():
+        if data.num_examples is None:
+            raise ValueError(f"Eval dataset {name!r}: expected a map-style dataset (a finite validation set), got a stream.")
+        if data.format != train[name].format:
+            raise ValueError(f"Eval dataset {name!r} is in the {data.format!r} format; expected its training set's "
+                             f"format, {train[name].format!r}.")
+    return prepared
+
+
+def concatenate_eval_datasets(datasets: Mapping[str, PreparedDataset]):
+    """The validation sets of all datasets as one (a mixture is judged on all of them), reduced to shared columns."""
+    import datasets as hf_datasets
+
+    return hf_datasets.concatenate_datasets(_harmonize({name: d.dataset for name, d in datasets.items()}))
 
 
 def check_chat_template(datasets: Mapping[str, PreparedDataset], tokenizer, sft_config) -> None:

@@ -18,6 +18,7 @@ from .callbacks import training_compute
 from .config import run_config
 from .data import (
     DatasetSource,
+    concatenate_eval_datasets,
     default_mixture_name,
     mixture_probabilities,
     sample_mixture,
@@ -53,6 +54,7 @@ def train_mixture(
     formatting_func: Callable | None = None,
     callbacks: Sequence | None = None,
     retrain: bool = False,
+    eval_datasets: Mapping[str, DatasetSource] | Sequence[tuple[str, DatasetSource]] | None = None,
 ) -> TrainingRun:
     """The data-mixing baseline: train one model on a weighted mixture of the datasets, with measured compute.
 
@@ -75,6 +77,10 @@ def train_mixture(
             trains on as many examples (set `max_steps` in `sft_config` to fix the compute exactly).
         seed (`int`, *optional*):
             Seed of the sampling; defaults to `sft_config.seed`.
+        eval_datasets (`dict[str, Dataset | DatasetDict | str]`, *optional*):
+            One validation set per dataset, as in [`train_distributions`]; the mixture is evaluated on all of them
+            together (every example once, whatever the weights), so with `load_best_model_at_end=True` it keeps
+            its best checkpoint on the union of the validation sets.
 
     Returns:
         [`TrainingRun`]: the run's folder, its model (or adapter) folder and its `run_info.json` content.
@@ -91,7 +97,8 @@ def train_mixture(
         ...     print(run.name, run.info["compute"]["flops_6nd"])
         ```
     """
-    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain)
+    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain,
+                 eval_datasets)
     formats = {data.format for data in plan.datasets.values()}
     if len(formats) > 1:
         raise ValueError(
@@ -105,6 +112,8 @@ def train_mixture(
     run_dir = plan.output_dir / name
     data = {"datasets": {n: d.summary() for n, d in plan.datasets.items()}, "weights": dict(weights),
             "num_examples": len(mixture), "seed": seed}
+    if plan.eval_datasets is not None:
+        data["eval"] = {n: d.summary() for n, d in plan.eval_datasets.items()}
     config = run_config(plan.sft_config, run_dir, name)
     setup = plan.setup(config, data)
     with hold_run_folders([run_dir], plan.is_main_process):
@@ -121,7 +130,9 @@ def train_mixture(
 def _train_mixture(plan: _Plan, folder: RunFolder, mixture, config, info: dict[str, Any]) -> TrainingRun:
     if folder.retraining:
         config = dataclasses.replace(config, output_dir=str(folder.work_dir))
-    trainer = _build_trainer(plan.base, mixture, config, plan.peft_config, plan.tokenizer, plan.formatting_func, plan.callbacks)
+    evaluated = concatenate_eval_datasets(plan.eval_datasets) if plan.eval_datasets is not None else None
+    trainer = _build_trainer(plan.base, mixture, config, plan.peft_config, plan.tokenizer, plan.formatting_func,
+                             plan.callbacks, evaluated)
     if trainer.is_world_process_zero():
         record_start(folder, info)
     train_or_resume(trainer, folder.work_dir, folder.name)

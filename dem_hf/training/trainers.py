@@ -76,6 +76,7 @@ from .data import (
     load_training_dataset,
     mix_datasets,
     prepare_datasets,
+    prepare_eval_datasets,
 )
 from .processes import check_process_group, hold_run_folders
 from .runs import (
@@ -121,7 +122,7 @@ class TrainingRun:
 # ============================================================================================ training
 
 
-def _build_trainer(base, dataset, config, peft_config, tokenizer, formatting_func, callbacks):
+def _build_trainer(base, dataset, config, peft_config, tokenizer, formatting_func, callbacks, eval_dataset=None):
     from trl import SFTTrainer
 
     model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else str(base)
@@ -129,6 +130,7 @@ def _build_trainer(base, dataset, config, peft_config, tokenizer, formatting_fun
         model=model,
         args=config,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=copy.deepcopy(peft_config),
         formatting_func=formatting_func,
@@ -160,6 +162,7 @@ class _Plan:
     callbacks: list
     base_name: str | None
     base_fingerprint: dict[str, Any]
+    eval_datasets: dict[str, PreparedDataset] | None = None
 
     @property
     def is_main_process(self) -> bool:
@@ -167,17 +170,22 @@ class _Plan:
         return self.sft_config.process_index == 0
 
     def setup(self, config, data: dict[str, Any]) -> dict[str, Any]:
-        """The part of `run_info.json` a re-run compares to decide whether a reused run matches."""
+        """The part of `run_info.json` a re-run compares to decide whether a reused run matches (early stopping
+        included: it decides where a run ends)."""
+        from transformers import EarlyStoppingCallback
+
+        stopping = [c.state()["args"] for c in self.callbacks if isinstance(c, EarlyStoppingCallback)]
         return {
             "data": jsonable(data),
             "base_fingerprint": self.base_fingerprint,
             "sft_config": sft_config_summary(config),
             "peft_config": peft_config_summary(self.peft_config),
+            "early_stopping": jsonable(stopping) or None,  # None: runs recorded before this key match
         }
 
 
 def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks,
-          retrain: bool) -> _Plan:
+          retrain: bool, eval_datasets=None) -> _Plan:
     """Validate everything before any training: settings, output folder, datasets, tokenizer, LoRA targets, dtypes."""
     if not isinstance(retrain, bool):
         raise ValueError(f"retrain must be True or False, got {retrain!r}.")
@@ -195,12 +203,13 @@ def _plan(base, datasets, sft_config, peft_config, output_dir, processing_class,
     if isinstance(base, torch.nn.Module) and is_peft_model(base):
         raise ValueError("base is a PeftModel; pass the plain base model (merge and unload the adapter first).")
     prepared = prepare_datasets(datasets, sft_config, formatting_func)
+    evaluated = prepare_eval_datasets(eval_datasets, prepared, sft_config, formatting_func)
     tokenizer = load_processing_class(base, processing_class)
     check_chat_template(prepared, tokenizer, sft_config)
     if peft_config is not None:
         check_peft_config(peft_config, base)
     return _Plan(base, prepared, sft_config, peft_config, output_dir, tokenizer, formatting_func,
-                 list(callbacks or []), *base_identity(base))
+                 list(callbacks or []), *base_identity(base), eval_datasets=evaluated)
 
 
 def _open_runs(plan: _Plan, setups: dict[str, dict[str, Any]], retrain: bool, needs_vector: bool) -> dict[str, RunFolder]:
@@ -225,6 +234,7 @@ def train_distributions(
     callbacks: Sequence | None = None,
     checkpoint_vectors: bool = False,
     retrain: bool = False,
+    eval_datasets: Mapping[str, DatasetSource] | Sequence[tuple[str, DatasetSource]] | None = None,
 ) -> list[DistributionVector]:
     """Fine-tune the base once per dataset with TRL's `SFTTrainer`; return one distribution vector per dataset.
 
@@ -268,6 +278,13 @@ def train_distributions(
             Train again, from the base, every run found recorded with other data or settings than asked now (logged
             as a warning), instead of refusing. It is trained in `output_dir/.<name>.retrain/`; the old run stays
             in place until the new one has finished, then is replaced. Matching runs are reused either way.
+        eval_datasets (`dict[str, Dataset | DatasetDict | str]` or list of `(name, dataset)` pairs, *optional*):
+            One validation set per dataset, by the same names and in the same format (a `DatasetDict` gives its
+            `"validation"` split), each run evaluated on its own; required exactly when `sft_config.eval_strategy`
+            is not `"no"`. With `load_best_model_at_end=True` the vector is the run's best checkpoint by
+            `metric_for_best_model`; add `transformers.EarlyStoppingCallback` to `callbacks` to also stop a run
+            once it stops improving (a per-dataset early stop a single mixture run cannot have). The sets are part
+            of what a re-run compares.
 
     Returns:
         `list[DistributionVector]`: one per dataset, in the given order, read from `output_dir/<name>/vector`.
@@ -295,10 +312,23 @@ def train_distributions(
         >>> *_, code = train_distributions(..., datasets={"math": ..., "chat": ..., "code": "data/code.jsonl"}, ...)
         >>> merger.add_vector(code)
         ```
+
+        Each run's best checkpoint on its own validation set, stopping a run after 3 evaluations without progress:
+        ```python
+        >>> from transformers import EarlyStoppingCallback
+        >>> vectors = train_distributions(
+        ...     "HuggingFaceTB/SmolLM2-135M", datasets={"math": "data/math.jsonl", "chat": "data/chat.jsonl"},
+        ...     eval_datasets={"math": "data/math-val.jsonl", "chat": "data/chat-val.jsonl"},
+        ...     sft_config=SFTConfig(max_steps=400, eval_strategy="steps", eval_steps=20, save_steps=20,
+        ...                          load_best_model_at_end=True, metric_for_best_model="eval_loss"),
+        ...     callbacks=[EarlyStoppingCallback(early_stopping_patience=3)], output_dir="runs",
+        ... )
+        ```
     """
-    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain)
+    plan = _plan(base, datasets, sft_config, peft_config, output_dir, processing_class, formatting_func, callbacks, retrain,
+                 eval_datasets)
     configs = {name: run_config(plan.sft_config, plan.output_dir / name, name) for name in plan.datasets}
-    setups = {name: plan.setup(configs[name], data.summary()) for name, data in plan.datasets.items()}
+    setups = {name: plan.setup(configs[name], _run_data(plan, name)) for name in plan.datasets}
     with hold_run_folders([plan.output_dir / name for name in setups], plan.is_main_process):
         folders = _open_runs(plan, setups, retrain, needs_vector=True)
         vectors = []
@@ -314,6 +344,12 @@ def train_distributions(
         return vectors
 
 
+def _run_data(plan: _Plan, name: str) -> dict[str, Any]:
+    """What `run_info.json` records of one run's data: its training set, and its validation set when evaluated."""
+    summary = plan.datasets[name].summary()
+    return summary if plan.eval_datasets is None else {**summary, "eval": plan.eval_datasets[name].summary()}
+
+
 def _train_distribution(
     plan: _Plan, name: str, data: PreparedDataset, folder: RunFolder, config, setup: dict[str, Any], checkpoint_vectors: bool
 ) -> DistributionVector:
@@ -323,8 +359,9 @@ def _train_distribution(
                 "sft_config": setup["sft_config"], "peft_config": setup["peft_config"],
                 "base_model": plan.base_name}
     callback = DistributionVectorCallback(name, base=plan.base, save_on_checkpoint=checkpoint_vectors, metadata=metadata)
+    evaluated = plan.eval_datasets[name].dataset if plan.eval_datasets is not None else None
     trainer = _build_trainer(plan.base, data.dataset, config, plan.peft_config, plan.tokenizer, plan.formatting_func,
-                             [callback, *plan.callbacks])
+                             [callback, *plan.callbacks], evaluated)
     info = {"name": name, "kind": "distribution", "base_model": plan.base_name, **setup,
             "vector_type": "lora" if plan.peft_config else "full"}
     if trainer.is_world_process_zero():
@@ -336,7 +373,8 @@ def _train_distribution(
     vector_dir = folder.work_dir / VECTOR_FOLDER
     if trainer.is_world_process_zero():
         if vector_dir not in callback.saved:  # sharded training (ZeRO-3, FSDP): from the gathered, saved model
-            _vector_from_saved(plan, name, model_dir, vector_dir, {**metadata, "step": compute["global_step"], "compute": compute})
+            step = compute["best_step"] or compute["global_step"]  # the saved model is the best checkpoint, if kept
+            _vector_from_saved(plan, name, model_dir, vector_dir, {**metadata, "step": step, "compute": compute})
         finish_run(folder, {**info, "compute": compute, "model_dir": model_dir.name, "vector_dir": VECTOR_FOLDER,
                             "versions": library_versions()})
     trainer.accelerator.wait_for_everyone()

@@ -113,3 +113,32 @@ def test_a_mixture_keeps_its_best_checkpoint_on_all_validation_sets_together(bas
     assert sorted(run.info["data"]["eval"]) == ["own", "shifted"]
     final = DistributionVector.from_peft(run.model_dir, name="mixture", base=base)
     assert_same_vector(final, DistributionVector.from_peft(run.run_dir / f"checkpoint-{best}", name="mixture", base=base))
+
+
+def test_cli_keeps_each_run_at_its_best_checkpoint_and_stops_it_early(base, data, tmp_path, capsys):
+    from dem_hf.commands.cli import main
+
+    train, validation = data
+    for name in train:
+        train[name].to_json(tmp_path / f"{name}.jsonl")
+        validation[name].to_json(tmp_path / f"{name}-val.jsonl")
+    argv = [
+        "train", "--base", str(base), "--output_dir", str(tmp_path / "runs"), "--max_steps", str(STEPS),
+        "--learning_rate", "5e-2", "--lr_scheduler_type", "constant", "--use_cpu", "--report_to", "none",
+        "--per-device-train-batch-size", "8", "--disable_tqdm", "true", "--lora-r", "4", "--target-modules", "q_proj",
+        "v_proj", "o_proj", "up_proj", "down_proj", "--eval_strategy", "steps", "--eval_steps", str(EVERY),
+        "--save_steps", str(EVERY), "--load_best_model_at_end", "true",
+        *[arg for name in train for arg in ("--dataset", f"{name}={tmp_path / f'{name}.jsonl'}",
+                                             "--eval_dataset", f"{name}={tmp_path / f'{name}-val.jsonl'}")],
+    ]
+    assert main([*argv, "--early_stopping_patience", "1"]) == 0
+    compute = {name: json.loads((tmp_path / "runs" / name / RUN_INFO_NAME).read_text())["compute"] for name in train}
+    assert compute["shifted"]["global_step"] == compute["shifted"]["best_step"] + EVERY < STEPS, compute["shifted"]
+    assert compute["own"]["best_step"] == STEPS
+    kept = DistributionVector.from_pretrained(tmp_path / "runs" / "shifted" / "vector")
+    assert kept.metadata["step"] == compute["shifted"]["best_step"]
+    no_eval = [arg for arg in argv if not arg.endswith("-val.jsonl") and arg != "--eval_dataset"]
+    assert main(no_eval) == 2
+    assert "no eval_datasets were given" in capsys.readouterr().err
+    assert main([*argv, "--early_stopping_patience", "2", "--load_best_model_at_end", "false"]) == 2
+    assert "expected --load_best_model_at_end true" in capsys.readouterr().err

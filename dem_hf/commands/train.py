@@ -3,8 +3,10 @@
     dem-hf train --base HuggingFaceTB/SmolLM2-135M --dataset math=data/math.jsonl --dataset chat=data/chat.jsonl \\
         --output_dir runs --max_steps 200 --learning_rate 2e-4 --use_peft --lora_r 16 --lora_target_modules all-linear
 
-dem-hf's own options come first: `--base`, `--dataset NAME=PATH` (repeat), `--retrain`, `--checkpoint_vectors`,
-`--warm_start_steps` (a shared warm start: one uniform mixture run that every run then starts from).
+dem-hf's own options come first: `--base`, `--dataset NAME=PATH` (repeat), `--eval_dataset NAME=PATH` (one validation
+set per dataset, with `--eval_strategy steps --load_best_model_at_end true`: each run kept at its best checkpoint on
+its own set), `--early_stopping_patience`, `--retrain`, `--checkpoint_vectors`, `--warm_start_steps` (a shared warm
+start: one uniform mixture run that every run then starts from).
 Then TRL's `ModelConfig` LoRA options, as TRL's own scripts take them (`--use_peft --lora_r --lora_alpha
 --lora_dropout --lora_target_modules --use_rslora ...`, with TRL's defaults); giving any of them turns LoRA on, so
 `--lora-r 16 --target-modules all-linear` (dem_hf 0.1's spelling) still works; a single target module is a module
@@ -65,6 +67,16 @@ def register(subparsers) -> None:
     add_option(
         parser, "dataset", action="append", required=True, type=parse_named_dataset, metavar="NAME=PATH",
         help="A training dataset: a .json/.jsonl/.csv/.parquet/.txt file, a folder or a Hub id; repeat per dataset.",
+    )
+    add_option(
+        parser, "eval_dataset", action="append", default=None, type=parse_named_dataset, metavar="NAME=PATH",
+        help="The validation set of the dataset NAME (repeat, one per --dataset), scored every --eval_steps with "
+        "--eval_strategy steps; with --load_best_model_at_end true each vector is its run's best checkpoint there.",
+    )
+    add_option(
+        parser, "early_stopping_patience", type=int, default=0, metavar="N",
+        help="Stop a run after N evaluations without progress on its --eval_dataset (transformers' "
+        "EarlyStoppingCallback; needs --load_best_model_at_end true). 0: never.",
     )
     add_switch(
         parser, "retrain",
@@ -156,22 +168,31 @@ def run(args) -> int:
     from ..training.trainers import train_distributions
     from ..training.warm_start import train_warm_start
 
+    from transformers import EarlyStoppingCallback
+
     if args.warm_start_steps < 0:
         raise ValueError(f"--warm_start_steps: expected a number of steps >= 0, got {args.warm_start_steps}")
+    if args.early_stopping_patience < 0:
+        raise ValueError(f"--early_stopping_patience: expected a number of evaluations >= 0, got {args.early_stopping_patience}")
     sft_config = sft_config_from_args(args)
+    if args.early_stopping_patience and not sft_config.load_best_model_at_end:
+        raise ValueError("--early_stopping_patience keeps the best checkpoint of a stopped run: expected "
+                         "--load_best_model_at_end true (with --eval_strategy steps and --eval_dataset), got false.")
+    callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
     peft_config = lora_config_from_args(args)
     main_process = sft_config.process_index == 0  # under `accelerate launch`, report once
     base, warm = args.base, None
     with _progress_messages_shown(main_process):
         if args.warm_start_steps:
-            warm = train_warm_start(
-                args.base, args.dataset, dataclasses.replace(sft_config, max_steps=args.warm_start_steps), peft_config,
-                sft_config.output_dir, retrain=args.retrain,
-            )
+            warm_config = dataclasses.replace(sft_config, max_steps=args.warm_start_steps, eval_strategy="no",
+                                              load_best_model_at_end=False)  # the warm start runs its steps in full
+            warm = train_warm_start(args.base, args.dataset, warm_config, peft_config, sft_config.output_dir,
+                                    retrain=args.retrain)
             base = warm.model_dir
         vectors = train_distributions(
             base, args.dataset, sft_config=sft_config, peft_config=peft_config,
             output_dir=sft_config.output_dir, checkpoint_vectors=args.checkpoint_vectors, retrain=args.retrain,
+            eval_datasets=args.eval_dataset, callbacks=callbacks,
         )
     if main_process:
         print_summary(vectors)

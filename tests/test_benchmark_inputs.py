@@ -148,3 +148,19 @@ def test_mixing_stopped_early_is_reported_beside_the_grid_not_in_it():
     assert ("- DEM per vector: mean 6.000, -25.00% vs the best mixture, at 1.01x the grid's compute; searches 10.0 "
             "forward-pass equivalents = 1.0% of its training compute; +20.00% vs the best mixture at any budget "
             "(uniform, 0.25 of the tokens).") in report
+
+
+def test_evaluations_of_runs_kept_at_their_best_checkpoint_count_in_their_cost():
+    def mixture(ppl, flops, eval_flops):
+        return {"test_perplexity": {"a": ppl}, "compute": {"tokens_seen": 10, "total_flos": flops, "eval_flops": eval_flops}}
+
+    result = {"distributions": ["a"], "base": {"a": 9.0}, "forward_pass_flops": 1.0,
+              "mixtures": {"uniform": mixture(8.0, 900.0, 100.0)},
+              "dem_runs": {"a": {"total_flos": 150.0, "eval_flops": 50.0, "tokens_seen": 10}},
+              "dem_models": {"DEM per vector": {"a": 6.0}}, "dem_search_passes": {"per vector": 50.0}}
+    assert study_report.run_cost(result["mixtures"]["uniform"]["compute"]) == 1000.0
+    assert study_report.run_cost({"total_flos": 5.0}) == 5.0  # records from before evaluations were counted
+    report = study_report.report_markdown(result)
+    # DEM: 150 training + 50 evaluation + 50 search FLOPs = 0.25x the grid's 1000; its search is 25% of its runs' 200.
+    assert "- DEM per vector: mean 6.000, -25.00% vs the best mixture, at 0.25x the grid's compute; searches 50.0 " \
+           "forward-pass equivalents = 25.0% of its training compute" in report

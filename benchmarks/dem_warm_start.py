@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dem_vs_mixing import parse_args, record_file, warm_start_config, warm_start_result_file  # noqa: E402
-from study_report import _means, dem_entries, warm_start_entries  # noqa: E402
+from study_report import _means, dem_entries, run_cost, warm_start_entries  # noqa: E402
 
 from dem_hf.demo.pipeline import WARM_START_ROW, _test_perplexities, run_demo, runs_dir  # noqa: E402
 
@@ -81,12 +81,16 @@ def main() -> None:
     dem = run_demo(warm_start_config(config, fraction))  # the demo, warm-started: `DemoConfig.warm_start`
     warm_compute, steps = dem["warm_start"]["compute"], dem["warm_start"]["run_steps"]
     names = plain["distributions"]
-    run_flops = warm_compute["total_flos"] + sum(c["total_flos"] for c in dem["compute"].values())
+    # Runs kept at their best checkpoint (--eval_steps) also pay their evaluations: one pass over their validation set
+    # each, priced as in the plain record (same sets, same model size).
+    per_evaluation = {n: c["eval_flops"] / c["evaluations"] for n, c in plain["dem_runs"].items() if c.get("evaluations")}
+    run_flops = warm_compute["total_flos"] + sum(c["total_flos"] + c.get("evaluations", 0) * per_evaluation.get(n, 0.0)
+                                                 for n, c in dem["compute"].items())
     run_tokens = warm_compute["tokens_seen"] + sum(c["tokens_seen"] for c in dem["compute"].values())
     passes = sum(s["compute_forward_passes"] for s in dem["searches"].values())
-    grid_flops = sum(m["compute"]["total_flos"] for m in plain["mixtures"].values())
+    grid_flops = sum(run_cost(m["compute"]) for m in plain["mixtures"].values())
     rows = {"base model": (plain["base"], None), "warm start (uniform mixture, ω = 0)": (dem["test_perplexity"][WARM_START_ROW], None)}
-    rows.update({f"mixture: {k}": (m["test_perplexity"], m["compute"]["total_flos"]) for k, m in plain["mixtures"].items()})
+    rows.update({f"mixture: {k}": (m["test_perplexity"], run_cost(m["compute"])) for k, m in plain["mixtures"].items()})
     rows.update({f"plain {label}": (entry.row, entry.flops) for label, entry in dem_entries(plain).items()
                  if label in plain["dem_models"]})
     result = {"fraction": fraction, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,

@@ -254,6 +254,12 @@ def run_benchmark(config: DemoConfig) -> dict:
     # token as DEM's runs together (every eval_steps x n steps), so both sides spend the same evaluation compute.
     validation = {n: to_prompt_completion(s["validation"]) for n, s in data.items()}
     evaluation = evaluation_options(config, validation)
+    n_params = next(iter(demo["compute"].values()))["num_parameters"]
+    val_tokens = {n: input_tokens(s["validation"], tokenizer, config.max_length) for n, s in data.items()}
+
+    def eval_flops(compute: dict, tokens: int) -> float:
+        """The forward passes of a run's evaluations on `tokens` validation tokens (not in the trainer's total_flos)."""
+        return compute.get("evaluations", 0) * 2.0 * n_params * tokens
 
     def mixture(weights: dict[str, float], budget: int, output_dir: Path) -> dict:
         """One mixture run stopped at `budget` tokens, and its test perplexity (both cached)."""
@@ -262,7 +268,8 @@ def run_benchmark(config: DemoConfig) -> dict:
         sft_config.max_steps = steps_for_budget(weights, seen, {n: len(train[n]) for n in names}, budget,
                                                 config.batch_size)
         run = train_mixture(model_dir, train, weights, sft_config, _lora_config(config), output_dir,
-                            **{**evaluation, "callbacks": [StopAtTokenBudget(budget), *evaluation.get("callbacks", [])]})
+                            eval_datasets=evaluation.get("eval_datasets"),
+                            callbacks=[StopAtTokenBudget(budget), *evaluation.get("callbacks", [])])
         results_file = run.run_dir / "test_perplexity.json"
         if not results_file.is_file():
             ppl = _test_perplexities(mixture_model(model_dir, run.model_dir), tokenizer, tests, config)
@@ -270,13 +277,6 @@ def run_benchmark(config: DemoConfig) -> dict:
         compute = {**run.info["compute"], "eval_flops": eval_flops(run.info["compute"], sum(val_tokens.values()))}
         return {"weights": weights, "test_perplexity": json.loads(results_file.read_text()),
                 "compute": compute, "model_dir": str(run.model_dir.relative_to(ROOT))}
-
-    n_params = next(iter(demo["compute"].values()))["num_parameters"]
-    val_tokens = {n: input_tokens(s["validation"], tokenizer, config.max_length) for n, s in data.items()}
-
-    def eval_flops(compute: dict, tokens: int) -> float:
-        """The forward passes of a run's evaluations on `tokens` validation tokens (not in the trainer's total_flos)."""
-        return compute.get("evaluations", 0) * 2.0 * n_params * tokens
 
     tag = _settings_tag(config)
     mixtures = {label: mixture(weights, dem_tokens, WORK / f"mixtures-{tag}") for label, weights in grid.items()

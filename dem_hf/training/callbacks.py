@@ -93,6 +93,7 @@ def training_compute(state: TrainerState, args: TrainingArguments, model: torch.
     tokens = int(state.num_input_tokens_seen) if args.include_num_input_tokens_seen not in ("no", False) else None
     num_parameters = base_parameter_count(model) if model is not None else None
     train_loss = last_logged(state, "train_loss")
+    kept = best_step(state, args)
     return {
         "tokens_seen": tokens,
         "total_flos": float(state.total_flos),
@@ -105,8 +106,8 @@ def training_compute(state: TrainerState, args: TrainingArguments, model: torch.
         "train_runtime": last_logged(state, "train_runtime"),
         "world_size": int(args.world_size),
         "evaluations": sum("eval_runtime" in entry for entry in state.log_history),
-        "best_step": best_step(state, args),
-        "best_metric": state.best_metric if best_step(state, args) is not None else None,
+        "best_step": kept,
+        "best_metric": state.best_metric if kept is not None else None,
     }
 
 

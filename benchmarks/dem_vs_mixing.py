@@ -151,26 +151,44 @@ def record_file(config: DemoConfig) -> Path:
     return RECORDS / f"dem_vs_mixing-{_settings_tag(config)}.json"
 
 
-def warm_start_config(config: DemoConfig, fraction: float) -> DemoConfig:
+def warm_start_tag(fraction: float, run_schedule: tuple[int, int] | None = None) -> str:
+    """`warm<fraction>`, plus `-eval<N>-p<P>` when the runs from the warm start are evaluated every N steps and
+    stopped after P evaluations without progress instead of on the plain runs' schedule."""
+    return f"warm{fraction:g}" + (f"-eval{run_schedule[0]}-p{run_schedule[1]}" if run_schedule else "")
+
+
+def warm_start_config(config: DemoConfig, fraction: float, run_schedule: tuple[int, int] | None = None) -> DemoConfig:
     """`benchmarks/dem_warm_start.py`'s demo at these settings: warm-started, in its own output folder (the warm
-    start's run and the runs from it in `warm<fraction>/`, then the searches, the merged model and the results)."""
-    return replace(config, warm_start=fraction, output_dir=str(WORK / f"dem-{_settings_tag(config)}-warm{fraction:g}"))
+    start's run and the runs from it in `warm<fraction>/`, then the searches, the merged model and the results);
+    `run_schedule` = (eval_steps, early_stopping_patience) of the runs from the warm start, if not the plain runs'."""
+    warm = replace(config, warm_start=fraction,
+                   output_dir=str(WORK / f"dem-{_settings_tag(config)}-{warm_start_tag(fraction, run_schedule)}"))
+    if run_schedule:
+        warm = replace(warm, eval_steps=run_schedule[0], early_stopping_patience=run_schedule[1])
+    return warm
 
 
-def warm_start_result_file(config: DemoConfig, fraction: float) -> Path:
-    """Where `dem_warm_start.py` writes its result at these settings and warm fraction."""
-    return WORK / f"result-warm{fraction:g}-{_settings_tag(config)}.json"
+def warm_start_result_file(config: DemoConfig, fraction: float, run_schedule: tuple[int, int] | None = None) -> Path:
+    """Where `dem_warm_start.py` writes its result at these settings, warm fraction and run schedule."""
+    return WORK / f"result-{warm_start_tag(fraction, run_schedule)}-{_settings_tag(config)}.json"
+
+
+def run_schedule_of(warm: dict) -> tuple[int, int] | None:
+    """The run schedule a `dem_warm_start.py` result was made with (None: the plain runs')."""
+    schedule = warm.get("run_schedule")
+    return tuple(schedule) if schedule else None
 
 
 def warm_start_results(config: DemoConfig) -> list[dict]:
-    """The results of `dem_warm_start.py` at these settings (one per warm fraction), with what the report needs."""
+    """The results of `dem_warm_start.py` at these settings (one per warm fraction and run schedule), with what the
+    report needs."""
     found = []
     for path in sorted(WORK.glob(f"result-warm*-{_settings_tag(config)}.json")):
         warm = json.loads(path.read_text())
-        if path != warm_start_result_file(config, warm["fraction"]):  # the glob's * may reach into a longer tag
+        if path != warm_start_result_file(config, warm["fraction"], run_schedule_of(warm)):  # * may reach into a longer tag
             continue
-        found.append({"fraction": warm["fraction"], "training_tokens": warm["training_tokens"],
-                      "training_flops": warm["training_flops"],
+        found.append({"fraction": warm["fraction"], "run_schedule": warm.get("run_schedule"),
+                      "training_tokens": warm["training_tokens"], "training_flops": warm["training_flops"],
                       "dem": {k: warm["dem"][k] for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector",
                                                           "warm_start")}})
     return found
@@ -388,12 +406,12 @@ def off_distribution(config: DemoConfig, result: dict, name: str, n_off: int) ->
     for label, variant in result.get("dem_variants", {}).items():
         models[f"DEM, {label}"] = dem(variant["coefficients"], variant["variant"]["merge_method"], variant["variant"]["density"])
     for warm in result.get("warm_starts", []):
-        warm_runs = runs_dir(warm_start_config(config, warm["fraction"]))
+        warm_runs = runs_dir(warm_start_config(config, warm["fraction"], run_schedule_of(warm)))
         warm_vectors = [DistributionVector.from_pretrained(warm_runs / n / "vector") for n in result["distributions"]]
         for search, coefficients in (("per vector", warm["dem"]["coefficients_per_vector"]),
                                      (f"per {config.granularity}", warm["dem"]["coefficients"])):
             if search in warm["dem"]["searches"]:
-                models[warm_start_label(warm["fraction"], search)] = dem(
+                models[warm_start_label(warm, search)] = dem(
                     coefficients, base=Path(warm["dem"]["warm_start"]["model_dir"]), run_vectors=warm_vectors)
     rows = {}
     for label, build in models.items():

@@ -25,8 +25,8 @@ settings=(
                                                                    #    4.8 epochs; also mixing stopped at 1/4 of the tokens
   "--n_train 100 --max_steps 30 --lr_scheduler_type cosine --warmup_ratio 0.1 --mixtures uniform"  # 7: 6's data, both
                                                                    #    sides stopped at 1.2 epochs
-  "--n_train 100 --eval_steps 10 --early_stopping_patience 3 --mixtures uniform ${LONG[*]}"  # 8: 6 with every run kept
-)                                                                  #    at its best checkpoint, stopped after 3 evaluations
+  "--n_train 100 --eval_steps 10 --early_stopping_patience 3 ${LONG[*]}"  # 8: 6 with every run kept at its best
+)                                                                  #    checkpoint, stopped after 3 evaluations
 mkdir -p benchmarks/.work/dem_vs_mixing
 for index in "${!settings[@]}"; do
   number=$((index + 1))
@@ -35,7 +35,8 @@ for index in "${!settings[@]}"; do
   $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$number.md"
 done
 # DEM from a shared warm start (a quarter of DEM's steps on one uniform mixture first, the demo's default) at settings
-# 1, 2 and 8 (at 1 also half of the steps, and the warm start's own ω fitted per layer), then those settings' tables
+# 1, 2 and 8 (at 1 also half of the steps, and the warm start's own ω fitted per layer; at 8 also 0.4 of the steps
+# with the runs from it stopped sooner), then those settings' tables
 # again (every stage cached), now with the warm-started models in them.
 if [[ -z "${STUDY_ONLY:-}" ]]; then
   # shellcheck disable=SC2086
@@ -45,6 +46,9 @@ if [[ -z "${STUDY_ONLY:-}" ]]; then
   $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128
   # shellcheck disable=SC2086  # setting 8 warm-started: its warm start is 6's uniform mixture on a quarter of the tokens
   $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128 --group_batch_sequences 3 ${settings[7]}
+  # shellcheck disable=SC2086  # and 0.4 of the steps, the runs from it evaluated every 5 steps and stopped after 2
+  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.4 --run-eval-steps 5 --run-patience 2 --group_steps 8 \
+    --max_length 128 --group_batch_sequences 3 ${settings[7]}
   for index in 0 1 7; do
     # shellcheck disable=SC2086
     $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$((index + 1)).md"

@@ -31,7 +31,7 @@ from study_report import _means, dem_entries, run_cost, warm_start_entries  # no
 from dem_hf.demo.pipeline import WARM_START_ROW, _test_perplexities, run_demo, runs_dir  # noqa: E402
 
 
-def warm_vector_search(config, fraction: float, dem: dict) -> dict:
+def warm_vector_search(config, fraction: float, dem: dict, run_schedule: tuple[int, int] | None = None) -> dict:
     """DEM over the base model with the warm start's own delta as one more vector, so the per-layer fit weighs the
     shared mixture per layer too (ω = 1 for it is the warm-started DEM above; LoRA deltas add to any base). Starts at
     (1, the warm-started per-vector best); cached in the warm-started demo's folder."""
@@ -41,7 +41,7 @@ def warm_vector_search(config, fraction: float, dem: dict) -> dict:
     from dem_hf.demo import prepare_distributions, prepare_smollm2
     from dem_hf.training.runs import final_model_dir
 
-    warm_config = warm_start_config(config, fraction)
+    warm_config = warm_start_config(config, fraction, run_schedule)
     cache = Path(warm_config.output_dir) / "search_with_warm_vector.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -69,6 +69,10 @@ def main() -> None:
     own.add_argument("--warm-fraction", type=float, default=0.25, help="Share of DEM's steps spent on the warm start.")
     own.add_argument("--search-warm-vector", action="store_true",
                      help="Also fit per layer with the warm start's own delta as one more vector (its ω per layer too).")
+    own.add_argument("--run-eval-steps", type=int, default=None, metavar="N",
+                     help="Evaluate the runs from the warm start every N steps (default: --eval_steps, as plain DEM).")
+    own.add_argument("--run-patience", type=int, default=None, metavar="P",
+                     help="Stop them after P evaluations without progress (default: --early_stopping_patience).")
     args, sys.argv[1:] = own.parse_known_args()
     fraction = args.warm_fraction
     if not 0.0 < fraction < 1.0:
@@ -78,7 +82,13 @@ def main() -> None:
     if not plain_file.is_file():
         raise SystemExit(f"Run benchmarks/dem_vs_mixing.py with the same options first (no {plain_file}).")
     plain = json.loads(plain_file.read_text())
-    dem = run_demo(warm_start_config(config, fraction))  # the demo, warm-started: `DemoConfig.warm_start`
+    run_schedule = None
+    if args.run_eval_steps is not None or args.run_patience is not None:
+        run_schedule = (config.eval_steps if args.run_eval_steps is None else args.run_eval_steps,
+                        config.early_stopping_patience if args.run_patience is None else args.run_patience)
+        if run_schedule[0] <= 0 or run_schedule[1] < 0:
+            raise SystemExit(f"--run-eval-steps/--run-patience: expected N > 0 and P >= 0, got {run_schedule}")
+    dem = run_demo(warm_start_config(config, fraction, run_schedule))  # the demo, warm-started: `DemoConfig.warm_start`
     warm_compute, steps = dem["warm_start"]["compute"], dem["warm_start"]["run_steps"]
     names = plain["distributions"]
     # Runs kept at their best checkpoint (--eval_steps) also pay their evaluations: one pass over their validation set
@@ -93,12 +103,12 @@ def main() -> None:
     rows.update({f"mixture: {k}": (m["test_perplexity"], run_cost(m["compute"])) for k, m in plain["mixtures"].items()})
     rows.update({f"plain {label}": (entry.row, entry.flops) for label, entry in dem_entries(plain).items()
                  if label in plain["dem_models"]})
-    result = {"fraction": fraction, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,
+    result = {"fraction": fraction, "run_schedule": run_schedule, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,
               "training_flops": run_flops, "search_passes": passes, "plain_result": str(plain_file)}
     rows.update({label: (entry.row, entry.flops)
                  for label, entry in warm_start_entries(result, plain["forward_pass_flops"]).items()})
     if args.search_warm_vector:
-        found = result["warm_vector_search"] = warm_vector_search(config, fraction, dem)
+        found = result["warm_vector_search"] = warm_vector_search(config, fraction, dem, run_schedule)
         passes_before = dem["searches"]["per vector"]["compute_forward_passes"]
         rows[f"DEM warm-started ({fraction:g}) per {config.granularity}, the warm start's ω fitted too"] = (
             found["test_perplexity"],
@@ -112,7 +122,7 @@ def main() -> None:
     for label, (row, flops) in rows.items():
         cost = f"{flops:.3g} | {flops / grid_flops:.2f}" if flops and grid_flops else "- | -"
         print(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {_means(row, names)[0]:.3f} | {cost} |")
-    warm_start_result_file(config, fraction).write_text(json.dumps(result, indent=2))
+    warm_start_result_file(config, fraction, run_schedule).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

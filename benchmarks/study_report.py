@@ -63,8 +63,11 @@ def budget_mixture_label(fraction: float) -> str:
     return f"uniform, {fraction:g} of the tokens" if fraction < 1 else f"uniform, {fraction:g}x the tokens"
 
 
-def warm_start_label(fraction: float, search: str) -> str:
-    return f"DEM warm-started ({fraction:g} of the steps) {search}"
+def warm_start_label(warm: dict, search: str) -> str:
+    """A `dem_warm_start.py` result's DEM model, e.g. "DEM warm-started (0.25 of the steps) per layer"."""
+    schedule = warm.get("run_schedule")
+    runs = f", runs evaluated every {schedule[0]} steps, patience {schedule[1]}" if schedule else ""
+    return f"DEM warm-started ({warm['fraction']:g} of the steps{runs}) {search}"
 
 
 def warm_start_entries(warm: dict, pass_flops: float) -> dict[str, Entry]:
@@ -74,7 +77,7 @@ def warm_start_entries(warm: dict, pass_flops: float) -> dict[str, Entry]:
     for search, found in dem["searches"].items():
         searched += found["compute_forward_passes"]
         row = dem["test_perplexity"].get(f"DEM {search}") or dem["test_perplexity"]["DEM"]  # "DEM" alone: per vector only
-        entries[warm_start_label(warm["fraction"], search)] = Entry(
+        entries[warm_start_label(warm, search)] = Entry(
             row, warm["training_flops"] + searched * pass_flops, searched, warm["training_tokens"], warm["training_flops"])
     return entries
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -110,9 +111,29 @@ def test_warm_started_dem_is_charged_its_warm_start_runs_and_searches_in_sequenc
     entries = study_report.warm_start_entries(warm, pass_flops=5.0)
     label = study_report.warm_start_label
     assert entries == {
-        label(0.25, "per vector"): study_report.Entry({"a": 2.0}, 1000.0 + 12 * 5.0, 12.0, 900, 1000.0),
-        label(0.25, "per layer"): study_report.Entry({"a": 1.5}, 1000.0 + 22 * 5.0, 22.0, 900, 1000.0),
+        label(warm, "per vector"): study_report.Entry({"a": 2.0}, 1000.0 + 12 * 5.0, 12.0, 900, 1000.0),
+        label(warm, "per layer"): study_report.Entry({"a": 1.5}, 1000.0 + 22 * 5.0, 22.0, 900, 1000.0),
     }
+    assert label(warm, "per layer") == "DEM warm-started (0.25 of the steps) per layer"
+
+
+def test_warm_starts_with_their_own_run_schedule_are_kept_apart(tmp_path, monkeypatch):
+    from dem_hf.demo.pipeline import DemoConfig
+
+    monkeypatch.setattr(dem_vs_mixing, "WORK", tmp_path)
+    config = DemoConfig(eval_steps=10, early_stopping_patience=3)
+    plain, own = dem_vs_mixing.warm_start_config(config, 0.25), dem_vs_mixing.warm_start_config(config, 0.25, (5, 2))
+    assert (plain.eval_steps, plain.early_stopping_patience, own.eval_steps, own.early_stopping_patience) == (10, 3, 5, 2)
+    assert plain.output_dir != own.output_dir and own.warm_start == 0.25
+    dem = {k: {} for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector", "warm_start")}
+    for schedule in (None, (5, 2)):
+        record = {"fraction": 0.25, "run_schedule": schedule, "training_tokens": 1, "training_flops": 1.0, "dem": dem}
+        dem_vs_mixing.warm_start_result_file(config, 0.25, schedule).write_text(json.dumps(record))
+    found = dem_vs_mixing.warm_start_results(config)
+    assert [w["run_schedule"] for w in found] == [None, [5, 2]]
+    assert study_report.warm_start_label(found[1], "per layer") == (
+        "DEM warm-started (0.25 of the steps, runs evaluated every 5 steps, patience 2) per layer")
+    assert dem_vs_mixing.warm_start_results(DemoConfig(eval_steps=5, early_stopping_patience=2)) == []  # other settings
 
 
 def test_the_study_labels_each_setting_by_what_sets_it_apart():

@@ -9,6 +9,10 @@ settings stay the comparison. A new distribution still costs one run (from the s
 
     python benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128   # + any dem_vs_mixing.py option
 
+With `--run-eval-steps N --run-patience P` the runs from the warm start keep their best checkpoint on their own
+schedule (evaluated every N steps, stopped after P evaluations without progress) rather than plain DEM's
+`--eval_steps`/`--early_stopping_patience`: runs from a trained model peak sooner, so they can stop sooner.
+
 This is the demo with `DemoConfig.warm_start` set (`dem-hf demo --warm_start 0.25`), in its own folder. Needs
 `dem_vs_mixing.py` run first at the same settings (its record in benchmarks/results/ holds the mixtures and plain
 DEM). Stages are cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>/.

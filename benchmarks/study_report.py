@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -183,7 +184,7 @@ def pareto_chart(results: list[dict], path: Path) -> None:
         for label, entry in dem_entries(result).items():
             mean = _means(entry.row, names)[0]
             ax.scatter([entry.flops], [mean], marker=marker, color="tab:red")
-            ax.annotate(label.removeprefix("DEM, ").removeprefix("DEM "), (entry.flops, mean), fontsize=6,
+            ax.annotate(_point_label(label), (entry.flops, mean), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         ax.scatter([], [], marker=marker, color="tab:red", label=f"DEM: runs + searches ({regime})")
     ax.set_xscale("log")
@@ -196,15 +197,27 @@ def pareto_chart(results: list[dict], path: Path) -> None:
 
 def _regime(result: dict) -> str:
     """The settings that tell one result from another: the distributions (when not the demo's), full or LoRA, the
-    examples per distribution (when not the demo's), steps and schedule."""
+    examples per distribution (when not the demo's), steps and schedule, and early stopping."""
     config, defaults = result["config"], DemoConfig()
     tuning = "full" if config.get("finetuning") == "full" else f"LoRA r{config['lora_r']}"
     parts = ["+".join(config["distributions"])] if config["distributions"] != defaults.distributions else []
     parts.append(tuning)
     if config["n_train"] != defaults.n_train:
         parts.append(f"{config['n_train']} examples each")
-    parts.append(f"{config['max_steps']} steps/dataset, {config.get('lr_scheduler_type', 'constant')} lr")
+    steps = "up to " if config.get("eval_steps") else ""
+    parts.append(f"{steps}{config['max_steps']} steps/dataset, {config.get('lr_scheduler_type', 'constant')} lr")
+    if config.get("eval_steps"):
+        parts.append(f"best checkpoint, patience {config.get('early_stopping_patience') or '-'}")
     return ", ".join(parts)
+
+
+def _point_label(label: str) -> str:
+    """A DEM model's label, shortened for the chart: "DEM warm-started (0.4 of the steps, runs evaluated every 5
+    steps, patience 2) per layer" -> "warm 0.4 (runs 5/p2) per layer"."""
+    label = label.removeprefix("DEM, ").removeprefix("DEM ")
+    label = re.sub(r"warm-started \(([\d.]+) of the steps\) ", r"warm \1 ", label)
+    return re.sub(r"warm-started \(([\d.]+) of the steps, runs evaluated every (\d+) steps, patience (\d+)\) ",
+                  r"warm \1 (runs \2/p\3) ", label)
 
 
 def _pyplot():

@@ -150,6 +150,12 @@ def test_the_study_labels_each_setting_by_what_sets_it_apart():
         "LoRA r16, 100 examples each, 120 steps/dataset, cosine lr")
     assert label(distributions=["bible", "pydocs", "jargon"]).startswith("bible+pydocs+jargon, LoRA r16, ")
     assert label(finetuning="full").startswith("full, ")
+    assert label(n_train=100, eval_steps=10, early_stopping_patience=3) == (
+        "LoRA r16, 100 examples each, up to 30 steps/dataset, constant lr, best checkpoint, patience 3")
+    assert study_report._point_label(study_report.warm_start_label(
+        {"fraction": 0.4, "run_schedule": [5, 2]}, "per layer")) == "warm 0.4 (runs 5/p2) per layer"
+    assert study_report._point_label(study_report.warm_start_label({"fraction": 0.25}, "per vector")) == "warm 0.25 per vector"
+    assert study_report._point_label("DEM, gradient:layer (12, batch 3)") == "gradient:layer (12, batch 3)"
 
 
 def test_mixing_stopped_early_is_reported_beside_the_grid_not_in_it():

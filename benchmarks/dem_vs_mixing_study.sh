@@ -46,9 +46,12 @@ if [[ -z "${STUDY_ONLY:-}" ]]; then
   $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128
   # shellcheck disable=SC2086  # setting 8 warm-started: its warm start is 6's uniform mixture on a quarter of the tokens
   $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.25 --max_length 128 --group_batch_sequences 3 ${settings[7]}
-  # shellcheck disable=SC2086  # and 0.4 of the steps, the runs from it evaluated every 5 steps and stopped after 2
-  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.4 --run-eval-steps 5 --run-patience 2 --group_steps 8 \
-    --max_length 128 --group_batch_sequences 3 ${settings[7]}
+  # and 0.4 of the steps, the runs from it evaluated every 5 steps and stopped after 2 (then 1) without progress
+  for patience in 2 1; do  # each trains its own warm start, the same model (its folder may be copied over)
+    # shellcheck disable=SC2086
+    $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.4 --run-eval-steps 5 --run-patience $patience --group_steps 8 \
+      --max_length 128 --group_batch_sequences 3 ${settings[7]}
+  done
   for index in 0 1 7; do
     # shellcheck disable=SC2086
     $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$((index + 1)).md"

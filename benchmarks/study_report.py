@@ -162,37 +162,54 @@ def bar_chart(result: dict, path: Path) -> None:
 
 def pareto_chart(results: list[dict], path: Path) -> None:
     """x: training + search FLOPs; y: mean held-out test perplexity. Each mixture at its own run's cost, the best of
-    the grid at the whole grid's cost (what finding it took), each DEM model at its runs + searches."""
+    the grid at the whole grid's cost (what finding it took), each DEM model at its runs + searches. Left: every
+    model; right: the same, zoomed on the models within 5% of the best one (where DEM meets mixing)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    markers = "osD^v<>"
+    fig, (whole, zoom) = plt.subplots(1, 2, figsize=(15, 5.5))
+    best = min(_pareto_points(whole, results, legend=True))
+    _pareto_points(zoom, results, legend=False)
+    zoom.set_ylim(best * 0.995, best * 1.05)
+    zoom.set_title("zoom: within 5% of the best model")
+    whole.set_title("DEM vs data mixing: quality against compute")
+    for ax in (whole, zoom):
+        ax.set_xscale("log")
+        ax.set_xlabel("training + search FLOPs")
+    whole.set_ylabel("mean held-out test perplexity (lower is better)")
+    whole.legend(fontsize=6)
+    _save(fig, path)
+
+
+def _pareto_points(ax, results: list[dict], legend: bool) -> list[float]:
+    """Draw every result's mixtures and DEM models on `ax`; returns every mean perplexity drawn."""
+    markers, means = "osD^v<>", []
     for index, result in enumerate(results):
         names, regime = result["distributions"], _regime(result)
         marker = markers[index % len(markers)]
-        mixtures = {label: (_means(m["test_perplexity"], names)[0], run_cost(m["compute"])) for label, m in result["mixtures"].items()}
+
+        def label(text: str) -> str | None:
+            return f"{text} ({regime})" if legend else None
+
+        mixtures = {name: (_means(m["test_perplexity"], names)[0], run_cost(m["compute"])) for name, m in result["mixtures"].items()}
         ax.scatter([f for _, f in mixtures.values()], [m for m, _ in mixtures.values()], marker=marker, color="tab:blue",
-                   label=f"one mixture run ({regime})")
+                   label=label("one mixture run"))
         grid = sum(f for _, f in mixtures.values())
         if mixtures:
             ax.scatter([grid], [min(m for m, _ in mixtures.values())], marker=marker, color="navy", s=80,
-                       label=f"best of {len(mixtures)} mixtures, grid cost ({regime})")
+                       label=label(f"best of {len(mixtures)} mixtures, grid cost"))
         other_budgets = [(_means(m["test_perplexity"], names)[0], run_cost(m["compute"]))
                          for m in result.get("budget_mixtures", {}).values()]
         if other_budgets:
             ax.scatter([f for _, f in other_budgets], [m for m, _ in other_budgets], marker=marker, color="tab:cyan",
-                       label=f"uniform mixture at other budgets ({regime})")
-        for label, entry in dem_entries(result).items():
+                       label=label("uniform mixture at other budgets"))
+        for name, entry in dem_entries(result).items():
             mean = _means(entry.row, names)[0]
             ax.scatter([entry.flops], [mean], marker=marker, color="tab:red")
-            ax.annotate(_point_label(label), (entry.flops, mean), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.scatter([], [], marker=marker, color="tab:red", label=f"DEM: runs + searches ({regime})")
-    ax.set_xscale("log")
-    ax.set_xlabel("training + search FLOPs")
-    ax.set_ylabel("mean held-out test perplexity (lower is better)")
-    ax.set_title("DEM vs data mixing: quality against compute")
-    ax.legend(fontsize=7)
-    _save(fig, path)
+            ax.annotate(_point_label(name), (entry.flops, mean), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                        annotation_clip=True)
+            means.append(mean)
+        ax.scatter([], [], marker=marker, color="tab:red", label=label("DEM: runs + searches"))
+        means += [m for m, _ in mixtures.values()] + [m for m, _ in other_budgets]
+    return means
 
 
 def _regime(result: dict) -> str:

@@ -15,7 +15,7 @@ schedule (evaluated every N steps, stopped after P evaluations without progress)
 
 This is the demo with `DemoConfig.warm_start` set (`dem-hf demo --warm_start 0.25`), in its own folder. Needs
 `dem_vs_mixing.py` run first at the same settings (its record in benchmarks/results/ holds the mixtures and plain
-DEM). Stages are cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>/.
+DEM). Stages are cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>[-eval<N>-p<P>]/.
 Its result joins the study's: `dem_vs_mixing.py` at the same settings lists these models in its table, its charts and
 its off-distribution column.
 """
@@ -107,8 +107,9 @@ def main() -> None:
     rows.update({f"mixture: {k}": (m["test_perplexity"], run_cost(m["compute"])) for k, m in plain["mixtures"].items()})
     rows.update({f"plain {label}": (entry.row, entry.flops) for label, entry in dem_entries(plain).items()
                  if label in plain["dem_models"]})
-    result = {"fraction": fraction, "run_schedule": run_schedule, "warm_compute": warm_compute, "dem": dem, "training_tokens": run_tokens,
-              "training_flops": run_flops, "search_passes": passes, "plain_result": str(plain_file)}
+    result = {"fraction": fraction, "run_schedule": run_schedule, "warm_compute": warm_compute, "dem": dem,
+              "training_tokens": run_tokens, "training_flops": run_flops, "search_passes": passes,
+              "plain_result": str(plain_file)}
     rows.update({label: (entry.row, entry.flops)
                  for label, entry in warm_start_entries(result, plain["forward_pass_flops"]).items()})
     if args.search_warm_vector:

@@ -189,7 +189,8 @@ def _pareto_points(ax, results: list[dict], legend: bool) -> list[float]:
         def label(text: str) -> str | None:
             return f"{text} ({regime})" if legend else None
 
-        mixtures = {name: (_means(m["test_perplexity"], names)[0], run_cost(m["compute"])) for name, m in result["mixtures"].items()}
+        mixtures = {name: (_means(m["test_perplexity"], names)[0], run_cost(m["compute"]))
+                    for name, m in result["mixtures"].items()}
         ax.scatter([f for _, f in mixtures.values()], [m for m, _ in mixtures.values()], marker=marker, color="tab:blue",
                    label=label("one mixture run"))
         grid = sum(f for _, f in mixtures.values())

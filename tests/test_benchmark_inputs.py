@@ -191,3 +191,21 @@ def test_evaluations_of_runs_kept_at_their_best_checkpoint_count_in_their_cost()
     # DEM: 150 training + 50 evaluation + 50 search FLOPs = 0.25x the grid's 1000; its search is 25% of its runs' 200.
     assert "- DEM per vector: mean 6.000, -25.00% vs the best mixture, at 0.25x the grid's compute; searches 50.0 " \
            "forward-pass equivalents = 25.0% of its training compute" in report
+
+
+def test_the_pareto_chart_draws_every_model_and_zooms_on_the_best(tmp_path):
+    from dataclasses import asdict
+
+    from dem_hf.demo.pipeline import DemoConfig
+
+    pytest.importorskip("matplotlib")
+    compute = {"total_flos": 10.0, "tokens_seen": 5}
+    result = {"config": asdict(DemoConfig()), "distributions": ["a", "b"], "forward_pass_flops": 1.0,
+              "mixtures": {"uniform": {"test_perplexity": {"a": 2.0, "b": 4.0}, "compute": compute}},
+              "dem_runs": {"a": compute, "b": compute}, "dem_search_passes": {"per vector": 3.0},
+              "dem_models": {"DEM per vector": {"a": 3.0, "b": 5.0}}}
+    path = tmp_path / "pareto.png"
+    study_report.pareto_chart([result], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*tmp*"))
+    figure = study_report._pyplot().figure()
+    assert sorted(study_report._pareto_points(figure.gca(), [result], legend=False)) == [3.0, 4.0]

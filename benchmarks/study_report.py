@@ -232,10 +232,12 @@ def _regime(result: dict) -> str:
 def _point_label(label: str) -> str:
     """A DEM model's label, shortened for the chart: "DEM warm-started (0.4 of the steps, runs evaluated every 5
     steps, patience 2) per layer" -> "warm 0.4 (runs 5/p2) per layer"."""
-    label = label.removeprefix("DEM, ").removeprefix("DEM ")
-    label = re.sub(r"warm-started \(([\d.]+) of the steps\) ", r"warm \1 ", label)
-    return re.sub(r"warm-started \(([\d.]+) of the steps, runs evaluated every (\d+) steps, patience (\d+)\) ",
-                  r"warm \1 (runs \2/p\3) ", label)
+    def short(match: re.Match) -> str:
+        fraction, every, patience = match.groups()
+        return f"warm {fraction} " + (f"(runs {every}/p{patience}) " if every else "")
+
+    pattern = r"warm-started \(([\d.]+) of the steps(?:, runs evaluated every (\d+) steps, patience (\d+))?\) "
+    return re.sub(pattern, short, label.removeprefix("DEM, ").removeprefix("DEM "))
 
 
 def _pyplot():

@@ -26,7 +26,9 @@ settings=(
   "--n_train 100 --max_steps 30 --lr_scheduler_type cosine --warmup_ratio 0.1 --mixtures uniform"  # 7: 6's data, both
                                                                    #    sides stopped at 1.2 epochs
   "--n_train 100 --eval_steps 10 --early_stopping_patience 3 ${LONG[*]}"  # 8: 6 with every run kept at its best
-)                                                                  #    checkpoint, stopped after 3 evaluations
+                                                                   #    checkpoint, stopped after 3 evaluations
+  "${TEXT[*]} --n_train 100 --eval_steps 10 --early_stopping_patience 3 ${LONG[*]}"  # 9: 8's recipe, plain-text group
+)
 mkdir -p benchmarks/.work/dem_vs_mixing
 for index in "${!settings[@]}"; do
   number=$((index + 1))
@@ -52,7 +54,11 @@ if [[ -z "${STUDY_ONLY:-}" ]]; then
     $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.4 --run-eval-steps 5 --run-patience $patience --group_steps 8 \
       --max_length 128 --group_batch_sequences 3 ${settings[7]}
   done
-  for index in 0 1 7; do
+  # setting 9 warm-started the same way (0.4 of the steps, the runs from it stopped after 1 without progress)
+  # shellcheck disable=SC2086
+  $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.4 --run-eval-steps 5 --run-patience 1 --group_steps 8 \
+    --max_length 128 --group_batch_sequences 3 ${settings[8]}
+  for index in 0 1 7 8; do
     # shellcheck disable=SC2086
     $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$((index + 1)).md"
   done

@@ -107,7 +107,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
     parser.add_argument("--n-off", type=int, default=64, help="Test examples of --off-distribution.")
     for f in fields(DemoConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        if f.name in ("output_dir", "cache_dir", "warm_start"):  # DEM from a warm start: benchmarks/dem_warm_start.py
+        if f.name in ("output_dir", "cache_dir", "warm_start", "group_init"):  # both: benchmarks/dem_warm_start.py
             continue
         default = STUDY_DEFAULTS.get(f.name, default)
         if isinstance(default, list):
@@ -168,9 +168,12 @@ def warm_start_config(config: DemoConfig, fraction: float, run_schedule: tuple[i
     return warm
 
 
-def warm_start_result_file(config: DemoConfig, fraction: float, run_schedule: tuple[int, int] | None = None) -> Path:
-    """Where `dem_warm_start.py` writes its result at these settings, warm fraction and run schedule."""
-    return WORK / f"result-{warm_start_tag(fraction, run_schedule)}-{_settings_tag(config)}.json"
+def warm_start_result_file(config: DemoConfig, fraction: float, run_schedule: tuple[int, int] | None = None,
+                           group_init: str = "per_vector") -> Path:
+    """Where `dem_warm_start.py` writes its result at these settings, warm fraction, run schedule and start of the
+    per-layer fit (`-from-uniform`: ω = 1/k, no per-vector search; the runs and their folder are the same)."""
+    start = "" if group_init == "per_vector" else f"-from-{group_init}"
+    return WORK / f"result-{warm_start_tag(fraction, run_schedule)}{start}-{_settings_tag(config)}.json"
 
 
 def run_schedule_of(warm: dict) -> tuple[int, int] | None:
@@ -185,9 +188,10 @@ def warm_start_results(config: DemoConfig) -> list[dict]:
     found = []
     for path in sorted(WORK.glob(f"result-warm*-{_settings_tag(config)}.json")):
         warm = json.loads(path.read_text())
-        if path != warm_start_result_file(config, warm["fraction"], run_schedule_of(warm)):  # * may reach into a longer tag
-            continue
-        found.append({"fraction": warm["fraction"], "run_schedule": warm.get("run_schedule"),
+        group_init = warm.get("group_init", "per_vector")
+        if path != warm_start_result_file(config, warm["fraction"], run_schedule_of(warm), group_init):  # * may reach
+            continue  # into a longer tag
+        found.append({"fraction": warm["fraction"], "run_schedule": warm.get("run_schedule"), "group_init": group_init,
                       "training_tokens": warm["training_tokens"], "training_flops": warm["training_flops"],
                       "dem": {k: warm["dem"][k] for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector",
                                                           "warm_start")}})

@@ -13,6 +13,9 @@ With `--run-eval-steps N --run-patience P` the runs from the warm start keep the
 schedule (evaluated every N steps, stopped after P evaluations without progress) rather than plain DEM's
 `--eval_steps`/`--early_stopping_patience`: runs from a trained model peak sooner, so they can stop sooner.
 
+With `--group-init uniform` the per-layer fit starts at ω = 1/k for each of the k vectors, with no per-vector search
+(the same runs; its result is kept apart from the per-vector-started one).
+
 This is the demo with `DemoConfig.warm_start` set (`dem-hf demo --warm_start 0.25`), in its own folder. Needs
 `dem_vs_mixing.py` run first at the same settings (its record in benchmarks/results/ holds the mixtures and plain
 DEM). Stages are cached under benchmarks/.work/dem_vs_mixing/dem-<settings>-warm<fraction>[-eval<N>-p<P>]/.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dem_vs_mixing import parse_args, record_file, warm_start_config, warm_start_result_file  # noqa: E402
 from study_report import _means, dem_entries, run_cost, warm_start_entries  # noqa: E402
 
-from dem_hf.demo.pipeline import WARM_START_ROW, _test_perplexities, run_demo, runs_dir  # noqa: E402
+from dem_hf.demo.pipeline import GROUP_INITS, WARM_START_ROW, _test_perplexities, run_demo, runs_dir  # noqa: E402
 
 
 def warm_vector_search(config, fraction: float, dem: dict, run_schedule: tuple[int, int] | None = None) -> dict:
@@ -77,6 +81,8 @@ def main() -> None:
                      help="Evaluate the runs from the warm start every N steps (default: --eval_steps, as plain DEM).")
     own.add_argument("--run-patience", type=int, default=None, metavar="P",
                      help="Stop them after P evaluations without progress (default: --early_stopping_patience).")
+    own.add_argument("--group-init", default="per_vector", choices=GROUP_INITS,
+                     help="Start of the per-layer fit: the per-vector search's best, or ω = 1/k (no per-vector search).")
     args, sys.argv[1:] = own.parse_known_args()
     fraction = args.warm_fraction
     if not 0.0 < fraction < 1.0:
@@ -92,7 +98,12 @@ def main() -> None:
                         config.early_stopping_patience if args.run_patience is None else args.run_patience)
         if run_schedule[0] <= 0 or run_schedule[1] < 0:
             raise SystemExit(f"--run-eval-steps/--run-patience: expected N > 0 and P >= 0, got {run_schedule}")
-    dem = run_demo(warm_start_config(config, fraction, run_schedule))  # the demo, warm-started: `DemoConfig.warm_start`
+    if args.group_init != "per_vector" and config.granularity == "vector":
+        raise SystemExit(f"--group-init {args.group_init}: starts a per-layer fit, expected --granularity layer or module")
+    if args.group_init != "per_vector" and args.search_warm_vector:
+        raise SystemExit("--search-warm-vector starts from the per-vector search's best: expected --group-init per_vector")
+    demo_config = replace(warm_start_config(config, fraction, run_schedule), group_init=args.group_init)
+    dem = run_demo(demo_config)  # the demo, warm-started: `DemoConfig.warm_start`
     warm_compute, steps = dem["warm_start"]["compute"], dem["warm_start"]["run_steps"]
     names = plain["distributions"]
     # Runs kept at their best checkpoint (--eval_steps) also pay their evaluations: one pass over their validation set
@@ -107,7 +118,8 @@ def main() -> None:
     rows.update({f"mixture: {k}": (m["test_perplexity"], run_cost(m["compute"])) for k, m in plain["mixtures"].items()})
     rows.update({f"plain {label}": (entry.row, entry.flops) for label, entry in dem_entries(plain).items()
                  if label in plain["dem_models"]})
-    result = {"fraction": fraction, "run_schedule": run_schedule, "warm_compute": warm_compute, "dem": dem,
+    result = {"fraction": fraction, "run_schedule": run_schedule, "group_init": args.group_init,
+              "warm_compute": warm_compute, "dem": dem,
               "training_tokens": run_tokens, "training_flops": run_flops, "search_passes": passes,
               "plain_result": str(plain_file)}
     rows.update({label: (entry.row, entry.flops)
@@ -127,7 +139,7 @@ def main() -> None:
     for label, (row, flops) in rows.items():
         cost = f"{flops:.3g} | {flops / grid_flops:.2f}" if flops and grid_flops else "- | -"
         print(f"| {label} | " + " | ".join(f"{row[n]:.3f}" for n in names) + f" | {_means(row, names)[0]:.3f} | {cost} |")
-    warm_start_result_file(config, fraction, run_schedule).write_text(json.dumps(result, indent=2))
+    warm_start_result_file(config, fraction, run_schedule, args.group_init).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

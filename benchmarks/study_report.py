@@ -65,15 +65,17 @@ def budget_mixture_label(fraction: float) -> str:
 
 
 def warm_start_label(warm: dict, search: str) -> str:
-    """A `dem_warm_start.py` result's DEM model, e.g. "DEM warm-started (0.25 of the steps) per layer"."""
+    """A `dem_warm_start.py` result's DEM model, e.g. "DEM warm-started (0.25 of the steps) per layer" (+ " from
+    ω = 1/k" when the per-layer fit started there, without a per-vector search)."""
     schedule = warm.get("run_schedule")
     runs = f", runs evaluated every {schedule[0]} steps, patience {schedule[1]}" if schedule else ""
-    return f"DEM warm-started ({warm['fraction']:g} of the steps{runs}) {search}"
+    start = " from ω = 1/k" if warm.get("group_init") == "uniform" else ""
+    return f"DEM warm-started ({warm['fraction']:g} of the steps{runs}) {search}{start}"
 
 
 def warm_start_entries(warm: dict, pass_flops: float) -> dict[str, Entry]:
     """The DEM models of one `dem_warm_start.py` result: its training (warm start + runs) plus its searches, which
-    run in sequence (per layer starts from per vector)."""
+    run in sequence (per layer starts from per vector, when there is one)."""
     dem, searched, entries = warm["dem"], 0.0, {}
     for search, found in dem["searches"].items():
         searched += found["compute_forward_passes"]

@@ -126,13 +126,18 @@ def test_warm_starts_with_their_own_run_schedule_are_kept_apart(tmp_path, monkey
     assert (plain.eval_steps, plain.early_stopping_patience, own.eval_steps, own.early_stopping_patience) == (10, 3, 5, 2)
     assert plain.output_dir != own.output_dir and own.warm_start == 0.25
     dem = {k: {} for k in ("test_perplexity", "searches", "coefficients", "coefficients_per_vector", "warm_start")}
-    for schedule in (None, (5, 2)):
+    for schedule, group_init in ((None, None), ((5, 2), "per_vector"), ((5, 2), "uniform")):
         record = {"fraction": 0.25, "run_schedule": schedule, "training_tokens": 1, "training_flops": 1.0, "dem": dem}
-        dem_vs_mixing.warm_start_result_file(config, 0.25, schedule).write_text(json.dumps(record))
+        if group_init:  # results written before the uniform start existed have no "group_init"
+            record["group_init"] = group_init
+        dem_vs_mixing.warm_start_result_file(config, 0.25, schedule, group_init or "per_vector").write_text(json.dumps(record))
     found = dem_vs_mixing.warm_start_results(config)
-    assert [w["run_schedule"] for w in found] == [None, [5, 2]]
+    assert [(w["run_schedule"], w["group_init"]) for w in found] == [
+        (None, "per_vector"), ([5, 2], "per_vector"), ([5, 2], "uniform")]
     assert study_report.warm_start_label(found[1], "per layer") == (
         "DEM warm-started (0.25 of the steps, runs evaluated every 5 steps, patience 2) per layer")
+    assert study_report.warm_start_label(found[2], "per layer") == (
+        "DEM warm-started (0.25 of the steps, runs evaluated every 5 steps, patience 2) per layer from ω = 1/k")
     assert dem_vs_mixing.warm_start_results(DemoConfig(eval_steps=5, early_stopping_patience=2)) == []  # other settings
 
 

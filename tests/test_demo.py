@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,42 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
     assert again["timings_s"]["search per layer"] < 1.0 and again["timings_s"]["warm start"] < 5.0
     assert "merge and save" not in again["timings_s"]
     assert (Path(results["model_dir"]) / "README.md").read_text() == card  # the section is replaced, not repeated
+
+
+def test_a_uniform_start_fits_per_layer_from_one_over_k_without_a_per_vector_search(tmp_path, tiny_demo):
+    """`group_init="uniform"`: no per-vector search; the per-layer fit starts at ω = 1/k on every group, its cache
+    lives beside the per-vector-started one (switching back reuses that), and the table shows the start's model."""
+    import json
+
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b", "c"], n_train=8, n_val=4, n_test=2, max_steps=2,
+        batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
+        eval_batch_size=2, group_steps=2, warm_start=0.0,
+    )
+    started = run_demo(config)
+    per_vector_fit = json.loads((tmp_path / "demo" / "search_layer.json").read_text())
+
+    uniform = run_demo(replace(config, group_init="uniform"))
+    assert list(uniform["searches"]) == ["per layer"] and "search" not in uniform["timings_s"]
+    assert uniform["coefficients_per_vector"] == {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    fit = json.loads((tmp_path / "demo" / "search_layer_from_uniform.json").read_text())["value"]
+    first = fit["candidates"][0]["coefficients"]
+    assert all(value == pytest.approx(1 / 3) for groups in first.values() for value in groups.values())
+    assert set(uniform["test_perplexity"]) == {"base", "a only", "b only", "c only", "DEM at ω = 1/k", "DEM per layer"}
+    assert DEMMerger.from_pretrained(uniform["model_dir"]).config.coefficients == uniform["coefficients"]
+    assert "every coefficient at 1/k" in (Path(uniform["model_dir"]) / "README.md").read_text()
+    assert uniform["searches"]["per layer"]["compute_forward_passes"] == fit["compute"]
+
+    assert json.loads((tmp_path / "demo" / "search_layer.json").read_text()) == per_vector_fit  # kept, not replaced
+    again = run_demo(config)
+    assert again["coefficients"] == started["coefficients"] and again["timings_s"]["search per layer"] < 1.0
+
+
+def test_a_uniform_start_needs_a_per_group_fit():
+    with pytest.raises(ValueError, match="expected granularity 'layer' or 'module', got 'vector'"):
+        DemoConfig(group_init="uniform", granularity="vector")
+    with pytest.raises(ValueError, match="group_init"):
+        DemoConfig(group_init="mean")
 
 
 def test_caches_written_before_later_config_fields_existed_stay_valid(tmp_path):

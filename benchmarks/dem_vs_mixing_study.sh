@@ -38,7 +38,7 @@ for index in "${!settings[@]}"; do
 done
 # DEM from a shared warm start (a quarter of DEM's steps on one uniform mixture first, the demo's default) at settings
 # 1, 2 and 8 (at 1 also half of the steps, and the warm start's own ω fitted per layer; at 8 also 0.4 of the steps
-# with the runs from it stopped sooner), then those settings' tables
+# with the runs from it stopped sooner; at 8 and 9 also the fit from ω = 1/k), then those settings' tables
 # again (every stage cached), now with the warm-started models in them.
 if [[ -z "${STUDY_ONLY:-}" ]]; then
   # shellcheck disable=SC2086
@@ -58,6 +58,13 @@ if [[ -z "${STUDY_ONLY:-}" ]]; then
   # shellcheck disable=SC2086
   $PYTHON benchmarks/dem_warm_start.py --warm-fraction 0.4 --run-eval-steps 5 --run-patience 1 --group_steps 8 \
     --max_length 128 --group_batch_sequences 3 ${settings[8]}
+  # settings 8 and 9 again from the same runs, the per-layer fit started at ω = 1/k with no per-vector search
+  # (7 steps: within 10% of their training compute)
+  for index in 7 8; do
+    # shellcheck disable=SC2086
+    $PYTHON benchmarks/dem_warm_start.py --group-init uniform --warm-fraction 0.4 --run-eval-steps 5 --run-patience 1 \
+      --group_steps 7 --max_length 128 --group_batch_sequences 3 ${settings[$index]}
+  done
   for index in 0 1 7 8; do
     # shellcheck disable=SC2086
     $PYTHON benchmarks/dem_vs_mixing.py "${COMMON[@]}" ${settings[$index]} | tee "benchmarks/.work/study-$((index + 1)).md"

@@ -98,8 +98,6 @@ def main() -> None:
                         config.early_stopping_patience if args.run_patience is None else args.run_patience)
         if run_schedule[0] <= 0 or run_schedule[1] < 0:
             raise SystemExit(f"--run-eval-steps/--run-patience: expected N > 0 and P >= 0, got {run_schedule}")
-    if args.group_init != "per_vector" and config.granularity == "vector":
-        raise SystemExit(f"--group-init {args.group_init}: starts a per-layer fit, expected --granularity layer or module")
     if args.group_init != "per_vector" and args.search_warm_vector:
         raise SystemExit("--search-warm-vector starts from the per-vector search's best: expected --group-init per_vector")
     demo_config = replace(warm_start_config(config, fraction, run_schedule), group_init=args.group_init)

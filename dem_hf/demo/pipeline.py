@@ -326,6 +326,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
 
 WARM_START_ROW = "warm start"
+UNIFORM_START_ROW = "DEM at ω = 1/k"  # the per-layer fit's start when DemoConfig.group_init="uniform"
 
 
 def split_steps(config: DemoConfig, n_distributions: int) -> tuple[int, int]:
@@ -359,7 +360,7 @@ def _train_warm_start(config: DemoConfig, model_dir: Path, train: dict[str, Any]
 
 def _start_label(config: DemoConfig) -> str:
     """The row of the per-layer / per-module fit's start in the results table."""
-    return "DEM at ω = 1/k" if config.group_init == "uniform" else "DEM per vector"
+    return UNIFORM_START_ROW if config.group_init == "uniform" else "DEM per vector"
 
 
 def _dem_label(config: DemoConfig) -> str:
@@ -394,7 +395,7 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
     warm = results.get("warm_start")
     start = (f"the warm start (a uniform mixture of the datasets trained for {warm['mixture_steps']} steps, "
              f"{warm['fraction']:g} of all the steps; every run started from it and DEM merges into it), " if warm else "")
-    uniform = "DEM at ω = 1/k" in results["test_perplexity"]  # DemoConfig.group_init="uniform": no per-vector search
+    uniform = UNIFORM_START_ROW in results["test_perplexity"]  # DemoConfig.group_init="uniform": no per-vector search
     dem = "DEM with every coefficient at 1/k (the fit's start)" if uniform else "DEM with one coefficient per vector"
     section = (
         f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, {start}each "

@@ -6,8 +6,9 @@ Three contenders, scored on the same held-out test splits (token-weighted perple
     coefficient search on the validation splits; reused from the demo's cache when the settings match.
 (b) Data mixing: one run per mixture of the same training splits, each trained on as many tokens as DEM's
     runs together (stopped by a token budget, so every mixture sees the same number of tokens), for a
-    grid of mixtures: uniform, proportional to each dataset's tokens, proportional to DEM's coefficients,
-    and tilted towards the datasets the base model finds hardest (its validation loss).
+    grid of four distinct mixtures: uniform, proportional to each dataset's tokens, proportional to DEM's
+    coefficients, and tilted towards the datasets the base model finds hardest (its validation loss); a
+    candidate equal to an earlier one gives its place to the mixture proportional to the tokens' square root.
 (c) The base model.
 
 Compute is what the runs measured (non-padding tokens seen; FLOPs as Transformers counts them and as
@@ -198,18 +199,36 @@ def warm_start_results(config: DemoConfig) -> list[dict]:
     return found
 
 
+GRID_SIZE = 4  # mixtures in the grid: the first this many distinct candidates of `mixture_grid`
+
+
 def mixture_grid(names: list[str], train_tokens: dict[str, int], coefficients: dict[str, float],
                  base_val_loss: dict[str, float]) -> dict[str, dict[str, float]]:
-    """The grid of mixture weights (need not sum to 1)."""
-    grid = {
+    """The grid of mixture weights (need not sum to 1): the first `GRID_SIZE` distinct candidates, in order.
+
+    Candidates that sample the same mixture (equal weights once normalised, e.g. DEM's coefficients all equal, which
+    is the uniform mixture) are one run, so only the first is kept and the grid's compute counts it once; the square
+    root of the tokens (temperature sampling) stands in for it.
+    """
+    candidates = {
         "uniform": {n: 1.0 for n in names},
         "proportional to tokens": {n: float(train_tokens[n]) for n in names},
         "proportional to DEM's coefficients": {n: max(coefficients[n], 0.0) for n in names},
         "tilted to the hardest (base val loss^2)": {n: base_val_loss[n] ** 2 for n in names},
+        "proportional to √tokens": {n: math.sqrt(train_tokens[n]) for n in names},
     }
-    if sum(grid["proportional to DEM's coefficients"].values()) == 0:
-        del grid["proportional to DEM's coefficients"]
+    grid: dict[str, dict[str, float]] = {}
+    for label, weights in candidates.items():
+        if len(grid) < GRID_SIZE and sum(weights.values()) > 0 and not any(
+                _same_mixture(weights, kept) for kept in grid.values()):
+            grid[label] = weights
     return grid
+
+
+def _same_mixture(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether two weightings sample the datasets with the same probabilities."""
+    total_a, total_b = sum(a.values()), sum(b.values())
+    return all(math.isclose(a[n] / total_a, b[n] / total_b, rel_tol=1e-9, abs_tol=1e-12) for n in a)
 
 
 def steps_for_budget(weights: dict[str, float], tokens: dict[str, int], examples: dict[str, int], budget: int,

@@ -103,6 +103,22 @@ def test_mixture_schedule_ends_where_the_token_budget_stops_the_run(tmp_path):
     assert compute["global_step"] >= 0.9 * steps, f"stopped at step {compute['global_step']} of a {steps}-step schedule"
 
 
+def test_the_mixing_grid_trains_four_distinct_mixtures_and_counts_each_once():
+    names = ["a", "b", "c"]
+    tokens, val_loss = {"a": 100, "b": 400, "c": 900}, {"a": 1.0, "b": 1.5, "c": 2.0}
+    distinct = dem_vs_mixing.mixture_grid(names, tokens, {"a": 0.2, "b": 1.0, "c": 0.5}, val_loss)
+    assert list(distinct) == ["uniform", "proportional to tokens", "proportional to DEM's coefficients",
+                              "tilted to the hardest (base val loss^2)"]
+    # Coefficients all equal sample the uniform mixture: one run, counted once; √tokens takes the free place.
+    equal = dem_vs_mixing.mixture_grid(names, tokens, {"a": 1.3, "b": 1.3, "c": 1.3}, val_loss)
+    assert list(equal) == ["uniform", "proportional to tokens", "tilted to the hardest (base val loss^2)",
+                           "proportional to √tokens"]
+    assert equal["proportional to √tokens"] == {"a": 10.0, "b": 20.0, "c": 30.0}
+    # So do coefficients proportional to the tokens, and all-zero coefficients sample nothing.
+    assert "proportional to DEM's coefficients" not in dem_vs_mixing.mixture_grid(names, tokens, {"a": 1, "b": 4, "c": 9}, val_loss)
+    assert len(dem_vs_mixing.mixture_grid(names, tokens, {"a": 0.0, "b": 0.0, "c": 0.0}, val_loss)) == 4
+
+
 def test_warm_started_dem_is_charged_its_warm_start_runs_and_searches_in_sequence():
     warm = {"fraction": 0.25, "training_tokens": 900, "training_flops": 1000.0,
             "dem": {"test_perplexity": {"DEM per vector": {"a": 2.0}, "DEM per layer": {"a": 1.5}},

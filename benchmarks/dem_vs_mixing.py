@@ -63,6 +63,7 @@ from dem_hf.demo.pipeline import (  # noqa: E402
     run_demo,
     runs_dir,
 )
+from dem_hf.demo.mixing import mixture_model  # noqa: E402
 from dem_hf.training.runs import write_json_atomic  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
@@ -108,7 +109,8 @@ def parse_args() -> tuple[DemoConfig, dict]:
     parser.add_argument("--n-off", type=int, default=64, help="Test examples of --off-distribution.")
     for f in fields(DemoConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        if f.name in ("output_dir", "cache_dir", "warm_start", "group_init"):  # both: benchmarks/dem_warm_start.py
+        if f.name in ("output_dir", "cache_dir", "warm_start", "group_init", "mixture_baseline"):  # set below, or by
+            # benchmarks/dem_warm_start.py (warm_start, group_init)
             continue
         default = STUDY_DEFAULTS.get(f.name, default)
         if isinstance(default, list):
@@ -124,7 +126,8 @@ def parse_args() -> tuple[DemoConfig, dict]:
     MIXTURE_FRACTIONS = args.pop("mixture_fractions")
     if not all(f > 0.0 and f != 1.0 for f in MIXTURE_FRACTIONS):
         parser.error(f"--mixture-fractions: expected positive multiples other than 1, got {MIXTURE_FRACTIONS}")
-    config = DemoConfig(**args, warm_start=0.0)  # plain DEM: every run from the base
+    # Plain DEM: every run from the base; the grid below is the mixing side (warm starts: benchmarks/dem_warm_start.py).
+    config = DemoConfig(**args, warm_start=0.0, mixture_baseline=False)
     if config != DemoConfig():
         config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
     return config, options
@@ -258,18 +261,6 @@ def input_tokens(dataset, tokenizer, max_length: int) -> int:
     from dem_hf.evaluation.perplexity import tokenize_for_evaluation
 
     return sum(len(ids) for ids in tokenize_for_evaluation(dataset, tokenizer, max_length=max_length).input_ids)
-
-
-def mixture_model(model_dir: Path, mixture_dir: Path):
-    """The mixture run's model: its full fine-tune, or the base with its LoRA adapter merged in (weight 1)."""
-    from transformers import AutoModelForCausalLM
-
-    from dem_hf import DEMMerger, DistributionVector
-
-    if not (Path(mixture_dir) / "adapter_config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(mixture_dir)
-    vector = DistributionVector.from_peft(mixture_dir, name="mixture")
-    return DEMMerger.from_pretrained(model_dir, vectors=[vector]).merge({"mixture": 1.0})
 
 
 def run_benchmark(config: DemoConfig) -> dict:

@@ -41,7 +41,8 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
         eval_batch_size=2, group_steps=2,
     )
     results = run_demo(config)
-    assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM per vector", "DEM per layer"}
+    assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM per vector", "DEM per layer",
+                                               "uniform mixture"}
     assert set(results["coefficients"]) == {"a", "b"}
     assert all(isinstance(value, dict) for value in results["coefficients"].values())  # the saved model: per layer
     assert set(results["coefficients_per_vector"]) == {"a", "b"}
@@ -62,8 +63,45 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
     assert again["coefficients"] == results["coefficients"]
     assert again["timings_s"]["search"] < 1.0 and again["timings_s"]["evaluate"] < 1.0
     assert again["timings_s"]["search per layer"] < 1.0 and again["timings_s"]["warm start"] < 5.0
-    assert "merge and save" not in again["timings_s"]
+    assert "merge and save" not in again["timings_s"] and again["timings_s"]["uniform mixture"] < 5.0
     assert (Path(results["model_dir"]) / "README.md").read_text() == card  # the section is replaced, not repeated
+
+
+def test_the_uniform_mixture_trains_on_dem_s_tokens_from_the_warm_start(tmp_path, tiny_demo):
+    """The table's data-mixing run: the uniform mixture, from the warm start, for as many steps as DEM's runs together;
+    its model is the warm start plus its adapter. Without it nothing else changes and the searches are reused."""
+    import json
+
+    import torch
+
+    from dem_hf.demo.mixing import mixture_model
+
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"), distributions=["a", "b", "c"], n_train=8, n_val=4, n_test=2, max_steps=4,
+        batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
+        eval_batch_size=2, granularity="vector", warm_start=0.5,
+    )
+    results = run_demo(config)
+    mixing, warm = results["mixture"], results["warm_start"]
+    assert mixing["steps"] == 3 * warm["run_steps"] == mixing["compute"]["global_step"] == 6
+    assert mixing["compute"]["tokens_seen"] == pytest.approx(sum(c["tokens_seen"] for c in results["compute"].values()),
+                                                             rel=0.5)
+    info = json.loads((Path(mixing["model_dir"]).parent / "run_info.json").read_text())
+    assert info["probabilities"] == {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    assert Path(info["base_model"]).resolve() == Path(warm["model_dir"]).resolve()
+    model = mixture_model(warm["model_dir"], mixing["model_dir"])
+    warm_model = AutoModelForCausalLM.from_pretrained(warm["model_dir"])
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), warm_model.state_dict().values()))
+    row = results["test_perplexity"]["uniform mixture"]
+    assert row != results["test_perplexity"]["warm start"] and "| uniform mixture |" in format_results(results)
+    card = (Path(results["model_dir"]) / "README.md").read_text().split(pipeline.CARD_SECTION)[1]
+    assert "the uniform mixture of the datasets trained for as many steps as DEM's runs together (6, from the warm" in card
+
+    without = run_demo(replace(config, mixture_baseline=False))
+    assert "uniform mixture" not in without["test_perplexity"] and without["mixture"] is None
+    assert without["timings_s"]["search"] < 1.0  # the search's cache does not depend on the mixture
+    assert {k: v for k, v in without["test_perplexity"].items()} == {
+        k: v for k, v in results["test_perplexity"].items() if k != "uniform mixture"}
 
 
 def test_a_uniform_start_fits_per_layer_from_one_over_k_without_a_per_vector_search(tmp_path, tiny_demo):
@@ -85,7 +123,8 @@ def test_a_uniform_start_fits_per_layer_from_one_over_k_without_a_per_vector_sea
     fit = json.loads((tmp_path / "demo" / "search_layer_from_uniform.json").read_text())["value"]
     first = fit["candidates"][0]["coefficients"]
     assert all(value == pytest.approx(1 / 3) for groups in first.values() for value in groups.values())
-    assert set(uniform["test_perplexity"]) == {"base", "a only", "b only", "c only", "DEM at ω = 1/k", "DEM per layer"}
+    assert set(uniform["test_perplexity"]) == {"base", "a only", "b only", "c only", "DEM at ω = 1/k", "DEM per layer",
+                                               "uniform mixture"}
     assert DEMMerger.from_pretrained(uniform["model_dir"]).config.coefficients == uniform["coefficients"]
     assert "every coefficient at 1/k" in (Path(uniform["model_dir"]) / "README.md").read_text()
     assert uniform["searches"]["per layer"]["compute_forward_passes"] == fit["compute"]
@@ -229,7 +268,7 @@ def test_the_demo_trains_full_fine_tunes_with_a_decaying_schedule(tmp_path, tiny
         granularity="vector", finetuning="full", lr_scheduler_type="cosine", warmup_ratio=0.25,
     )
     results = run_demo(config)
-    assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM"}
+    assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM", "uniform mixture"}
     runs = pipeline.runs_dir(config)
     vector = DistributionVector.from_pretrained(runs / "a" / "vector")
     assert vector.dense_names and not vector.lora_modules  # a full fine-tune's delta

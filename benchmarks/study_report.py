@@ -218,7 +218,7 @@ def _pareto_points(ax, results: list[dict], legend: bool) -> list[float]:
 def _regime(result: dict) -> str:
     """The settings that tell one result from another: the distributions (when not the demo's), full or LoRA, the
     examples per distribution (when not the demo's), steps and schedule, and early stopping."""
-    config, defaults = result["config"], DemoConfig()
+    config, defaults = result["config"], DemoConfig(n_train=400)  # the records' reference, as in their tags
     tuning = "full" if config.get("finetuning") == "full" else f"LoRA r{config['lora_r']}"
     parts = ["+".join(config["distributions"])] if config["distributions"] != defaults.distributions else []
     parts.append(tuning)

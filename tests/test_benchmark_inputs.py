@@ -230,3 +230,14 @@ def test_the_pareto_chart_draws_every_model_and_zooms_on_the_best(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*tmp*"))
     figure = study_report._pyplot().figure()
     assert sorted(study_report._pareto_points(figure.gca(), [result], legend=False)) == [3.0, 4.0]
+
+
+def test_settings_tags_name_the_settings_not_today_s_demo_defaults():
+    """The records and caches of settings already run keep their names when a default of the demo changes."""
+    from dem_hf.demo.pipeline import DemoConfig
+
+    plain = DemoConfig(lr_scheduler_type="constant", warmup_ratio=0.0, learning_rate=5e-4, max_steps=30)
+    assert dem_vs_mixing._settings_tag(plain) == "4d-n400-s30-l128-r16-seed0"
+    cosine = DemoConfig(lr_scheduler_type="cosine", warmup_ratio=0.1, n_train=100, max_steps=120, eval_steps=10,
+                        early_stopping_patience=3)
+    assert dem_vs_mixing._settings_tag(cosine) == "4d-n100-s120-l128-r16-seed0-cosine-w0.1-eval10-p3"

@@ -34,7 +34,7 @@ import math
 import os
 import platform
 import sys
-from dataclasses import MISSING, fields, replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,9 +68,16 @@ from dem_hf.training.runs import write_json_atomic  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
 RECORDS = ROOT / "benchmarks" / "results"  # one result per setting, committed: what RESULTS.md's tables were read from
-# The study's DEM stage fits per layer on the full batch, as its cached settings did (the demo's default since
-# is 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
-STUDY_DEFAULTS = {"group_batch_sequences": None}
+# The study's settings are changes to these (the demo's defaults when the first records were written): the options'
+# defaults and what the settings tags leave out. Fixed here, so that a new default of the demo neither changes a
+# setting already run nor renames its caches and record. Its DEM stage fits per layer on the full batch, as its cached
+# settings did (the demo fits on 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
+STUDY_REFERENCE = DemoConfig(
+    n_train=400, n_val=16, n_test=32, max_steps=30, batch_size=4, learning_rate=5e-4, lr_scheduler_type="constant",
+    warmup_ratio=0.0, finetuning="lora", max_length=128, lora_r=16, lora_alpha=32, strategy="bayesian", n_trials=12,
+    metric="log_perplexity", bounds=[0.0, 2.0], granularity="layer", group_steps=12, group_batch_sequences=None,
+    eval_steps=0, early_stopping_patience=0, eval_batch_size=8, seed=0,
+)
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
 MIXTURE_FRACTIONS: list[float] = []  # --mixture-fractions: the uniform mixture also on these multiples of DEM's tokens
 
@@ -108,11 +115,10 @@ def parse_args() -> tuple[DemoConfig, dict]:
                              "on (what each model forgot), e.g. fortunes.")
     parser.add_argument("--n-off", type=int, default=64, help="Test examples of --off-distribution.")
     for f in fields(DemoConfig):
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = getattr(STUDY_REFERENCE, f.name)
         if f.name in ("output_dir", "cache_dir", "warm_start", "group_init", "mixture_baseline"):  # set below, or by
             # benchmarks/dem_warm_start.py (warm_start, group_init)
             continue
-        default = STUDY_DEFAULTS.get(f.name, default)
         if isinstance(default, list):
             parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default, help=f.metadata["help"])
         else:
@@ -128,14 +134,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
         parser.error(f"--mixture-fractions: expected positive multiples other than 1, got {MIXTURE_FRACTIONS}")
     # Plain DEM: every run from the base; the grid below is the mixing side (warm starts: benchmarks/dem_warm_start.py).
     config = DemoConfig(**args, warm_start=0.0, mixture_baseline=False)
-    if config != DemoConfig():
-        config = replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}"))
-    return config, options
-
-
-# What the settings tags leave out: the demo's defaults when the first records were written. Fixed here, so that a new
-# default of the demo does not rename the caches and records of settings already run.
-TAG_REFERENCE = DemoConfig(lr_scheduler_type="constant", warmup_ratio=0.0, learning_rate=5e-4, n_train=400)
+    return replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}")), options
 
 
 def _settings_tag(config: DemoConfig) -> str:
@@ -143,7 +142,7 @@ def _settings_tag(config: DemoConfig) -> str:
     tag = f"{len(config.distributions)}d-n{config.n_train}-s{config.max_steps}-l{config.max_length}"
     tag += "-full" if config.finetuning == "full" else f"-r{config.lora_r}"
     tag += f"-seed{config.seed}"
-    reference = TAG_REFERENCE
+    reference = STUDY_REFERENCE
     if config.distributions != reference.distributions:
         tag += "-" + "+".join(config.distributions)
     if (config.lr_scheduler_type, config.warmup_ratio) != (reference.lr_scheduler_type, reference.warmup_ratio):

@@ -77,6 +77,9 @@ STUDY_REFERENCE = DemoConfig(
     warmup_ratio=0.0, finetuning="lora", max_length=128, lora_r=16, lora_alpha=32, strategy="bayesian", n_trials=12,
     metric="log_perplexity", bounds=[0.0, 2.0], granularity="layer", group_steps=12, group_batch_sequences=None,
     eval_steps=0, early_stopping_patience=0, eval_batch_size=8, seed=0,
+    # Plain DEM: every run from the base, the per-layer fit from the per-vector search's best; the grid is the mixing
+    # side (warm starts and the fit from ω = 1/k: benchmarks/dem_warm_start.py).
+    warm_start=0.0, group_init="per_vector", mixture_baseline=False,
 )
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
 MIXTURE_FRACTIONS: list[float] = []  # --mixture-fractions: the uniform mixture also on these multiples of DEM's tokens
@@ -116,8 +119,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
     parser.add_argument("--n-off", type=int, default=64, help="Test examples of --off-distribution.")
     for f in fields(DemoConfig):
         default = getattr(STUDY_REFERENCE, f.name)
-        if f.name in ("output_dir", "cache_dir", "warm_start", "group_init", "mixture_baseline"):  # set below, or by
-            # benchmarks/dem_warm_start.py (warm_start, group_init)
+        if f.name in ("output_dir", "cache_dir", "warm_start", "group_init", "mixture_baseline"):  # STUDY_REFERENCE's
             continue
         if isinstance(default, list):
             parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default, help=f.metadata["help"])
@@ -132,8 +134,7 @@ def parse_args() -> tuple[DemoConfig, dict]:
     MIXTURE_FRACTIONS = args.pop("mixture_fractions")
     if not all(f > 0.0 and f != 1.0 for f in MIXTURE_FRACTIONS):
         parser.error(f"--mixture-fractions: expected positive multiples other than 1, got {MIXTURE_FRACTIONS}")
-    # Plain DEM: every run from the base; the grid below is the mixing side (warm starts: benchmarks/dem_warm_start.py).
-    config = DemoConfig(**args, warm_start=0.0, mixture_baseline=False)
+    config = replace(STUDY_REFERENCE, **args)
     return replace(config, output_dir=str(WORK / f"dem-{_settings_tag(config)}")), options
 
 

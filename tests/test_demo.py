@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end_and_caches_every_stage(tmp_path, tiny_demo):
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), distributions=["a", "b"], n_train=8, n_val=4, n_test=2, max_steps=2,
         batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
-        eval_batch_size=2, group_steps=2,
+        eval_batch_size=2, group_steps=2, group_init="per_vector",
     )
     results = run_demo(config)
     assert set(results["test_perplexity"]) == {"base", "warm start", "a only", "b only", "DEM per vector", "DEM per layer",
@@ -112,7 +112,7 @@ def test_a_uniform_start_fits_per_layer_from_one_over_k_without_a_per_vector_sea
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), distributions=["a", "b", "c"], n_train=8, n_val=4, n_test=2, max_steps=2,
         batch_size=2, learning_rate=1e-2, max_length=32, lora_r=2, lora_alpha=4, strategy="random", n_trials=2,
-        eval_batch_size=2, group_steps=2, warm_start=0.0,
+        eval_batch_size=2, group_steps=2, warm_start=0.0, group_init="per_vector",
     )
     started = run_demo(config)
     per_vector_fit = json.loads((tmp_path / "demo" / "search_layer.json").read_text())
@@ -134,9 +134,10 @@ def test_a_uniform_start_fits_per_layer_from_one_over_k_without_a_per_vector_sea
     assert again["coefficients"] == started["coefficients"] and again["timings_s"]["search per layer"] < 1.0
 
 
-def test_a_uniform_start_needs_a_per_group_fit():
-    with pytest.raises(ValueError, match="expected granularity 'layer' or 'module', got 'vector'"):
-        DemoConfig(group_init="uniform", granularity="vector")
+def test_the_default_fits_per_layer_from_one_over_k_and_one_per_vector_searches_whatever_the_start():
+    assert (DemoConfig().granularity, DemoConfig().group_init) == ("layer", "uniform")
+    assert pipeline._fits_from_uniform(DemoConfig()) and not pipeline._fits_from_uniform(DemoConfig(granularity="vector"))
+    assert not pipeline._fits_from_uniform(DemoConfig(group_init="per_vector"))
     with pytest.raises(ValueError, match="group_init"):
         DemoConfig(group_init="mean")
 
@@ -146,7 +147,7 @@ def test_caches_written_before_later_config_fields_existed_stay_valid(tmp_path):
     computed with, and recomputed once one of them differs (a cosine schedule; a minibatch per-layer fit)."""
     from dataclasses import asdict
 
-    config = DemoConfig(group_batch_sequences=None, warm_start=0.0)
+    config = DemoConfig(group_batch_sequences=None, warm_start=0.0, group_init="per_vector")
     old_config = {k: v for k, v in asdict(config).items() if k not in pipeline._LATER_FIELDS}
     path = tmp_path / "search.json"
     pipeline._write_json(path, {"key": {"config": old_config, "vectors": ["a"]}, "value": 1})
@@ -167,7 +168,7 @@ def test_a_changed_default_does_not_reuse_caches_computed_with_the_old_value(tmp
     old_config = {k: v for k, v in asdict(DemoConfig()).items() if k not in pipeline._LATER_FIELDS}
     pipeline._write_json(path, {"key": {"config": old_config}, "value": "full batch"})
     minibatch = asdict(DemoConfig(group_batch_sequences=4))
-    full = asdict(DemoConfig(group_batch_sequences=None, warm_start=0.0))
+    full = asdict(DemoConfig(group_batch_sequences=None, warm_start=0.0, group_init="per_vector"))
     warm_started = asdict(DemoConfig(group_batch_sequences=None))  # today's default: a warm start, not the base
     assert pipeline._cached(path, {"config": full}, lambda: "recomputed") == "full batch"
     assert pipeline._cached(path, {"config": warm_started}, lambda: "warm") == "warm"

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from study_report import (  # noqa: E402
+    STUDY_REFERENCE,
     _regime,
     all_mixtures,
     bar_chart,
@@ -68,19 +69,6 @@ from dem_hf.training.runs import write_json_atomic  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "dem_vs_mixing"
 RECORDS = ROOT / "benchmarks" / "results"  # one result per setting, committed: what RESULTS.md's tables were read from
-# The study's settings are changes to these (the demo's defaults when the first records were written): the options'
-# defaults and what the settings tags leave out. Fixed here, so that a new default of the demo neither changes a
-# setting already run nor renames its caches and record. Its DEM stage fits per layer on the full batch, as its cached
-# settings did (the demo fits on 3 sequences per set: the `--dem-batch-sequences 3` variant row is that fit).
-STUDY_REFERENCE = DemoConfig(
-    n_train=400, n_val=16, n_test=32, max_steps=30, batch_size=4, learning_rate=5e-4, lr_scheduler_type="constant",
-    warmup_ratio=0.0, finetuning="lora", max_length=128, lora_r=16, lora_alpha=32, strategy="bayesian", n_trials=12,
-    metric="log_perplexity", bounds=[0.0, 2.0], granularity="layer", group_steps=12, group_batch_sequences=None,
-    eval_steps=0, early_stopping_patience=0, eval_batch_size=8, seed=0,
-    # Plain DEM: every run from the base, the per-layer fit from the per-vector search's best; the grid is the mixing
-    # side (warm starts and the fit from ω = 1/k: benchmarks/dem_warm_start.py).
-    warm_start=0.0, group_init="per_vector", mixture_baseline=False,
-)
 MIXTURES: list[str] | None = None  # --mixtures: a subset of the grid's labels
 MIXTURE_FRACTIONS: list[float] = []  # --mixture-fractions: the uniform mixture also on these multiples of DEM's tokens
 
@@ -143,12 +131,12 @@ def _settings_tag(config: DemoConfig) -> str:
     tag = f"{len(config.distributions)}d-n{config.n_train}-s{config.max_steps}-l{config.max_length}"
     tag += "-full" if config.finetuning == "full" else f"-r{config.lora_r}"
     tag += f"-seed{config.seed}"
-    reference = STUDY_REFERENCE
-    if config.distributions != reference.distributions:
+    if config.distributions != STUDY_REFERENCE.distributions:
         tag += "-" + "+".join(config.distributions)
-    if (config.lr_scheduler_type, config.warmup_ratio) != (reference.lr_scheduler_type, reference.warmup_ratio):
+    schedule = (STUDY_REFERENCE.lr_scheduler_type, STUDY_REFERENCE.warmup_ratio)
+    if (config.lr_scheduler_type, config.warmup_ratio) != schedule:
         tag += f"-{config.lr_scheduler_type}-w{config.warmup_ratio:g}"
-    if config.learning_rate != reference.learning_rate:
+    if config.learning_rate != STUDY_REFERENCE.learning_rate:
         tag += f"-lr{config.learning_rate:g}"
     if config.eval_steps:  # every run kept at its best checkpoint on its validation split (and stopped early)
         tag += f"-eval{config.eval_steps}" + (f"-p{config.early_stopping_patience}" if config.early_stopping_patience else "")

